@@ -1,0 +1,176 @@
+"""Argument checks, dtype policy and variable-length packing shared by the ops.
+
+Shape letters: B batch, T length, H heads, K key dim, V value dim, N packed sequences.
+Checks live here, at the boundary of the public ops; the cores they call trust their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+FORMS = ("recurrent", "chunk", "parallel")
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    """`x` must be a floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, letters: str, expected: Sequence[int | None]) -> None:
+    """`x` must have one dim per letter of `letters`, matching `expected` where it is not None."""
+    if x.dim() != len(letters):
+        raise ValueError(
+            f"{name} must have rank {len(letters)} [{', '.join(letters)}], got shape {_shape(x)}"
+        )
+    wanted = [str(e) if e is not None else letter for letter, e in zip(letters, expected)]
+    for e, s in zip(expected, x.shape):
+        if e is not None and e != s:
+            raise ValueError(
+                f"{name} has shape {_shape(x)}, expected [{', '.join(letters)}] = "
+                f"[{', '.join(wanted)}]"
+            )
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads_may_differ: bool = False
+) -> tuple[int, int, int, int, int]:
+    """q [B, T, H, K], k [B, T, H, K], v [B, T, H, V] on one device and dtype; returns B, T, H, K, V."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {_shape(x)}")
+    B, T, H, K = q.shape
+    Hk = k.shape[2] if kv_heads_may_differ else H
+    check_shape("k", k, "BTHK", (B, T, Hk, K))
+    check_shape("v", v, "BTHV", (B, T, Hk, None))
+    if kv_heads_may_differ and H % Hk != 0:
+        raise ValueError(f"q has {H} heads, which is not a multiple of k/v's {Hk} heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if T == 0:
+        raise ValueError("the sequence is empty: q has T = 0 time steps")
+    return B, T, H, K, v.shape[-1]
+
+
+def check_scale(scale: float | None, K: int) -> float:
+    if scale is None:
+        return K**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_log_gate(name: str, g: torch.Tensor, like: torch.Tensor) -> None:
+    """A log-space gate must be finite-or-(-inf) and ≤ 0: decay, never growth."""
+    if g.dtype != like.dtype or g.device != like.device:
+        raise TypeError(
+            f"{name} must match q's dtype and device ({like.dtype}, {like.device}), "
+            f"got {g.dtype}, {g.device}"
+        )
+    if g.numel() and bool((g > 0).any() | g.isnan().any()):
+        raise ValueError(
+            f"{name} is a log-space decay and must be ≤ 0 (decay factor exp({name}) in (0, 1]); "
+            f"got max {g.max().item():.4g}"
+        )
+
+
+def check_cu_seqlens(cu_seqlens: object, B: int, T: int) -> torch.Tensor:
+    """Offsets [0, T_0, T_0 + T_1, ..., T] of sequences packed along T of a batch of one."""
+    if isinstance(cu_seqlens, (list, tuple)):
+        cu_seqlens = torch.tensor(cu_seqlens)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
+        raise TypeError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor, got dtype {cu_seqlens.dtype} "
+            f"and shape {_shape(cu_seqlens)}"
+        )
+    if B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got B = {B}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu.numel() < 2 or cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least 2 offsets, got {cu.tolist()}")
+    if not bool((cu[1:] > cu[:-1]).all()):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got last offset {int(cu[-1])}")
+    return cu
+
+
+def check_initial_state(
+    initial_state: torch.Tensor | None, N: int, H: int, K: int, V: int
+) -> None:
+    if initial_state is None:
+        return
+    check_tensor("initial_state", initial_state)
+    check_shape("initial_state", initial_state, "NHKV" if N else "BHKV", (N, H, K, V))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (for exact tests); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """[1, ΣT_n, ...] → [N, max T_n, ...], zero-padded at the end of each sequence.
+
+    Zero keys, values, β and log-gates leave a recurrent state unchanged, so trailing padding
+    changes neither outputs nor final states.
+    """
+    lens = cu[1:] - cu[:-1]
+    pos = torch.arange(int(lens.max()))
+    idx = cu[:-1, None] + pos[None]
+    valid = (pos[None] < lens[:, None]).to(x.device)
+    idx = idx.clamp(max=x.shape[1] - 1).to(x.device)
+    gathered = x[0][idx]
+    mask = valid.view(*valid.shape, *([1] * (x.dim() - 2)))
+    return torch.where(mask, gathered, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def unpad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pad_packed`: [N, max T_n, ...] → [1, ΣT_n, ...]."""
+    lens = cu[1:] - cu[:-1]
+    valid = (torch.arange(x.shape[1])[None] < lens[:, None]).to(x.device)
+    return x[valid][None]
+
+
+def run_packed(
+    core: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    cu: torch.Tensor | None,
+    per_token: Sequence[torch.Tensor | None],
+    *args,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `core(*per_token, *args, **kwargs)`, unpacking `cu_seqlens` into a padded batch first."""
+    if cu is None:
+        return core(*per_token, *args, **kwargs)
+    padded = [None if x is None else pad_packed(x, cu) for x in per_token]
+    o, state = core(*padded, *args, **kwargs)
+    return unpad_packed(o, cu), state
+
+
+def check_form(form: str, allowed: Sequence[str] = FORMS) -> str:
+    if form not in allowed:
+        raise ValueError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
+    return form

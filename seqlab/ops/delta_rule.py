@@ -1,0 +1,203 @@
+"""Gated delta rule in three forms: recurrent (the reference), chunk (UT transform), parallel.
+
+    S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,    o_t = scale · S_tᵀ q_t
+
+`g` absent is DeltaNet, a per-head log-decay [B, T, H] is Gated DeltaNet. β ∈ [0, 1], or [0, 2]
+with `allow_neg_eigval` (negative eigenvalues of I − β k kᵀ for unit keys: state tracking).
+Keys are expected L2-normalised (the layers do it); the op computes the recurrence as written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqlab.ops._common import (
+    check_chunk_size,
+    check_cu_seqlens,
+    check_form,
+    check_initial_state,
+    check_log_gate,
+    check_qkv,
+    check_scale,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    run_packed,
+)
+
+
+def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
+    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+    B, T, H, K, V = check_qkv(q, k, v)
+    check_tensor("beta", beta)
+    check_shape("beta", beta, "BTH", (B, T, H))
+    if beta.dtype != q.dtype:
+        raise TypeError(f"beta must match q's dtype {q.dtype}, got {beta.dtype}")
+    hi = 2.0 if allow_neg_eigval else 1.0
+    if bool(((beta < 0) | (beta > hi) | beta.isnan()).any()):
+        hint = "" if allow_neg_eigval else " (values up to 2 need allow_neg_eigval=True)"
+        raise ValueError(
+            f"beta must lie in [0, {hi:g}]{hint}; got min {beta.min().item():.4g}, "
+            f"max {beta.max().item():.4g}"
+        )
+    if g is not None:
+        check_tensor("g", g)
+        check_shape("g", g, "BTH", (B, T, H))
+        check_log_gate("g", g, q)
+    cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    check_initial_state(initial_state, B if cu is None else len(cu) - 1, H, K, V)
+    dt = compute_dtype(q.dtype)
+    cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g, initial_state)]
+    return cast, check_scale(scale, K), cu
+
+
+def _recurrent(q, k, v, beta, g, S, scale):
+    """Loop over time with the pseudo-value u_t = β_t (v_t − exp(g_t) S_{t-1}ᵀ k_t)."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S is None else S
+    outs = []
+    for t in range(T):
+        if g is not None:
+            S = S * g[:, t, :, None, None].exp()
+        kt = k[:, t]
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S))
+        S = S + kt[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1) * scale, S
+
+
+def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
+    """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+
+    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end
+        x = x.movedim(1, 2)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.unflatten(2, (N, C))
+
+    qc, kc, vc, bc = blocks(q), blocks(k), blocks(v), blocks(beta)[..., None]
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    if g is None:
+        Gam = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()
+        gam, kdec, decay = None, kc, None
+    else:
+        b = blocks(g).cumsum(3)  # [B, H, N, C]
+        upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+        Gam = (b[..., :, None] - b[..., None, :]).masked_fill(upper, float("-inf")).exp()
+        gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
+        kdec = kc * (b[..., -1:] - b).exp()[..., None]  # K ⊙ γ_{C-1} / γ
+        decay = b[..., -1].exp()  # [B, H, N]
+    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); U' = M⁻¹ diag(β) V and W = M⁻¹ diag(β) (γ ⊙ K) in one solve.
+    M = (bc * (Gam * (kc @ kc.transpose(-1, -2)))).masked_fill(~strict, 0.0)
+    M = M + torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = bc * torch.cat([vc, kc if gam is None else kc * gam], -1)
+    UW = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
+    U_pre, W = UW[..., :V], UW[..., V:]
+    A = (qc @ kc.transpose(-1, -2)) * Gam  # [B, H, N, C, C], diagonal included
+
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    starts, Us = [], []
+    for n in range(N):
+        starts.append(S)
+        U = U_pre[:, :, n] - W[:, :, n] @ S
+        Us.append(U)
+        S = S if decay is None else S * decay[:, :, n, None, None]
+        S = S + kdec[:, :, n].transpose(-1, -2) @ U
+    starts, U = torch.stack(starts, 2), torch.stack(Us, 2)
+    q_in = qc if gam is None else qc * gam
+    o = (q_in @ starts + A @ U) * scale  # [B, H, N, C, V]
+    o = o.flatten(2, 3)[:, :, :T].movedim(2, 1)
+    return o, S
+
+
+def _finish(o, S, q, output_final_state):
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def recurrent_delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    allow_neg_eigval=False,
+):
+    """Reference form: one rank-one state update per time step. Also the decode step (T = 1)."""
+    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    (qf, kf, vf, bf, gf, S0), scale, cu = args
+    o, S = run_packed(_recurrent, cu, (qf, kf, vf, bf, gf), S0, scale)
+    return _finish(o, S, q, output_final_state)
+
+
+def chunk_delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    allow_neg_eigval=False,
+    chunk_size=64,
+):
+    """Chunkwise-parallel form with the WY/UT representation (the training form)."""
+    check_chunk_size(chunk_size)
+    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    (qf, kf, vf, bf, gf, S0), scale, cu = args
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, chunk_size)
+    return _finish(o, S, q, output_final_state)
+
+
+def parallel_delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    allow_neg_eigval=False,
+):
+    """Quadratic form: the UT transform over the whole sequence (one [T, T] triangular solve)."""
+    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    (qf, kf, vf, bf, gf, S0), scale, cu = args
+    T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, T)
+    return _finish(o, S, q, output_final_state)
+
+
+def delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    allow_neg_eigval=False,
+    form="chunk",
+    chunk_size=64,
+):
+    """The gated delta rule in the named form ("recurrent", "chunk" or "parallel")."""
+    check_form(form)
+    args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, allow_neg_eigval)
+    if form == "chunk":
+        return chunk_delta_rule(*args, chunk_size=chunk_size)
+    if form == "parallel":
+        return parallel_delta_rule(*args)
+    return recurrent_delta_rule(*args)

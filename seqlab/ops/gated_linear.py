@@ -1,0 +1,215 @@
+"""Gated linear recurrence in three forms: recurrent (the reference), chunk, parallel.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ,    o_t = scale · S_tᵀ q_t
+
+`g` is absent (linear attention), a per-head scalar [B, T, H] (RetNet, Mamba-2, simple GLA) or a
+per-key-channel vector [B, T, H, K] (GLA, HGRN-2), always in log space and ≤ 0. Inside a chunk
+every decay is written as exp(b_i − b_j) with j ≤ i, so strong decay underflows to zero and never
+overflows (MATH.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqlab.ops._common import (
+    check_chunk_size,
+    check_cu_seqlens,
+    check_form,
+    check_initial_state,
+    check_log_gate,
+    check_qkv,
+    check_scale,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    run_packed,
+)
+
+SUB_CHUNK = 16  # per-channel gates: diagonal blocks of this size are formed elementwise
+
+
+def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
+    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+    B, T, H, K, V = check_qkv(q, k, v)
+    if g is not None:
+        check_tensor("g", g)
+        if g.dim() == 3:
+            check_shape("g", g, "BTH", (B, T, H))
+        else:
+            check_shape("g", g, "BTHK", (B, T, H, K))
+        check_log_gate("g", g, q)
+    cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    check_initial_state(initial_state, B if cu is None else len(cu) - 1, H, K, V)
+    dt = compute_dtype(q.dtype)
+    cast = [None if x is None else x.to(dt) for x in (q, k, v, g, initial_state)]
+    return cast, check_scale(scale, K), cu
+
+
+def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    B, _, H, K = q.shape
+    return q.new_zeros(B, H, K, v.shape[-1])
+
+
+def _recurrent(q, k, v, g, S, scale):
+    """Loop over time; q, k [B, T, H, K], v [B, T, H, V], S [B, H, K, V]."""
+    S = _zero_state(q, v) if S is None else S
+    outs = []
+    for t in range(q.shape[1]):
+        if g is not None:
+            decay = g[:, t].exp()
+            S = S * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1) * scale, S
+
+
+def _causal_log_mask(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Set entries above the diagonal of the trailing [n, n] block to −inf, before any exp."""
+    upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+    if x.dim() > 2 and x.shape[-1] != n:  # [..., n, n, K]: broadcast the mask over K
+        upper = upper[..., None]
+    return x.masked_fill(upper, float("-inf"))
+
+
+def _intra_scalar(q, k, b):
+    """A_ij = q_i·k_j exp(b_i − b_j), j ≤ i; q, k [..., C, K], b [..., C] → [..., C, C]."""
+    A = q @ k.transpose(-1, -2)
+    if b is None:
+        return A.tril()
+    return A * _causal_log_mask(b[..., :, None] - b[..., None, :], b.shape[-1]).exp()
+
+
+def _intra_channel(q, k, b, c):
+    """A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk), j ≤ i; q, k, b [..., C, K] → [..., C, C].
+
+    The chunk is cut into sub-chunks of c. Diagonal [c, c] blocks are formed elementwise from a
+    [c, c, K] log-space tensor. Off-diagonal blocks (rows I after columns J) are one matmul,
+    (Q_I ⊙ exp(b_I − b_m)) (K_J ⊙ exp(b_m − b_J))ᵀ with m the last row of J: both exponents ≤ 0.
+    """
+    C = q.shape[-2]
+    S = C // c
+    qs, ks, bs = (x.unflatten(-2, (S, c)) for x in (q, k, b))  # [..., S, c, K]
+    diag_log = _causal_log_mask(bs[..., :, None, :] - bs[..., None, :, :], c)  # [..., S, c, c, K]
+    A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * diag_log.exp()).sum(-1)  # [..., S, c, c]
+    if S == 1:
+        return A_diag[..., 0, :, :]
+    bm = bs[..., -1, :]  # [..., S, K]: last row of each sub-chunk
+    kt = ks * (bm[..., :, None, :] - bs).exp()  # [..., S_J, c, K]
+    later = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)  # I > J
+    off_log = bs[..., :, None, :, :] - bm[..., None, :, None, :]  # [..., S_I, S_J, c, K]
+    off_log = off_log.masked_fill(~later[:, :, None, None], float("-inf"))
+    A_off = (qs[..., :, None, :, :] * off_log.exp()) @ kt[..., None, :, :, :].transpose(-1, -2)
+    eye = torch.eye(S, dtype=q.dtype, device=q.device)[:, :, None, None]
+    A = A_off + eye * A_diag[..., :, None, :, :]  # [..., S_I, S_J, c, c]
+    return A.transpose(-3, -2).reshape(*A.shape[:-4], C, C)
+
+
+def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
+    """Chunkwise-parallel form; Python loops run only over the T / C chunks."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+
+    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end
+        x = x.movedim(1, 2)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.unflatten(2, (N, C))
+
+    qc, kc, vc = blocks(q), blocks(k), blocks(v)
+    if g is None:
+        A = _intra_scalar(qc, kc, None)
+        q_in, k_out, decay = qc, kc, None
+    else:
+        b = blocks(g).cumsum(3)  # [B, H, N, C] or [B, H, N, C, K]
+        last = b[:, :, :, -1:]
+        if g.dim() == 3:
+            A = _intra_scalar(qc, kc, b)
+            b, last = b[..., None], last[..., None]
+        else:
+            c = sub_chunk if C % sub_chunk == 0 else C
+            A = _intra_channel(qc, kc, b, c)
+        q_in = qc * b.exp()
+        k_out = kc * (last - b).exp()
+        decay = last.exp().squeeze(3)  # [B, H, N, 1 or K]
+    dS = k_out.transpose(-1, -2) @ vc  # [B, H, N, K, V]: each chunk's own contribution
+
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    if decay is None:
+        starts = torch.cat([S[:, :, None], dS[:, :, :-1]], 2).cumsum(2)
+        S = starts[:, :, -1] + dS[:, :, -1]
+    else:
+        states = []
+        for n in range(N):
+            states.append(S)
+            S = S * decay[:, :, n, :, None] + dS[:, :, n]
+        starts = torch.stack(states, 2)  # [B, H, N, K, V]: state entering each chunk
+    o = (q_in @ starts + A @ vc) * scale  # [B, H, N, C, V]
+    o = o.flatten(2, 3)[:, :, :T].movedim(2, 1)
+    return o, S
+
+
+def _finish(o, S, q, output_final_state):
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def recurrent_gated_linear(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Reference form: one state update per time step. Also the decode step (T = 1)."""
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    o, S = run_packed(_recurrent, cu, (qf, kf, vf, gf), S0, scale)
+    return _finish(o, S, q, output_final_state)
+
+
+def chunk_gated_linear(
+    q,
+    k,
+    v,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    chunk_size=64,
+):
+    """Chunkwise-parallel form (the training form): quadratic within a chunk, recurrent across."""
+    check_chunk_size(chunk_size)
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, chunk_size)
+    return _finish(o, S, q, output_final_state)
+
+
+def parallel_gated_linear(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Quadratic form: one [T, T] masked product ([T, T, K] for per-channel gates); an oracle."""
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, T, T)
+    return _finish(o, S, q, output_final_state)
+
+
+def gated_linear(
+    q,
+    k,
+    v,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    form="chunk",
+    chunk_size=64,
+):
+    """The gated linear recurrence in the named form ("recurrent", "chunk" or "parallel")."""
+    check_form(form)
+    args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if form == "chunk":
+        return chunk_gated_linear(*args, chunk_size=chunk_size)
+    if form == "parallel":
+        return parallel_gated_linear(*args)
+    return recurrent_gated_linear(*args)
