@@ -1,6 +1,6 @@
 """Pure tensor ops: each recurrence family in equivalent forms that are tested to agree.
 
-Shapes: q/k [B, T, H, K], v [B, T, H, V], state [B, H, K, V] (float32, or float64 for float64 inputs).
+Shapes: q/k [B, T, H, K], v [B, T, H, V], state [B, H, K, V] (float32; float64 for float64 inputs).
 Every op returns (o, final_state); final_state is None unless output_final_state=True.
 """
 

@@ -35,8 +35,8 @@ def check_shape(name: str, x: torch.Tensor, letters: str, expected: Sequence[int
         raise ValueError(
             f"{name} must have rank {len(letters)} [{', '.join(letters)}], got shape {_shape(x)}"
         )
-    wanted = [str(e) if e is not None else letter for letter, e in zip(letters, expected)]
-    for e, s in zip(expected, x.shape):
+    wanted = [letter if e is None else str(e) for letter, e in zip(letters, expected, strict=True)]
+    for e, s in zip(expected, x.shape, strict=True):
         if e is not None and e != s:
             raise ValueError(
                 f"{name} has shape {_shape(x)}, expected [{', '.join(letters)}] = "
@@ -47,7 +47,7 @@ def check_shape(name: str, x: torch.Tensor, letters: str, expected: Sequence[int
 def check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads_may_differ: bool = False
 ) -> tuple[int, int, int, int, int]:
-    """q [B, T, H, K], k [B, T, H, K], v [B, T, H, V] on one device and dtype; returns B, T, H, K, V."""
+    """q, k [B, T, H, K] and v [B, T, H, V] on one device and dtype; returns B, T, H, K, V."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
         if x.dim() != 4:
@@ -82,16 +82,16 @@ def check_chunk_size(chunk_size: int) -> int:
 
 
 def check_log_gate(name: str, g: torch.Tensor, like: torch.Tensor) -> None:
-    """A log-space gate must be finite-or-(-inf) and ≤ 0: decay, never growth."""
+    """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13)."""
     if g.dtype != like.dtype or g.device != like.device:
         raise TypeError(
             f"{name} must match q's dtype and device ({like.dtype}, {like.device}), "
             f"got {g.dtype}, {g.device}"
         )
-    if g.numel() and bool((g > 0).any() | g.isnan().any()):
+    if g.numel() and bool(((g > 0) | ~g.isfinite()).any()):
         raise ValueError(
-            f"{name} is a log-space decay and must be ≤ 0 (decay factor exp({name}) in (0, 1]); "
-            f"got max {g.max().item():.4g}"
+            f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "
+            f"in (0, 1]); got min {g.min().item():.4g}, max {g.max().item():.4g}"
         )
 
 
@@ -110,7 +110,9 @@ def check_cu_seqlens(cu_seqlens: object, B: int, T: int) -> torch.Tensor:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got B = {B}")
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu.numel() < 2 or cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0 and hold at least 2 offsets, got {cu.tolist()}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and hold at least 2 offsets, got {cu.tolist()}"
+        )
     if not bool((cu[1:] > cu[:-1]).all()):
         raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
     if cu[-1] != T:
@@ -118,9 +120,7 @@ def check_cu_seqlens(cu_seqlens: object, B: int, T: int) -> torch.Tensor:
     return cu
 
 
-def check_initial_state(
-    initial_state: torch.Tensor | None, N: int, H: int, K: int, V: int
-) -> None:
+def check_initial_state(initial_state: torch.Tensor | None, N: int, H: int, K: int, V: int) -> None:
     if initial_state is None:
         return
     check_tensor("initial_state", initial_state)

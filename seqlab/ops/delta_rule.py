@@ -92,7 +92,7 @@ def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
         gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
         kdec = kc * (b[..., -1:] - b).exp()[..., None]  # K ⊙ γ_{C-1} / γ
         decay = b[..., -1].exp()  # [B, H, N]
-    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); U' = M⁻¹ diag(β) V and W = M⁻¹ diag(β) (γ ⊙ K) in one solve.
+    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); one solve: U' = M⁻¹ diag(β) V, W = M⁻¹ diag(β)(γ ⊙ K).
     M = (bc * (Gam * (kc @ kc.transpose(-1, -2)))).masked_fill(~strict, 0.0)
     M = M + torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = bc * torch.cat([vc, kc if gam is None else kc * gam], -1)
@@ -195,7 +195,8 @@ def delta_rule(
 ):
     """The gated delta rule in the named form ("recurrent", "chunk" or "parallel")."""
     check_form(form)
-    args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, allow_neg_eigval)
+    args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    args = (*args, allow_neg_eigval)
     if form == "chunk":
         return chunk_delta_rule(*args, chunk_size=chunk_size)
     if form == "parallel":

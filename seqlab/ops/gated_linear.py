@@ -64,12 +64,11 @@ def _recurrent(q, k, v, g, S, scale):
     return torch.stack(outs, 1) * scale, S
 
 
-def _causal_log_mask(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Set entries above the diagonal of the trailing [n, n] block to −inf, before any exp."""
+def _causal_log_mask(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Set log-decays [..., i, j] (or [..., i, j, K]) with j > i to −inf, before any exp."""
+    n = x.shape[-2] if per_channel else x.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-    if x.dim() > 2 and x.shape[-1] != n:  # [..., n, n, K]: broadcast the mask over K
-        upper = upper[..., None]
-    return x.masked_fill(upper, float("-inf"))
+    return x.masked_fill(upper[..., None] if per_channel else upper, float("-inf"))
 
 
 def _intra_scalar(q, k, b):
@@ -77,7 +76,7 @@ def _intra_scalar(q, k, b):
     A = q @ k.transpose(-1, -2)
     if b is None:
         return A.tril()
-    return A * _causal_log_mask(b[..., :, None] - b[..., None, :], b.shape[-1]).exp()
+    return A * _causal_log_mask(b[..., :, None] - b[..., None, :]).exp()
 
 
 def _intra_channel(q, k, b, c):
@@ -90,7 +89,7 @@ def _intra_channel(q, k, b, c):
     C = q.shape[-2]
     S = C // c
     qs, ks, bs = (x.unflatten(-2, (S, c)) for x in (q, k, b))  # [..., S, c, K]
-    diag_log = _causal_log_mask(bs[..., :, None, :] - bs[..., None, :, :], c)  # [..., S, c, c, K]
+    diag_log = _causal_log_mask(bs[..., :, None, :] - bs[..., None, :, :], per_channel=True)
     A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * diag_log.exp()).sum(-1)  # [..., S, c, c]
     if S == 1:
         return A_diag[..., 0, :, :]

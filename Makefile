@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite). Each creates
+# .venv and installs what it needs. torch is pinned to the CPU wheel on this machine's disk first,
+# so the package's `torch>=2.4` range is already met and no CUDA build is pulled.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/seqlab ops
+	$(BIN)/seqlab check
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check seqlab tests benchmarks
+	$(BIN)/ruff format --check seqlab tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_ops_cpu.py

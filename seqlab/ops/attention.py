@@ -1,0 +1,196 @@
+"""Causal softmax attention (full or sliding window, grouped-query, KV cache, packed sequences).
+
+`attention` runs on `torch.nn.functional.scaled_dot_product_attention`, so it picks up the fused
+kernels of whatever device it runs on; `naive_attention` forms the scores and the mask by hand and
+is the oracle the tests compare it to. Decoding is `attention` with T = 1 and the cache of the
+earlier tokens; with a window the returned cache keeps only the last `window - 1` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_shape, check_tensor
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the earlier tokens of each sequence, oldest first."""
+
+    k: Tensor  # [B, Tc, Hkv, K]
+    v: Tensor  # [B, Tc, Hkv, V]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def _check_window(window: object) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"window must be a positive int (the number of keys a query sees, itself included) "
+            f"or None for full causal attention, got {window!r}"
+        )
+    return window
+
+
+def _check_cache(cache: object, q: Tensor, B: int, Hkv: int, K: int, V: int) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(
+            f"initial_state must be a KVCache(k, v) or None, got {type(cache).__name__}"
+        )
+    check_tensor("initial_state.k", cache.k)
+    check_tensor("initial_state.v", cache.v)
+    check_shape("initial_state.k", cache.k, "BTHK", (B, None, Hkv, K))
+    check_shape("initial_state.v", cache.v, "BTHV", (B, cache.k.shape[1], Hkv, V))
+    if cache.k.dtype != q.dtype or cache.v.dtype != q.dtype:
+        raise TypeError(
+            f"initial_state must match q's dtype {q.dtype}, "
+            f"got k {cache.k.dtype}, v {cache.v.dtype}"
+        )
+    if cache.k.device != q.device or cache.v.device != q.device:
+        raise ValueError(
+            f"initial_state must be on q's device {q.device}, "
+            f"got {cache.k.device}, {cache.v.device}"
+        )
+
+
+def _check_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None,
+    window: object,
+    initial_state: object,
+    output_final_state: bool,
+    cu_seqlens: object,
+) -> tuple[float, int | None, Tensor | None]:
+    B, T, H, K, V = check_qkv(q, k, v, kv_heads_may_differ=True)
+    scale = check_scale(scale, K)
+    window = _check_window(window)
+    cu = None
+    if cu_seqlens is not None:
+        if initial_state is not None or output_final_state:
+            raise ValueError(
+                "cu_seqlens together with initial_state or output_final_state is not supported: "
+                "run packed sequences without a KV cache, or decode each sequence in its own "
+                "batch row"
+            )
+        cu = check_cu_seqlens(cu_seqlens, B, T)
+    if initial_state is not None:
+        _check_cache(initial_state, q, B, k.shape[2], K, V)
+    return scale, window, cu
+
+
+def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> Tensor:
+    """[T, Tc + T] bool: query i, at position Tc + i, sees keys j with Tc + i - w < j <= Tc + i."""
+    visible = torch.ones(T, Tc + T, dtype=torch.bool, device=device).tril(Tc)
+    if window is not None:
+        visible = visible.triu(Tc - window)
+    if cu is not None:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff()).to(device)  # [T]
+        visible = visible & (seq[:, None] == seq[None, :])
+    return visible
+
+
+def _append(old: Tensor | None, new: Tensor, keep: int | None) -> Tensor:
+    """The last `keep` tokens (all if None) of old ++ new along T, in a freshly allocated tensor,
+    so a windowed cache never pins the whole prefill in memory through a view."""
+    parts = [new] if old is None else [old, new]
+    if keep is not None:
+        drop = sum(p.shape[1] for p in parts) - keep
+        trimmed = []
+        for p in parts:
+            cut = min(max(drop, 0), p.shape[1])
+            trimmed.append(p[:, cut:])
+            drop -= cut
+        parts = trimmed
+    return torch.cat(parts, dim=1)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    initial_state: KVCache | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, KVCache | None]:
+    """Causal attention. q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] → o [B, T, H, V].
+
+    The new tokens follow the `initial_state` cache of length Tc (positions Tc .. Tc + T - 1).
+    Query head h reads key/value head h // (H // Hkv). With `output_final_state` the cache of
+    cache ++ new tokens is returned, trimmed to the last `window - 1` tokens when windowed.
+    """
+    scale, window, cu = _check_args(
+        q, k, v, scale, window, initial_state, output_final_state, cu_seqlens
+    )
+    T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
+    if initial_state is not None:
+        k_all = torch.cat([initial_state.k, k], dim=1)
+        v_all = torch.cat([initial_state.v, v], dim=1)
+    else:
+        k_all, v_all = k, v
+    Tc = k_all.shape[1] - T
+
+    plain_causal = Tc == 0 and window is None and cu is None
+    mask = None if plain_causal else _visible(T, Tc, window, cu, q.device)
+    # enable_gqa is only passed when needed: it exists from torch 2.5 on
+    gqa = {"enable_gqa": True} if H != Hkv else {}
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k_all.transpose(1, 2),
+        v_all.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=plain_causal,
+        scale=scale,
+        **gqa,
+    ).transpose(1, 2)
+    o = o.contiguous()  # [B, T, H, V] in memory too, like every other op's output
+
+    if not output_final_state:
+        return o, None
+    keep = None if window is None else window - 1
+    old_k, old_v = (None, None) if initial_state is None else initial_state
+    return o, KVCache(_append(old_k, k, keep), _append(old_v, v, keep))
+
+
+def naive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    initial_state: KVCache | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Reference for `attention`: explicit scores, mask and softmax in the input dtype."""
+    scale, window, cu = _check_args(q, k, v, scale, window, initial_state, False, cu_seqlens)
+    T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
+    if initial_state is not None:
+        k = torch.cat([initial_state.k, k], dim=1)
+        v = torch.cat([initial_state.v, v], dim=1)
+    Tc = k.shape[1] - T
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+
+    scores = torch.einsum("bthk,bshk->bhts", q, k) * scale  # [B, H, T, Tc + T]
+    q_pos = torch.arange(Tc, Tc + T, device=q.device)[:, None]
+    k_pos = torch.arange(Tc + T, device=q.device)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    if cu is not None:
+        same = torch.zeros(T, T, dtype=torch.bool, device=q.device)
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            same[start:end, start:end] = True
+        visible &= same
+    p = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshv->bthv", p, v)
