@@ -91,7 +91,7 @@ def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> 
     """[T, Tc + T] bool: query i, at position Tc + i, sees keys j with Tc + i - w < j <= Tc + i."""
     visible = torch.ones(T, Tc + T, dtype=torch.bool, device=device).tril(Tc)
     if window is not None:
-        visible = visible.triu(Tc - window)
+        visible = visible.triu(Tc - window + 1)
     if cu is not None:
         seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff()).to(device)  # [T]
         visible = visible & (seq[:, None] == seq[None, :])

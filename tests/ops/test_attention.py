@@ -1,0 +1,374 @@
+"""attention (SDPA) against naive_attention (explicit scores), the KV cache, packing and errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqlab.ops.attention import KVCache, attention, naive_attention
+
+F64 = torch.float64
+TIGHT = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def make_qkv(B, T, H, Hkv, K, V, dtype=F64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(B, T, h, d, generator=g, dtype=F64) for h, d in ((H, K), (Hkv, K), (Hkv, V))
+    )
+    return tuple(x.to(dtype).requires_grad_(grad) for x in (q, k, v))
+
+
+def loop_attention(q, k, v, window=None):
+    """A third, per-query oracle: [B, T, H, K] one query at a time, positions 0..T-1."""
+    B, T, H, K = q.shape
+    group = H // k.shape[2]
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=q.dtype)
+    for i in range(T):
+        lo = 0 if window is None else max(0, i - window + 1)
+        for h in range(H):
+            s = torch.einsum("bk,bsk->bs", q[:, i, h], k[:, lo : i + 1, h // group]) / math.sqrt(K)
+            o[:, i, h] = torch.einsum("bs,bsv->bv", s.softmax(-1), v[:, lo : i + 1, h // group])
+    return o
+
+
+CASES = {
+    "causal": (2, 7, 2, 2, 8, 8, None),
+    "window1": (2, 7, 2, 2, 8, 8, 1),
+    "window2": (2, 7, 2, 2, 8, 8, 2),
+    "window3": (2, 7, 2, 2, 8, 8, 3),
+    "window=T": (2, 7, 2, 2, 8, 8, 7),
+    "window>T": (2, 7, 2, 2, 8, 8, 50),
+    "gqa2": (2, 6, 4, 2, 8, 8, None),
+    "gqa1": (2, 6, 4, 1, 8, 8, None),
+    "gqa1-window": (2, 6, 4, 1, 8, 8, 3),
+    "K!=V": (1, 5, 2, 2, 8, 3, None),
+    "K!=V-gqa-window": (2, 5, 4, 2, 3, 6, 2),
+    "T=1": (2, 1, 2, 2, 4, 4, None),
+    "T=1-window": (2, 1, 4, 2, 4, 5, 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_naive_forward_and_backward(case):
+    B, T, H, Hkv, K, V, window = case
+    q, k, v = make_qkv(B, T, H, Hkv, K, V, grad=True)
+    o, cache = attention(q, k, v, window=window)
+    ref = naive_attention(q, k, v, window=window)
+    assert cache is None
+    assert o.shape == (B, T, H, V) and o.dtype == F64
+    torch.testing.assert_close(o, ref, **TIGHT)
+
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **TIGHT, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["window3", "gqa1-window", "K!=V", "T=1"])
+def test_naive_matches_loop(case):
+    B, T, H, Hkv, K, V, window = CASES[case]
+    q, k, v = make_qkv(B, T, H, Hkv, K, V, seed=1)
+    torch.testing.assert_close(
+        naive_attention(q, k, v, window=window), loop_attention(q, k, v, window), **TIGHT
+    )
+
+
+def test_window_one_returns_own_value_and_wide_window_is_causal():
+    q, k, v = make_qkv(2, 6, 4, 2, 5, 3)
+    o, _ = attention(q, k, v, window=1)
+    torch.testing.assert_close(o, v.repeat_interleave(2, dim=2), **TIGHT)
+    torch.testing.assert_close(attention(q, k, v, window=6)[0], attention(q, k, v)[0], **TIGHT)
+    assert not torch.allclose(attention(q, k, v, window=2)[0], attention(q, k, v)[0])
+
+
+def test_scale_is_used():
+    q, k, v = make_qkv(1, 5, 2, 2, 4, 4)
+    o, _ = attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(o, naive_attention(q, k, v, scale=0.3), **TIGHT)
+    torch.testing.assert_close(attention(q * 0.6, k, v)[0], o, **TIGHT)  # default 4**-0.5 = 0.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 6),
+    Tc=st.integers(0, 5),
+    Hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    K=st.integers(1, 5),
+    V=st.integers(1, 5),
+    window=st.none() | st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_with_cache_matches_naive(B, T, Tc, Hkv, group, K, V, window, seed):
+    q, k, v = make_qkv(B, Tc + T, Hkv * group, Hkv, K, V, seed=seed)
+    cache = KVCache(k[:, :Tc], v[:, :Tc])
+    q, k, v = q[:, Tc:], k[:, Tc:], v[:, Tc:]
+    o, _ = attention(q, k, v, window=window, initial_state=cache)
+    torch.testing.assert_close(
+        o, naive_attention(q, k, v, window=window, initial_state=cache), **TIGHT
+    )
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 3, 20])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_prefill_then_decode_equals_full_pass(window, heads):
+    T, P = 9, 4
+    H, Hkv = heads
+    q, k, v = make_qkv(2, T, H, Hkv, 6, 5)
+    full, final = attention(q, k, v, window=window, output_final_state=True)
+
+    outs = []
+    o, cache = attention(q[:, :P], k[:, :P], v[:, :P], window=window, output_final_state=True)
+    outs.append(o)
+    for t in range(P, T):
+        held = min(t, window - 1) if window is not None else t
+        assert cache.k.shape == (2, held, Hkv, 6) and cache.v.shape == (2, held, Hkv, 5)
+        assert cache.nbytes == held * 2 * Hkv * (6 + 5) * 8
+        step = slice(t, t + 1)
+        o, cache = attention(
+            q[:, step],
+            k[:, step],
+            v[:, step],
+            window=window,
+            initial_state=cache,
+            output_final_state=True,
+        )
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TIGHT)
+
+    kept = T if window is None else min(T, window - 1)
+    for got, want in ((cache.k, k), (cache.v, v), (final.k, k), (final.v, v)):
+        torch.testing.assert_close(got, want[:, T - kept :], **TIGHT)
+
+
+def test_windowed_cache_does_not_alias_inputs():
+    q, k, v = make_qkv(1, 8, 2, 2, 4, 4)
+    _, cache = attention(q, k, v, window=3, output_final_state=True)
+    assert cache.k.shape[1] == 2
+    for x in cache:
+        assert x.untyped_storage().nbytes() == x.nbytes  # 2 tokens, not a view of all 8
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 4])
+def test_packed_equals_each_sequence_alone(window):
+    lens = [3, 1, 5, 2]
+    cu = torch.tensor([0, 3, 4, 9, 11])
+    q, k, v = make_qkv(1, sum(lens), 4, 2, 6, 3, grad=True)
+    o, state = attention(q, k, v, window=window, cu_seqlens=cu)
+    assert state is None
+    alone = torch.cat(
+        [
+            attention(q[:, a:b], k[:, a:b], v[:, a:b], window=window)[0]
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(o, alone, **TIGHT)
+    torch.testing.assert_close(
+        naive_attention(q, k, v, window=window, cu_seqlens=cu), alone, **TIGHT
+    )
+
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ref_grads = torch.autograd.grad(alone, (q, k, v), do)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **TIGHT)
+
+
+def test_packed_accepts_a_list_and_a_single_sequence():
+    q, k, v = make_qkv(1, 5, 2, 2, 4, 4)
+    ref = attention(q, k, v)[0]
+    torch.testing.assert_close(attention(q, k, v, cu_seqlens=[0, 5])[0], ref, **TIGHT)
+    torch.testing.assert_close(
+        attention(q, k, v, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))[0], ref, **TIGHT
+    )
+
+
+# bf16 keeps 8 mantissa bits (eps 3.9e-3), fp16 11 (eps 4.9e-4); outputs are O(1) averages of
+# N(0, 1) values, so a few eps of rounding in scores, weights and output is expected.
+LOW_PRECISION = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("window", [None, 3])
+def test_low_precision_close_to_float64(dtype, window):
+    q, k, v = make_qkv(2, 16, 4, 2, 16, 16, dtype=dtype, seed=3)
+    cache = KVCache(k[:, :5], v[:, :5])
+    tol = LOW_PRECISION[dtype]
+    for args in ((q, k, v), (q[:, 5:], k[:, 5:], v[:, 5:])):
+        init = None if args[0].shape[1] == 16 else cache
+        o, new_cache = attention(*args, window=window, initial_state=init, output_final_state=True)
+        ref = naive_attention(
+            *(x.to(F64) for x in args),
+            window=window,
+            initial_state=None if init is None else KVCache(*(x.to(F64) for x in init)),
+        )
+        assert o.dtype == dtype and new_cache.k.dtype == dtype
+        torch.testing.assert_close(o.to(F64), ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            naive_attention(*args, window=window, initial_state=init).to(F64),
+            ref,
+            atol=tol,
+            rtol=tol,
+        )
+
+
+def test_kv_cache_nbytes():
+    cache = KVCache(torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16), torch.zeros(2, 3, 4, 7))
+    assert cache.nbytes == 2 * 3 * 4 * 5 * 2 + 2 * 3 * 4 * 7 * 4
+
+
+def _cache(B=2, Tc=3, Hkv=2, K=3, V=6, Tv=None, dtype=F64):
+    return KVCache(
+        torch.zeros(B, Tc, Hkv, K, dtype=dtype), torch.zeros(B, Tv or Tc, Hkv, V, dtype=dtype)
+    )
+
+
+q0, k0, v0 = make_qkv(2, 5, 4, 2, 3, 6)  # valid: B=2, T=5, H=4, Hkv=2, K=3, V=6
+BAD = [
+    (
+        "q rank 3",
+        {"q": q0[0]},
+        ValueError,
+        r"q must have rank 4 \[B, T, H, D\], got shape \(5, 4, 3\)",
+    ),
+    ("k rank 5", {"k": k0[None]}, ValueError, r"k must have rank 4"),
+    (
+        "v heads != k heads",
+        {"v": v0.repeat(1, 1, 2, 1)},
+        ValueError,
+        r"v has shape \(2, 5, 4, 6\), expected",
+    ),
+    (
+        "H not multiple of Hkv",
+        {"k": k0[:, :, :1].repeat(1, 1, 3, 1), "v": v0[:, :, :1].repeat(1, 1, 3, 1)},
+        ValueError,
+        r"q has 4 heads, which is not a multiple of k/v's 3 heads",
+    ),
+    (
+        "k dim != q dim",
+        {"k": k0[..., :2]},
+        ValueError,
+        r"k has shape \(2, 5, 2, 2\), expected \[B, T, H, K\]",
+    ),
+    ("k length != q length", {"k": k0[:, :4]}, ValueError, r"k has shape \(2, 4, 2, 3\)"),
+    ("batch mismatch", {"v": v0[:1]}, ValueError, r"v has shape \(1, 5, 2, 6\)"),
+    (
+        "integer q",
+        {"q": q0.long()},
+        TypeError,
+        r"q must be a floating-point tensor.*got dtype torch.int64",
+    ),
+    ("integer v", {"v": v0.int()}, TypeError, r"v must be a floating-point tensor"),
+    ("not a tensor", {"k": k0.tolist()}, TypeError, r"k must be a torch.Tensor, got list"),
+    ("mixed dtypes", {"k": k0.float()}, TypeError, r"q, k, v must share one dtype"),
+    ("window 0", {"window": 0}, ValueError, r"window must be a positive int .* got 0"),
+    ("window -2", {"window": -2}, ValueError, r"window must be a positive int .* got -2"),
+    ("window float", {"window": 2.0}, ValueError, r"window must be a positive int .* got 2.0"),
+    ("window bool", {"window": True}, ValueError, r"window must be a positive int .* got True"),
+    ("window str", {"window": "3"}, ValueError, r"window must be a positive int .* got '3'"),
+    ("scale str", {"scale": "0.5"}, TypeError, r"scale must be a float or None, got str"),
+    (
+        "cache not KVCache",
+        {"initial_state": (k0, v0)},
+        TypeError,
+        r"initial_state must be a KVCache\(k, v\)",
+    ),
+    (
+        "cache batch",
+        {"initial_state": _cache(B=1)},
+        ValueError,
+        r"initial_state.k has shape \(1, 3, 2, 3\), expected \[B, T, H, K\] = \[2, T, 2, 3\]",
+    ),
+    (
+        "cache heads",
+        {"initial_state": _cache(Hkv=4)},
+        ValueError,
+        r"initial_state.k has shape \(2, 3, 4, 3\)",
+    ),
+    (
+        "cache key dim",
+        {"initial_state": _cache(K=4)},
+        ValueError,
+        r"initial_state.k has shape \(2, 3, 2, 4\)",
+    ),
+    (
+        "cache value dim",
+        {"initial_state": _cache(V=5)},
+        ValueError,
+        r"initial_state.v has shape \(2, 3, 2, 5\), expected \[B, T, H, V\] = \[2, 3, 2, 6\]",
+    ),
+    (
+        "cache k/v lengths",
+        {"initial_state": _cache(Tv=4)},
+        ValueError,
+        r"initial_state.v has shape \(2, 4, 2, 6\)",
+    ),
+    (
+        "cache rank",
+        {"initial_state": KVCache(k0[0], v0[0])},
+        ValueError,
+        r"initial_state.k must have rank 4",
+    ),
+    (
+        "cache dtype",
+        {"initial_state": _cache(dtype=torch.float32)},
+        TypeError,
+        r"initial_state must match q's dtype torch.float64",
+    ),
+    (
+        "cache integer",
+        {"initial_state": KVCache(k0.long(), v0)},
+        TypeError,
+        r"initial_state.k must be a floating-point tensor",
+    ),
+]
+ONE = {"q": q0[:1], "k": k0[:1], "v": v0[:1]}
+BAD_PACKED = [
+    (
+        "B != 1",
+        {},
+        [0, 2, 5],
+        ValueError,
+        r"packed sequences \(cu_seqlens\) need batch size 1, got B = 2",
+    ),
+    ("not increasing", ONE, [0, 3, 3, 5], ValueError, r"strictly increasing"),
+    ("decreasing", ONE, [0, 4, 2, 5], ValueError, r"strictly increasing"),
+    ("not ending at T", ONE, [0, 2, 4], ValueError, r"must end at T = 5, got last offset 4"),
+    ("not starting at 0", ONE, [1, 5], ValueError, r"must start at 0"),
+    ("float offsets", ONE, torch.tensor([0.0, 5.0]), TypeError, r"int32/int64"),
+]
+
+
+@pytest.mark.parametrize("fn", [attention, naive_attention])
+@pytest.mark.parametrize(
+    ("changes", "error", "match"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_bad_input_raises(fn, changes, error, match):
+    with pytest.raises(error, match=match):
+        fn(**{"q": q0, "k": k0, "v": v0, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "cu", "error", "match"), [b[1:] for b in BAD_PACKED], ids=[b[0] for b in BAD_PACKED]
+)
+def test_bad_cu_seqlens_raises(changes, cu, error, match):
+    with pytest.raises(error, match=match):
+        attention(**{"q": q0, "k": k0, "v": v0, **changes}, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    "extra", [{"initial_state": _cache(B=1)}, {"output_final_state": True}], ids=["cache", "final"]
+)
+def test_packed_with_cache_is_not_supported(extra):
+    q, k, v = make_qkv(1, 5, 4, 2, 3, 6)
+    with pytest.raises(
+        ValueError,
+        match=r"cu_seqlens together with initial_state or output_final_state is not supported",
+    ):
+        attention(q, k, v, cu_seqlens=[0, 2, 5], **extra)
