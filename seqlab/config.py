@@ -25,6 +25,7 @@ class Config(BaseModel):
             return cls(**options)
         except ValidationError as e:
             problems = "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+                ": ".join(filter(None, (".".join(map(str, err["loc"])), err["msg"])))
+                for err in e.errors()
             )
             raise ValueError(f"{cls.__name__}: {problems}") from None

@@ -1,0 +1,60 @@
+"""The one interface every channel mixer implements.
+
+    y, aux_loss = mixer(x)   # x [B, T, D] → y [B, T, D]; aux_loss a 0-dim tensor
+
+A channel mixer acts on each token alone, so it holds no state. `aux_loss` is what the trainer adds
+to the task loss: zero for dense mixers, the load-balancing loss already multiplied by its
+coefficient for MoE.
+
+Initialisation: every weight matrix is drawn from N(0, init_std²), the output projection from
+N(0, out_init_std²) (init_std when unset), biases are zero. A mixer does not know the depth of its
+model, so the model, which does, passes out_init_std = init_std / √(2·n_layers) for GPT-2's
+residual scaling.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import PositiveFloat
+from torch import nn
+
+from seqlab.config import Config
+
+
+class ChannelConfig(Config):
+    """Options shared by every channel mixer's config (each mixer subclasses it)."""
+
+    init_std: PositiveFloat = 0.02
+    out_init_std: PositiveFloat | None = None
+
+    @property
+    def output_std(self) -> float:
+        return self.init_std if self.out_init_std is None else self.out_init_std
+
+
+class ChannelMixer(nn.Module):
+    """Subclasses set `Config`, take (d_model, config) and implement `forward`."""
+
+    Config: ClassVar[type[ChannelConfig]] = ChannelConfig
+
+    def __init__(self, d_model: int, config: ChannelConfig | None = None):
+        super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        self.d_model = d_model
+        self.config = self.Config() if config is None else config
+        if not isinstance(self.config, self.Config):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def init_linear(layer: nn.Linear, std: float) -> None:
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
