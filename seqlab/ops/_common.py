@@ -120,11 +120,17 @@ def check_cu_seqlens(cu_seqlens: object, B: int, T: int) -> torch.Tensor:
     return cu
 
 
-def check_initial_state(initial_state: torch.Tensor | None, N: int, H: int, K: int, V: int) -> None:
+def check_initial_state(
+    initial_state: torch.Tensor | None, B: int, H: int, K: int, V: int, cu: torch.Tensor | None
+) -> None:
+    """[B, H, K, V], or [N, H, K, V] with one state per packed sequence when `cu` is given."""
     if initial_state is None:
         return
     check_tensor("initial_state", initial_state)
-    check_shape("initial_state", initial_state, "NHKV" if N else "BHKV", (N, H, K, V))
+    if cu is None:
+        check_shape("initial_state", initial_state, "BHKV", (B, H, K, V))
+    else:
+        check_shape("initial_state", initial_state, "NHKV", (len(cu) - 1, H, K, V))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

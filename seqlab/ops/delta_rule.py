@@ -45,7 +45,7 @@ def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigva
         check_shape("g", g, "BTH", (B, T, H))
         check_log_gate("g", g, q)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
-    check_initial_state(initial_state, B if cu is None else len(cu) - 1, H, K, V)
+    check_initial_state(initial_state, B, H, K, V, cu)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g, initial_state)]
     return cast, check_scale(scale, K), cu
@@ -195,6 +195,7 @@ def delta_rule(
 ):
     """The gated delta rule in the named form ("recurrent", "chunk" or "parallel")."""
     check_form(form)
+    check_chunk_size(chunk_size)
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     args = (*args, allow_neg_eigval)
     if form == "chunk":

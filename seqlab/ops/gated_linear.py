@@ -34,13 +34,18 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
     if g is not None:
         check_tensor("g", g)
+        if g.dim() not in (3, 4):
+            raise ValueError(
+                f"g must have rank 3 [B, T, H] (per-head gate) or rank 4 [B, T, H, K] "
+                f"(per-channel gate), got shape {tuple(g.shape)}"
+            )
         if g.dim() == 3:
             check_shape("g", g, "BTH", (B, T, H))
         else:
             check_shape("g", g, "BTHK", (B, T, H, K))
         check_log_gate("g", g, q)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
-    check_initial_state(initial_state, B if cu is None else len(cu) - 1, H, K, V)
+    check_initial_state(initial_state, B, H, K, V, cu)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, g, initial_state)]
     return cast, check_scale(scale, K), cu
@@ -206,6 +211,7 @@ def gated_linear(
 ):
     """The gated linear recurrence in the named form ("recurrent", "chunk" or "parallel")."""
     check_form(form)
+    check_chunk_size(chunk_size)
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if form == "chunk":
         return chunk_gated_linear(*args, chunk_size=chunk_size)

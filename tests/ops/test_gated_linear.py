@@ -1,0 +1,260 @@
+"""Gated linear recurrence: the chunk and parallel forms agree with recurrent, forward and backward.
+
+Run: .venv/bin/python -m pytest tests/ops/test_gated_linear.py -q
+
+Agreement is checked in float64 at rtol = atol = 1e-10 (conftest.F64) on the output, the final state
+and the gradient of every input, for no gate, a scalar gate [B, T, H] and a per-channel gate
+[B, T, H, K]. The gradients are of a seeded random weighted sum of o and the final state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqlab.ops.gated_linear import (
+    chunk_gated_linear,
+    gated_linear,
+    parallel_gated_linear,
+    recurrent_gated_linear,
+)
+from tests.ops.conftest import (
+    F64,
+    FORMS,
+    LOW_PRECISION,
+    assert_close_to_scale,
+    assert_finite_run,
+    assert_same_run,
+    make_inputs,
+    naive_gated_linear,
+    one_by_one,
+    run_grads,
+    two_pass,
+)
+
+GATES = (None, "scalar", "channel")
+HYPOTHESIS = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def op(form: str, chunk_size: int = 64):
+    if form == "chunk":
+        return functools.partial(chunk_gated_linear, chunk_size=chunk_size)
+    return {"recurrent": recurrent_gated_linear, "parallel": parallel_gated_linear}[form]
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_recurrent_is_the_written_recurrence(gate):
+    x = make_inputs(2, 13, 2, 8, 12, gate=gate, initial_state=True, seed=1)
+    assert_same_run(run_grads(recurrent_gated_linear, x), run_grads(naive_gated_linear, x), **F64)
+
+
+# (B, T, H, K, V, chunk_size): T = 1, T < C, T = C, T not a multiple of C, a multiple of C,
+# C not a power of two, K > V; K equal to the sub-chunk (16) or to T (the parallel form's
+# sub-chunk) once caught a [c, c] vs [c, K] mask mix-up.
+SHAPES = [
+    (2, 1, 2, 8, 12, 64),
+    (2, 8, 2, 8, 12, 64),
+    (2, 10, 2, 8, 12, 64),
+    (1, 16, 2, 8, 12, 16),
+    (2, 77, 2, 8, 12, 32),
+    (2, 96, 2, 8, 12, 32),
+    (1, 50, 2, 8, 12, 24),
+    (1, 40, 1, 16, 4, 16),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-K{}-V{}-C{}".format(*s))
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_forms_match_recurrent(shape, gate, initial_state):
+    *dims, C = shape
+    x = make_inputs(*dims, gate=gate, initial_state=initial_state, seed=sum(shape))
+    ref = run_grads(recurrent_gated_linear, x)
+    assert_same_run(run_grads(op("chunk", C), x), ref, **F64, label="chunk")
+    assert_same_run(run_grads(op("parallel"), x), ref, **F64, label="parallel")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_forms_match_recurrent_long_sequence(gate):
+    """T ≥ 1000, not a multiple of any chunk size used."""
+    x = make_inputs(1, 1037, 1, 8, 16, gate=gate, initial_state=True, seed=3)
+    ref = run_grads(recurrent_gated_linear, x)
+    assert_same_run(run_grads(op("chunk", 64), x), ref, **F64, label="chunk 64")
+    assert_same_run(run_grads(op("chunk", 24), x), ref, **F64, label="chunk 24")
+    assert_same_run(run_grads(op("parallel"), x), ref, **F64, label="parallel")
+
+
+@HYPOTHESIS
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 130),
+    H=st.integers(1, 2),
+    K=st.sampled_from([4, 8, 16]),
+    V=st.sampled_from([4, 12]),
+    chunk_size=st.sampled_from([1, 7, 16, 24, 32, 64]),
+    gate=st.sampled_from(GATES),
+    initial_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forms_match_recurrent_random_shapes(B, T, H, K, V, chunk_size, gate, initial_state, seed):
+    x = make_inputs(B, T, H, K, V, gate=gate, initial_state=initial_state, seed=seed)
+    ref = run_grads(recurrent_gated_linear, x, seed)
+    assert_same_run(run_grads(op("chunk", chunk_size), x, seed), ref, **F64, label="chunk")
+    assert_same_run(run_grads(op("parallel"), x, seed), ref, **F64, label="parallel")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_dispatch_picks_the_named_form(form, chunk_size):
+    x = make_inputs(2, 40, 2, 8, 12, gate="channel", initial_state=True)
+    o, s = gated_linear(**x, output_final_state=True, form=form, chunk_size=chunk_size)
+    o_ref, s_ref = op(form, chunk_size)(**x, output_final_state=True)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("fill", ["zero", "-30", "mix"])
+@pytest.mark.parametrize("gate", ["scalar", "channel"])
+def test_extreme_gates_float64(gate, fill):
+    """Log-decay 0 everywhere, −30 everywhere (b reaches −3000 inside one sequence) and a mixture:
+    every output, state and gradient is finite, and the forms still agree."""
+    x = make_inputs(2, 100, 2, 8, 12, gate=gate, gate_fill=fill, initial_state=True, seed=5)
+    ref = run_grads(recurrent_gated_linear, x)
+    assert_finite_run(ref, "recurrent")
+    for label, fn in [
+        ("chunk 16", op("chunk", 16)),
+        ("chunk 64", op("chunk", 64)),
+        ("parallel", op("parallel")),
+    ]:
+        run = run_grads(fn, x)
+        assert_finite_run(run, label)
+        assert_same_run(run, ref, **F64, label=label)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("fill", ["-30", "mix"])
+@pytest.mark.parametrize("gate", ["scalar", "channel"])
+def test_extreme_gates_float32(form, gate, fill):
+    """float32 must not overflow either (exp(1920) is inf in float32 and float64 alike). The
+    cumulative log-decay b ≈ −1920 costs float32 ≈ 2e-4 absolute in each exponent, hence 2e-3.
+    Gradients are judged against the largest gradient: d/dg is a sum of O(1) terms that cancel
+    to ≈ 1e-12 here, which float32 cannot resolve below its round-off on those terms."""
+    x = make_inputs(2, 100, 2, 8, 12, gate=gate, gate_fill=fill, initial_state=True, seed=6)
+    ref = run_grads(recurrent_gated_linear, x)
+    run = run_grads(op(form, 32), {n: t.float() for n, t in x.items()})
+    assert_finite_run(run, form)
+    o, s, grads = run
+    assert o.dtype == s.dtype == torch.float32
+    o_ref, s_ref, grads_ref = ref
+    torch.testing.assert_close(o.double(), o_ref, rtol=2e-3, atol=2e-3 * o_ref.abs().max())
+    torch.testing.assert_close(s.double(), s_ref, rtol=2e-3, atol=2e-3 * s_ref.abs().max())
+    scale = max(grad.abs().max() for grad in grads_ref.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad.double(), grads_ref[name], rtol=2e-3, atol=2e-3 * scale, msg=name
+        )
+
+
+@pytest.mark.parametrize("form", FORMS)
+@HYPOTHESIS
+@given(
+    T=st.integers(2, 90),
+    split=st.floats(0, 1),
+    second=st.sampled_from(FORMS),
+    chunk_size=st.sampled_from([16, 24, 64]),
+    gate=st.sampled_from(GATES),
+    initial_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_state_carries_across_a_split(
+    form, T, split, second, chunk_size, gate, initial_state, seed
+):
+    """[0, t) in `form` with output_final_state, then [t, T) from that state (in any form, e.g.
+    chunk prefill then recurrent decode), equals one pass: outputs, final state and gradients."""
+    t = min(max(1, round(split * T)), T - 1)
+    x = make_inputs(2, T, 2, 8, 12, gate=gate, initial_state=initial_state, seed=seed)
+    first = op(form, chunk_size)
+    both = run_grads(two_pass(first, op(second, chunk_size), t), x, seed)
+    assert_same_run(both, run_grads(first, x, seed), **F64, label=f"split at {t}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@HYPOTHESIS
+@given(
+    lens=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    as_type=st.sampled_from(["list", "int32", "int64"]),
+    chunk_size=st.sampled_from([16, 24, 64]),
+    gate=st.sampled_from(GATES),
+    initial_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_sequences_match_separate_runs(
+    form, lens, as_type, chunk_size, gate, initial_state, seed
+):
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    x = make_inputs(
+        1, cu[-1], 2, 8, 12, gate=gate, initial_state=initial_state, N=len(lens), seed=seed
+    )
+    cu_seqlens = cu if as_type == "list" else torch.tensor(cu, dtype=getattr(torch, as_type))
+    fn = op(form, chunk_size)
+    packed = run_grads(fn, x, seed, cu_seqlens=cu_seqlens)
+    assert packed[1].shape == (len(lens), 2, 8, 12)
+    assert_same_run(packed, run_grads(one_by_one(fn, cu), x, seed), **F64, label=f"cu={cu}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_packed_without_final_state(form):
+    x = make_inputs(1, 30, 2, 8, 12, gate="scalar")
+    o, s = op(form, 16)(**x, cu_seqlens=torch.tensor([0, 7, 30]))
+    assert s is None
+    o_ref, _ = one_by_one(op(form, 16), [0, 7, 30])(**x)
+    torch.testing.assert_close(o, o_ref, **F64)
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("gate", GATES)
+def test_low_precision_accumulates_state_in_float32(dtype, form, gate):
+    x = make_inputs(2, 70, 2, 8, 12, gate=gate, initial_state=True, dtype=dtype, seed=9)
+    o, s, grads = run_grads(op(form, 32), x)
+    assert o.dtype == dtype
+    assert s.dtype == torch.float32
+    for name, grad in grads.items():
+        assert grad.dtype == x[name].dtype, name
+    assert_finite_run((o, s, grads), str(dtype))
+    o_ref, s_ref, grads_ref = run_grads(
+        recurrent_gated_linear, {n: t.double() for n, t in x.items()}
+    )
+    tol = LOW_PRECISION[dtype]
+    assert_close_to_scale(o, o_ref, tol["o"], "o")
+    assert_close_to_scale(s, s_ref, tol["state"], "final_state")
+    for name in grads:
+        assert_close_to_scale(grads[name], grads_ref[name], tol["grad"], f"d/d{name}")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_output_contract(form):
+    """final_state is None unless asked for; float64 stays float64; scale multiplies o; the
+    inputs are left untouched."""
+    x = make_inputs(2, 20, 2, 8, 12, gate="channel", initial_state=True)
+    before = {n: t.clone() for n, t in x.items()}
+    fn = op(form, 16)
+    o, s = fn(**x)
+    assert s is None and o.dtype == torch.float64 and o.shape == (2, 20, 2, 12)
+    o2, s2 = fn(**x, scale=0.25, output_final_state=True)
+    assert s2.dtype == torch.float64 and s2.shape == (2, 2, 8, 12)
+    torch.testing.assert_close(o2, o * 0.25 / 8**-0.5, **F64)
+    o_ref, _ = naive_gated_linear(**x, scale=0.25)
+    torch.testing.assert_close(o2, o_ref, **F64)
+    for n, t in x.items():
+        assert torch.equal(t, before[n]), f"{n} was modified in place"
