@@ -81,13 +81,18 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def check_log_gate(name: str, g: torch.Tensor, like: torch.Tensor) -> None:
-    """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13)."""
-    if g.dtype != like.dtype or g.device != like.device:
+def check_gate_dtype(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    """Gates and β take q's dtype or float32: a bf16 model may keep its log-decays exact."""
+    if x.dtype not in (q.dtype, torch.float32) or x.device != q.device:
         raise TypeError(
-            f"{name} must match q's dtype and device ({like.dtype}, {like.device}), "
-            f"got {g.dtype}, {g.device}"
+            f"{name} must have q's dtype ({q.dtype}) or float32 and q's device ({q.device}), "
+            f"got {x.dtype}, {x.device}"
         )
+
+
+def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor) -> None:
+    """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13)."""
+    check_gate_dtype(name, g, q)
     if g.numel() and bool(((g > 0) | ~g.isfinite()).any()):
         raise ValueError(
             f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "

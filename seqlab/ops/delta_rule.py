@@ -15,6 +15,7 @@ from seqlab.ops._common import (
     check_chunk_size,
     check_cu_seqlens,
     check_form,
+    check_gate_dtype,
     check_initial_state,
     check_log_gate,
     check_qkv,
@@ -31,8 +32,7 @@ def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigva
     B, T, H, K, V = check_qkv(q, k, v)
     check_tensor("beta", beta)
     check_shape("beta", beta, "BTH", (B, T, H))
-    if beta.dtype != q.dtype:
-        raise TypeError(f"beta must match q's dtype {q.dtype}, got {beta.dtype}")
+    check_gate_dtype("beta", beta, q)
     hi = 2.0 if allow_neg_eigval else 1.0
     if bool(((beta < 0) | (beta > hi) | beta.isnan()).any()):
         hint = "" if allow_neg_eigval else " (values up to 2 need allow_neg_eigval=True)"

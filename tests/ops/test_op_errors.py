@@ -215,7 +215,7 @@ COMMON = [
         "g-float64",
         {"g": -rand(B, T, H, dtype=torch.float64)},
         TypeError,
-        re.escape("g must match q's dtype and device (torch.float32, cpu), got torch.float64"),
+        r"g must have q's dtype \(torch.float32\) or float32 .* got torch.float64",
     ),
     (
         "g-int",
@@ -385,7 +385,7 @@ DELTA_RULE_ONLY = [
         "beta-float64",
         {"beta": rand(B, T, H, dtype=torch.float64)},
         TypeError,
-        "beta must match q's dtype torch.float32, got torch.float64",
+        r"beta must have q's dtype \(torch.float32\) or float32 .* got torch.float64",
     ),
     (
         "beta-int",
@@ -517,3 +517,19 @@ def test_gate_may_be_absent_zero_or_per_channel(form):
     for g in [None, torch.zeros(B, T, H), -rand(B, T, H, K)]:
         o, _ = call(fn, {"g": g}, False)
         assert o.shape == (B, T, H, V) and torch.isfinite(o).all()
+
+
+def test_half_inputs_take_float32_gates_and_beta():
+    """A bf16 model may keep its log-decays and β in float32 (not an error)."""
+    from seqlab.ops import delta_rule, gated_linear
+
+    q = randn(B, T, H, K).bfloat16()
+    v = randn(B, T, H, V).bfloat16()
+    g = -rand(B, T, H)
+    o, s = gated_linear(q, q, v, g, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    beta = rand(B, T, H)
+    o, s = delta_rule(
+        q, torch.nn.functional.normalize(q, dim=-1), v, beta, g, output_final_state=True
+    )
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all()

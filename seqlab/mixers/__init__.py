@@ -1,0 +1,36 @@
+"""Token mixers by name: `build_mixer("gdn", 256, num_heads=4)`; `MIXERS` maps names to classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from seqlab.mixers.attention import Attention
+from seqlab.mixers.base import MixerConfig, State, TokenMixer
+from seqlab.mixers.deltanet import DeltaNet
+from seqlab.mixers.gated_deltanet import GatedDeltaNet
+from seqlab.mixers.gla import GLA
+from seqlab.mixers.linear_attention import LinearAttention
+from seqlab.mixers.mamba2 import Mamba2
+from seqlab.mixers.retnet import RetNet
+
+MIXERS: dict[str, type[TokenMixer]] = {
+    "attn": Attention,
+    "linear_attn": LinearAttention,
+    "retnet": RetNet,
+    "gla": GLA,
+    "mamba2": Mamba2,
+    "deltanet": DeltaNet,
+    "gdn": GatedDeltaNet,
+}
+
+
+def build_mixer(name: str, d_model: int, **options: Any) -> TokenMixer:
+    """The mixer `name` with its config built from `options`; unknown names and keys fail,
+    listing the valid ones."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; valid names: {', '.join(MIXERS)}")
+    cls = MIXERS[name]
+    return cls(d_model, cls.Config.make(**options))
+
+
+__all__ = ["MIXERS", "MixerConfig", "State", "TokenMixer", "build_mixer"]

@@ -1,0 +1,76 @@
+"""Softmax attention mixer: RoPE, grouped-query heads, optional sliding window, KV-cache state."""
+
+from __future__ import annotations
+
+from einops import rearrange
+from pydantic import PositiveFloat, PositiveInt
+from torch import Tensor, nn
+
+from seqlab.mixers.base import MixerConfig, State, TokenMixer
+from seqlab.mixers.dims import per_head
+from seqlab.mixers.rope import positions, rotate, start_positions
+from seqlab.ops.attention import KVCache, attention
+
+
+class AttentionConfig(MixerConfig):
+    """num_kv_heads: key/value heads (None: num_heads); window: keys a query sees, itself
+    included (None: all earlier tokens)."""
+
+    num_heads: PositiveInt = 8
+    num_kv_heads: PositiveInt | None = None
+    window: PositiveInt | None = None
+    rope_base: PositiveFloat = 10000.0
+
+
+class Attention(TokenMixer):
+    """State: the KV cache k, v [B, Tc, Hkv, D] (RoPE already applied; Tc ≤ window − 1 when
+    windowed) and pos [B], the position of the next token."""
+
+    Config = AttentionConfig
+
+    def __init__(self, d_model: int, config: AttentionConfig | None = None):
+        super().__init__(d_model, config)
+        c = self.config
+        self.num_heads = c.num_heads
+        self.num_kv_heads = c.num_kv_heads or c.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads = {self.num_heads} must be a multiple of "
+                f"num_kv_heads = {self.num_kv_heads}"
+            )
+        self.head_dim = per_head(d_model, self.num_heads, "d_model")
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
+        kv_width = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_width, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_width, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        B, T, _ = x.shape
+        start = start_positions(B, x.device) if state is None else state["pos"]
+        pos = positions(start, T)
+        q, k, v = (
+            rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = rotate(q, pos, self.config.rope_base), rotate(k, pos, self.config.rope_base)
+        cache = None if state is None else KVCache(state["k"], state["v"])
+        o, cache = attention(
+            q, k, v, window=self.config.window, initial_state=cache, output_final_state=True
+        )
+        y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        return y, {"k": cache.k, "v": cache.v, "pos": start + T}
+
+    def state_bytes_for(self, batch_size: int, seq_len: int) -> int:
+        """KV cache of min(seq_len, window − 1) tokens, plus the position counter."""
+        window = self.config.window
+        cached = seq_len if window is None else min(seq_len, window - 1)
+        per_token = 2 * self.num_kv_heads * self.head_dim * self.k_proj.weight.element_size()
+        return batch_size * (cached * per_token + 8)
+
+    def init_state(self, batch_size: int) -> State:
+        w = self.k_proj.weight
+        empty = w.new_zeros(batch_size, 0, self.num_kv_heads, self.head_dim)
+        return {"k": empty, "v": empty.clone(), "pos": start_positions(batch_size, w.device)}

@@ -1,0 +1,43 @@
+"""Gated DeltaNet (Yang et al. 2025): DeltaNet with a Mamba-2-style decay per head.
+
+S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ
+log α_t = −exp(A_log) · softplus(W_a x_t + dt_bias)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt
+from torch import Tensor, nn
+
+from seqlab.mixers.deltanet import DeltaRuleConfig, DeltaRuleMixer
+from seqlab.mixers.recurrent import init_a_log, init_dt_bias
+
+
+class GatedDeltaNetConfig(DeltaRuleConfig):
+    """head_dim: key dim per head; the value dim per head is head_dim · expand_v."""
+
+    num_heads: PositiveInt = 6
+    head_dim: PositiveInt = 256
+    expand_v: PositiveFloat = 2.0
+    use_output_gate: bool = True
+
+    def head_dims(self, d_model: int) -> tuple[int, int, int]:
+        V = self.head_dim * self.expand_v
+        if V != int(V):
+            raise ValueError(f"head_dim * expand_v = {V:g} must be a whole number")
+        return self.num_heads, self.head_dim, int(V)
+
+
+class GatedDeltaNet(DeltaRuleMixer):
+    Config = GatedDeltaNetConfig
+
+    def __init__(self, d_model: int, config: GatedDeltaNetConfig | None = None):
+        super().__init__(d_model, config)
+        H = self.num_heads
+        self.a_proj = nn.Linear(d_model, H, bias=False)
+        self.A_log = nn.Parameter(init_a_log(H, 0.0, 16.0))
+        self.dt_bias = nn.Parameter(init_dt_bias(H))
+
+    def log_decay(self, x: Tensor) -> Tensor:
+        return -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)
