@@ -1,0 +1,110 @@
+"""Generation (prefill with the chunk form, then recurrent decode steps) and streaming.
+
+ids = generate(model, prompt, max_new_tokens=50, temperature=0.8, top_p=0.9, seed=0)
+for logits in stream(model, iter(tokens), block_size=256): ...   # constant memory
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from seqlab.model.lm import CausalLM
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]. temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: CausalLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """prompt [B, T] → [B, T + max_new_tokens]; seeded sampling is reproducible."""
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be [B, T] with T ≥ 1, got shape {tuple(prompt.shape)}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = model(prompt)
+    tokens = [prompt]
+    for _ in range(max_new_tokens):
+        nxt = sample(out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]
+        tokens.append(nxt)
+        out = model(nxt, state=out.state)
+    return torch.cat(tokens, 1)
+
+
+class Stream:
+    """Consume an unbounded iterator of token ids; yield next-token logits [vocab] per token.
+
+    Tokens are gathered into blocks of `block_size` and run with the chunk form, or one at a time
+    with the recurrent step (block_size 1); `state` carries the model's state between blocks, so
+    for models of recurrent mixers only, memory stays constant however long the stream runs.
+    """
+
+    def __init__(self, model: CausalLM, block_size: int = 1):
+        if block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        self.model = model
+        self.block_size = block_size
+        self.state = model.init_state(1)
+        self.device = next(model.parameters()).device
+
+    @property
+    def state_bytes(self) -> int:
+        return CausalLM.state_bytes(self.state)
+
+    @torch.no_grad()
+    def _run(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), self.state)
+        self.state = out.state
+        return out.logits[0]
+
+    def __call__(self, tokens: Iterable[int]) -> Iterator[torch.Tensor]:
+        block: list[int] = []
+        for tok in tokens:
+            block.append(int(tok))
+            if len(block) == self.block_size:
+                yield from self._run(block)
+                block = []
+        if block:
+            yield from self._run(block)
+
+
+def stream(model: CausalLM, tokens: Iterable[int], block_size: int = 1) -> Iterator[torch.Tensor]:
+    """Next-token logits for each token of `tokens`, carrying the state (see `Stream`)."""
+    return Stream(model, block_size)(tokens)
