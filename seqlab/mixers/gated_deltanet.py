@@ -15,18 +15,25 @@ from seqlab.mixers.recurrent import init_a_log, init_dt_bias
 
 
 class GatedDeltaNetConfig(DeltaRuleConfig):
-    """head_dim: key dim per head; the value dim per head is head_dim · expand_v."""
+    """head_dim: key dim per head; the value dim per head is head_dim · expand_v.
 
-    num_heads: PositiveInt = 6
-    head_dim: PositiveInt = 256
+    Unset, the sizes derive from d_model as in the paper's 1.3B model (d_model 2048: 6 heads of
+    256, keys 0.75·d_model wide): num_heads = max(1, round(0.75·d_model / 256)), head_dim =
+    0.75·d_model / num_heads.
+    """
+
+    num_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
     expand_v: PositiveFloat = 2.0
     use_output_gate: bool = True
 
     def head_dims(self, d_model: int) -> tuple[int, int, int]:
-        V = self.head_dim * self.expand_v
+        H = self.num_heads or max(1, round(0.75 * d_model / 256))
+        K = self.head_dim or max(1, round(0.75 * d_model / H))
+        V = K * self.expand_v
         if V != int(V):
             raise ValueError(f"head_dim * expand_v = {V:g} must be a whole number")
-        return self.num_heads, self.head_dim, int(V)
+        return H, K, int(V)
 
 
 class GatedDeltaNet(DeltaRuleMixer):
