@@ -7,6 +7,12 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 class Config(BaseModel):
     """Base of every component config: frozen, strict about keys, built with `make`."""
 
@@ -29,3 +35,12 @@ class Config(BaseModel):
                 for err in e.errors()
             )
             raise ValueError(f"{cls.__name__}: {problems}") from None
+
+    @classmethod
+    def for_component(cls, owner: type, config: Config | None) -> Self:
+        """`config`, or the defaults when None; a config of another class is a TypeError."""
+        if config is None:
+            return cls()
+        if not isinstance(config, cls):
+            raise TypeError(f"{owner.__name__} takes a {cls.__name__}, got {type(config).__name__}")
+        return config

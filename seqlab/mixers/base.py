@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from seqlab.config import Config
+from seqlab.config import Config, check_positive_int
 
 State = dict[str, torch.Tensor]
 
@@ -31,14 +31,8 @@ class TokenMixer(nn.Module):
 
     def __init__(self, d_model: int, config: MixerConfig | None = None):
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        self.d_model = d_model
-        self.config = self.Config() if config is None else config
-        if not isinstance(self.config, self.Config):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
-            )
+        self.d_model = check_positive_int("d_model", d_model)
+        self.config = self.Config.for_component(type(self), config)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError

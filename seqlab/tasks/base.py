@@ -135,11 +135,7 @@ class Task:
     seq_len: int
 
     def __init__(self, config: Config | None = None):
-        self.config = self.Config() if config is None else config
-        if not isinstance(self.config, self.Config):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
-            )
+        self.config = self.Config.for_component(type(self), config)
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:
