@@ -2,18 +2,27 @@
 
 seqlab ops                 # the ops, their forms and state sizes
 seqlab check --seq-len 300 # run every form on random inputs and show its gap to `recurrent`
+seqlab train --task mqar --arch gdn --out runs/mqar-gdn  # train (resumes from --out), record
+seqlab results --task mqar --since 2d --csv runs.csv     # recorded runs: table, filters, CSV
+seqlab probe --task mqar --arch attn --arch gdn          # same budget per arch; table + PNG
+seqlab bench --arch attn --arch gdn --seq-lens 512,2k    # cost: time, memory, FLOPs; table + PNG
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from seqlab.ops import delta_rule, gated_linear
 from seqlab.ops.attention import attention, naive_attention
+from seqlab.profile.bench import PRESETS, BenchConfig, command_line, parse_seq_lens, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 console = Console()
@@ -124,6 +133,308 @@ def check(
     gap = (attention(q, k, v)[0] - naive_attention(q, k, v)).abs().max().item()
     table.add_row("attention", "sdpa vs naive", f"{gap:.2e}", "–")
     console.print(table)
+
+
+@app.command()
+def bench(
+    arch: Annotated[
+        list[str] | None,
+        typer.Option(help="architecture pattern, repeatable (default: attn, gdn, 'gdn*3,attn')"),
+    ] = None,
+    seq_lens: Annotated[str, typer.Option(help="lengths T, comma-separated; k = 1024")] = (
+        "512,2k,8k,32k"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 (fp32), bfloat16 (bf16), float16")] = (
+        "float32"
+    ),
+    preset: Annotated[str, typer.Option(help="small: d_model 256, 4 layers; large: 1024, 12")] = (
+        "small"
+    ),
+    d_model: Annotated[int | None, typer.Option(help="model width (overrides the preset)")] = None,
+    n_layers: Annotated[int | None, typer.Option(help="layers (overrides the preset)")] = None,
+    channel: Annotated[str, typer.Option(help="channel mixer pattern ('' for none)")] = "swiglu",
+    batch_size: Annotated[int, typer.Option(help="sequences per batch")] = 1,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary (small: the head is not timed)")] = (
+        256
+    ),
+    level: Annotated[str, typer.Option(help="model, op (core ops against peers) or all")] = "all",
+    repeats: Annotated[int, typer.Option(help="timed calls per measurement")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed calls after the first")] = 1,
+    decode_repeats: Annotated[int, typer.Option(help="timed single-token decode steps")] = 10,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all)")] = None,
+    max_seconds: Annotated[
+        float, typer.Option(help="skip a measurement predicted to take longer (s)")
+    ] = 60.0,
+    max_memory_gb: Annotated[
+        float | None, typer.Option(help="skip one predicted to need more (default: 60 % free)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the weights and inputs")] = 0,
+    out: Annotated[Path, typer.Option(help="directory for JSON, markdown, PNGs")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """Measure time, memory and analytic cost of architectures and their core ops against
+    peers; print tables, write bench.json, results.md and PNG plots to --out."""
+    try:
+        lens = parse_seq_lens(seq_lens)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--seq-lens") from None
+    if preset not in PRESETS:
+        raise typer.BadParameter(
+            f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param_hint="--preset"
+        )
+    size = dict(PRESETS[preset])
+    size.update({k: v for k, v in (("d_model", d_model), ("n_layers", n_layers)) if v})
+    options = dict(
+        seq_lens=lens,
+        channel=channel or None,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        vocab_size=vocab_size,
+        level=level,
+        repeats=repeats,
+        warmup=warmup,
+        decode_repeats=decode_repeats,
+        threads=threads,
+        max_seconds=max_seconds,
+        max_memory_gb=max_memory_gb,
+        **size,
+    )
+    if arch:
+        options["archs"] = tuple(arch)
+    try:
+        config = BenchConfig.make(**options)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    from seqlab.profile.report import rich_tables, write_results  # loads matplotlib
+
+    result = run_bench(config, log=lambda line: console.print(escape(line), style="dim"))
+    for table in rich_tables(result):
+        console.print(table, width=None if console.is_terminal else 200)  # a file: keep whole
+    for path in write_results(result, out, command_line(config, out)):
+        console.print(f"wrote {path}")
+
+
+def _print_table(table) -> None:
+    # Off a terminal (a pipe, a file) nothing limits the width, so no column is folded.
+    (console if console.is_terminal else Console(width=250)).print(table)
+
+
+def _options(items: list[str] | None, flag: str) -> dict:
+    from seqlab.train.report import parse_options
+
+    try:
+        return parse_options(items or [], flag)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="task name, e.g. mqar, parity, text")],
+    arch: Annotated[str, typer.Option(help="architecture pattern, e.g. 'gdn*3,attn'")] = "attn",
+    preset: Annotated[str, typer.Option(help="task preset ('' for the paper's settings)")] = "cpu",
+    task_option: Annotated[
+        list[str] | None, typer.Option(help="task config key=value, repeatable")
+    ] = None,
+    d_model: Annotated[int, typer.Option(help="model width")] = 64,
+    n_layers: Annotated[int, typer.Option(help="layers (a multiple of the pattern's length)")] = 2,
+    channel: Annotated[str, typer.Option(help="channel mixer pattern ('' for none)")] = "swiglu",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 64,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices")] = 0.1,
+    eval_every: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="stop once held-out accuracy reaches it")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the weights and the data order")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[
+        Path | None, typer.Option(help="checkpoint folder; a run resumes from it")
+    ] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="results database (default: $SEQLAB_RESULTS, else ./seqlab-results/results.db)"
+        ),
+    ] = None,
+    record: Annotated[bool, typer.Option(help="record the run in the results store")] = True,
+    progress: Annotated[bool, typer.Option(help="show a progress bar on a terminal")] = True,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default: torch's)")
+    ] = None,
+) -> None:
+    """Train one architecture on a task; resume from --out if it holds a checkpoint."""
+    from seqlab.model.lm import ModelConfig
+    from seqlab.tasks import build_task
+    from seqlab.train.report import train_table
+    from seqlab.train.results import ResultsStore, run_record
+    from seqlab.train.trainer import TrainConfig, Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        the_task = build_task(task, preset=preset or None, **_options(task_option, "--task-option"))
+        model_config = ModelConfig(
+            vocab_size=the_task.vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            pattern=arch,
+            channel=channel or None,
+        )
+        config = TrainConfig.make(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            eval_every=eval_every,
+            target_accuracy=target_accuracy,
+            seed=seed,
+            device=device,
+            out_dir=None if out is None else str(out),
+            progress=progress,
+        )
+        result = Trainer(model_config, the_task, config).run()
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    if result.resumed_from is not None:
+        console.print(f"resumed from the checkpoint at step {result.resumed_from}")
+    _print_table(train_table(result, f"{task} · {arch} · step {result.step}"))
+    style = "red" if result.stop_reason == "non_finite" else "green"
+    console.print(f"[{style}]{escape(result.message)}[/{style}]")
+    if record:
+        store = ResultsStore(results)
+        record_ = run_record(task, the_task, model_config, config, result, preset or None)
+        console.print(f"recorded run {store.add(record_)} in {store.path}")
+    if result.stop_reason == "non_finite":
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            help="results database (default: $SEQLAB_RESULTS, else ./seqlab-results/results.db)"
+        ),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="only runs of this task")] = None,
+    arch: Annotated[str | None, typer.Option(help="only runs of this exact pattern")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="only runs since an age (30m, 12h, 2d) or ISO date")
+    ] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="dotted.key=value on the record, repeatable")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="only the newest N runs")] = None,
+    csv: Annotated[
+        Path | None, typer.Option(help="also write the runs, one column per key, to this CSV")
+    ] = None,
+) -> None:
+    """List recorded runs as a table, filtered; optionally export them as CSV."""
+    from seqlab.train.report import results_table
+    from seqlab.train.results import ResultsStore
+
+    store = ResultsStore(db)
+    try:
+        runs = store.runs(task, arch, since, _options(where, "--where"), limit)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _print_table(results_table(runs, f"{len(runs)} runs in {store.path}"))
+    if csv is not None:
+        console.print(f"wrote {store.to_csv(runs, csv)}")
+
+
+@app.command()
+def probe(
+    task: Annotated[str, typer.Option(help="task name")] = "mqar",
+    arch: Annotated[
+        list[str] | None,
+        typer.Option(help="pattern, repeatable (default: attn, gdn, 'gdn*3,attn')"),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="task preset ('' for the paper's settings)")] = "cpu",
+    task_option: Annotated[
+        list[str] | None, typer.Option(help="task config key=value, repeatable")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="optimizer steps for every architecture")] = 200,
+    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 32,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices")] = 0.1,
+    d_model: Annotated[int, typer.Option(help="model width")] = 64,
+    n_layers: Annotated[
+        int | None, typer.Option(help="layers (default: 2, or the pattern's length)")
+    ] = None,
+    channel: Annotated[str, typer.Option(help="channel mixer pattern ('' for none)")] = "swiglu",
+    seed: Annotated[int, typer.Option(help="seed of the weights and the data order")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[Path, typer.Option(help="folder for the PNG and the CSV")] = Path(
+        "probe-results"
+    ),
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="results database (default: $SEQLAB_RESULTS, else ./seqlab-results/results.db)"
+        ),
+    ] = None,
+    record: Annotated[bool, typer.Option(help="record every run in the results store")] = True,
+    progress: Annotated[bool, typer.Option(help="show a progress bar on a terminal")] = True,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default: torch's)")
+    ] = None,
+) -> None:
+    """Train each architecture on a task with the same budget; print accuracy per slice, params,
+    state bytes and time; plot accuracy against state bytes."""
+    from seqlab.train.probe import plot_probe
+    from seqlab.train.probe import probe as run_probe
+    from seqlab.train.report import probe_table, write_probe_csv
+    from seqlab.train.results import ResultsStore
+    from seqlab.train.trainer import TrainConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    archs = arch or ["attn", "gdn", "gdn*3,attn"]
+    try:
+        config = TrainConfig.make(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=min(100, steps // 10),
+            weight_decay=weight_decay,
+            eval_every=steps,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+        rows = run_probe(
+            task,
+            archs,
+            preset=preset or None,
+            task_options=_options(task_option, "--task-option"),
+            d_model=d_model,
+            n_layers=n_layers,
+            channel=channel or None,
+            train_config=config,
+            store=ResultsStore(results) if record else None,
+            on_result=lambda row: console.print(
+                f"{escape(row.arch)}: accuracy {100 * row.accuracy:.1f}% "
+                f"after {row.result.step} steps, {row.result.wall_time_s:.1f} s"
+            ),
+        )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    title = f"probe · {task} ({preset or 'paper'}) · d_model {d_model} · {steps} steps"
+    _print_table(probe_table(rows, f"{title} · held-out accuracy % by slice"))
+    png = plot_probe(rows, out / f"probe-{task}.png", title=title)
+    table_csv = write_probe_csv(rows, out / f"probe-{task}.csv")
+    console.print(f"wrote {png} and {table_csv}")
 
 
 if __name__ == "__main__":

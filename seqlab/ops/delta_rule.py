@@ -25,10 +25,11 @@ from seqlab.ops._common import (
     compute_dtype,
     run_packed,
 )
+from seqlab.ops.triton import use_triton
 
 
-def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
-    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+def _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
+    """Check the arguments; return the scale and the packing offsets."""
     B, T, H, K, V = check_qkv(q, k, v)
     check_tensor("beta", beta)
     check_shape("beta", beta, "BTH", (B, T, H))
@@ -46,9 +47,15 @@ def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigva
         check_log_gate("g", g, q)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_initial_state(initial_state, B, H, K, V, cu)
+    return check_scale(scale, K), cu
+
+
+def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
+    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+    scale, cu = _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g, initial_state)]
-    return cast, check_scale(scale, K), cu
+    return cast, scale, cu
 
 
 def _recurrent(q, k, v, beta, g, S, scale):
@@ -192,10 +199,22 @@ def delta_rule(
     allow_neg_eigval=False,
     form="chunk",
     chunk_size=64,
+    backend="auto",
 ):
-    """The gated delta rule in the named form ("recurrent", "chunk" or "parallel")."""
+    """The gated delta rule in the named form ("recurrent", "chunk" or "parallel").
+
+    backend: "auto" runs the Triton kernels on CUDA tensors where they support the call and
+    PyTorch elsewhere; "torch" or "triton" forces one (seqlab.ops.triton).
+    """
     check_form(form)
     check_chunk_size(chunk_size)
+    if use_triton(backend, form, chunk_size, (q, k, v, beta, g, initial_state)):
+        from seqlab.ops.triton import api
+
+        args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+        scale, cu = _check(*args)
+        args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu)
+        return api.delta_rule(*args, form, chunk_size)
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     args = (*args, allow_neg_eigval)
     if form == "chunk":

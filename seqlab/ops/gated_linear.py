@@ -25,12 +25,13 @@ from seqlab.ops._common import (
     compute_dtype,
     run_packed,
 )
+from seqlab.ops.triton import use_triton
 
 SUB_CHUNK = 16  # per-channel gates: diagonal blocks of this size are formed elementwise
 
 
-def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
-    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+def _check(q, k, v, g, scale, initial_state, cu_seqlens):
+    """Check the arguments; return the scale and the packing offsets."""
     B, T, H, K, V = check_qkv(q, k, v)
     if g is not None:
         check_tensor("g", g)
@@ -46,9 +47,15 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
         check_log_gate("g", g, q)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_initial_state(initial_state, B, H, K, V, cu)
+    return check_scale(scale, K), cu
+
+
+def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
+    """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
+    scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, g, initial_state)]
-    return cast, check_scale(scale, K), cu
+    return cast, scale, cu
 
 
 def _zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -208,10 +215,21 @@ def gated_linear(
     cu_seqlens=None,
     form="chunk",
     chunk_size=64,
+    backend="auto",
 ):
-    """The gated linear recurrence in the named form ("recurrent", "chunk" or "parallel")."""
+    """The gated linear recurrence in the named form ("recurrent", "chunk" or "parallel").
+
+    backend: "auto" runs the Triton kernels on CUDA tensors where they support the call and
+    PyTorch elsewhere; "torch" or "triton" forces one (seqlab.ops.triton).
+    """
     check_form(form)
     check_chunk_size(chunk_size)
+    if use_triton(backend, form, chunk_size, (q, k, v, g, initial_state)):
+        from seqlab.ops.triton import api
+
+        scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens)
+        args = (q, k, v, g, scale, initial_state, output_final_state, cu)
+        return api.gated_linear(*args, form, chunk_size)
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if form == "chunk":
         return chunk_gated_linear(*args, chunk_size=chunk_size)

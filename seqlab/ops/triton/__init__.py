@@ -1,0 +1,60 @@
+"""Triton kernels behind the op signatures of seqlab.ops (GPU; CPU through TRITON_INTERPRET=1).
+
+`use_triton` decides the backend without importing Triton; the kernels load on first use:
+    chunk form      gated_linear (no gate, g [B, T, H], g [B, T, H, K]) and delta_rule
+                    (no gate, g [B, T, H]): forward and backward, chunk size 16, 32 or 64
+    recurrent form  one fused launch over time for both families: forward only (decode)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+CHUNK_SIZES = (16, 32, 64)
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def unsupported(form: str, chunk_size: int, q: torch.Tensor, v: torch.Tensor, needs_grad: bool):
+    """Why the Triton backend cannot run this call, or None if it can."""
+    if form == "parallel":
+        return "it has no parallel form (use form='chunk')"
+    if form == "chunk" and chunk_size not in CHUNK_SIZES:
+        return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
+    if form == "recurrent" and needs_grad:
+        return "its recurrent form is forward-only (decode); use form='chunk' for gradients"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"it takes float16, bfloat16 or float32 inputs, got {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims K, V must be at most {MAX_HEAD_DIM}, got {q.shape[-1]}, {v.shape[-1]}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not q.is_cuda and not _interpreting():
+        return "it needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    return None
+
+
+def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
+    """ "auto": Triton for CUDA tensors when it supports the call, else PyTorch; "torch" and
+    "triton" force one ("triton" raises if it cannot run the call)."""
+    if backend not in BACKENDS:
+        names = ", ".join(map(repr, BACKENDS))
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    q, v = tensors[0], tensors[2]
+    if backend == "torch" or not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return False  # the PyTorch path names the bad argument
+    if backend == "auto" and not q.is_cuda:
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    reason = unsupported(form, chunk_size, q, v, needs_grad)
+    if reason is not None and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {reason}")
+    return reason is None

@@ -1,0 +1,530 @@
+"""`seqlab bench`: the analytic and measured cost of architectures and of their core ops.
+
+    config = BenchConfig(archs=("attn", "gdn", "gdn*3,attn"), seq_lens=parse_seq_lens("512,2k"))
+    result = run_bench(config, log=print)     # a JSON-ready dict
+    write_results(result, "out/")             # seqlab.profile.report: JSON, markdown, PNGs
+
+Model level: for each architecture (a pattern, built with `d_model`, `n_layers` and the channel
+mixer) and each length T: forward and forward+backward latency, prefill tokens/s, the latency of
+one decoded token at context T (prefill T tokens, then time single steps from that state), peak
+memory, the state bytes the model really holds after prefill, and the analytic cost.
+Op level: the core op of each distinct mixer (chunk form; SDPA for attention) at that mixer's
+shapes, against peers timed in the same run (seqlab.profile.peers).
+
+A measurement is skipped, with the reason recorded, when the wall time of its calls — predicted
+from the previous length by the ratio of analytic FLOPs — exceeds `max_seconds`, when its peak
+memory, extrapolated linearly in T, exceeds `max_memory_gb`, or when it runs out of memory;
+the longer lengths of that measurement are then skipped too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import re
+import shlex
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from seqlab.config import Config
+from seqlab.model.lm import CausalLM, ModelConfig
+from seqlab.profile.cost import meta_model, model_cost
+from seqlab.profile.measure import is_out_of_memory, memory_method, peak_memory, time_call
+from seqlab.profile.peers import (
+    OpSpec,
+    implementations,
+    make_inputs,
+    op_spec,
+    peers_available,
+)
+
+SCHEMA = "seqlab.bench/1"
+MODEL_PASSES = ("forward", "forward_backward", "decode")
+OP_PASSES = ("forward", "forward_backward")
+PRESETS = {"small": {"d_model": 256, "n_layers": 4}, "large": {"d_model": 1024, "n_layers": 12}}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_UNITS = {"": 1, "k": 1024, "m": 1024**2}
+
+
+def parse_seq_lens(text: str) -> tuple[int, ...]:
+    """'512,2k,32k' → (512, 2048, 32768): k = 1024, m = 1024²; sorted, repeats dropped."""
+    lens = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", item)
+        if m is None or int(m[1]) == 0:
+            raise ValueError(
+                f"bad sequence length {item.strip()!r} in {text!r}: give positive integers, "
+                f"optionally with k (×1024) or m (×1024²), e.g. 512,2k,32k"
+            )
+        lens.append(int(m[1]) * _UNITS[m[2].lower()])
+    return tuple(sorted(set(lens)))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"bad device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is visible to torch here")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+class BenchConfig(Config):
+    """What `seqlab bench` measures; archs are patterns ("gdn*3,attn"), max_seconds bounds the
+    predicted wall time of one measurement, max_memory_gb its peak (None: 60 % of the memory
+    available when the run starts)."""
+
+    archs: tuple[str, ...] = ("attn", "gdn", "gdn*3,attn")
+    seq_lens: tuple[PositiveInt, ...] = (512, 2048, 8192, 32768)
+    d_model: PositiveInt = 256
+    n_layers: PositiveInt = 4
+    batch_size: PositiveInt = 1
+    vocab_size: PositiveInt = 256
+    channel: str | None = "swiglu"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: PositiveInt | None = None  # torch's CPU threads (None: its default)
+    level: Literal["model", "op", "all"] = "all"
+    warmup: NonNegativeInt = 1
+    repeats: PositiveInt = 5
+    decode_repeats: PositiveInt = 10
+    max_seconds: PositiveFloat = 60.0
+    max_memory_gb: PositiveFloat | None = None
+    seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, name: str) -> str:
+        parse_dtype(name)
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, name: str) -> str:
+        parse_device(name)
+        return name
+
+    @model_validator(mode="after")
+    def _buildable_archs(self):
+        if not self.archs:
+            raise ValueError("give at least one arch")
+        if not self.seq_lens:
+            raise ValueError("give at least one sequence length")
+        for arch in self.archs:
+            try:  # unknown mixers, bad options, n_layers not a multiple of the pattern
+                meta_model(self.arch_config(arch))
+            except ValueError as e:
+                raise ValueError(f"arch {arch!r}: {e}") from None
+        return self
+
+    def arch_config(self, arch: str) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            pattern=arch,
+            channel=self.channel,
+        )
+
+
+def command_line(config: BenchConfig, out: str | Path) -> str:
+    """The `seqlab bench` command that reproduces `config`, for the results to quote."""
+    args = ["seqlab", "bench"]
+    for arch in config.archs:
+        args += ["--arch", arch]
+    args += ["--seq-lens", ",".join(map(str, config.seq_lens))]
+    defaults = BenchConfig.model_fields
+    for name in BenchConfig.model_fields:
+        value = getattr(config, name)
+        if name not in ("archs", "seq_lens") and value != defaults[name].default:
+            args += [f"--{name.replace('_', '-')}", "" if value is None else str(value)]
+    return shlex.join([*args, "--out", str(out)])
+
+
+def fit_slope(xs: list[float], ys: list[float | None]) -> dict[str, float] | None:
+    """Least-squares slope of log y on log x (y ∝ x^slope), and the slope between the last two
+    points (the long-T behaviour); points with y None are left out; None if fewer than two."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    (x0, y0), (x1, y1) = pts[-2:]
+    return {
+        "slope": slope,
+        "last_slope": (y1 - y0) / (x1 - x0),
+        "coefficient": math.exp(my - slope * mx),
+        "points": len(pts),
+    }
+
+
+class _Budget:
+    """Predicts a measurement's wall time and memory from the same measurement at the previous
+    length; remembers skips so longer lengths are skipped too."""
+
+    def __init__(self, max_seconds: float, max_bytes: int | None):
+        self.max_seconds = max_seconds
+        self.max_bytes = max_bytes
+        self.last: dict[Any, tuple[int, float, float, int | None]] = {}  # T, work, s, bytes
+        self.skipped: dict[Any, str] = {}
+
+    def seconds(self, key: Any, work: float) -> float | None:
+        if key not in self.last:
+            return None
+        _, work0, s0, _ = self.last[key]
+        return s0 * work / work0
+
+    def check(self, key: Any, T: int, work: float, calls: int, extra_s: float) -> str | None:
+        if key in self.skipped:
+            return self.skipped[key]
+        if key not in self.last:
+            return None
+        T0, _, _, bytes0 = self.last[key]
+        seconds = self.seconds(key, work) * calls + extra_s
+        if seconds > self.max_seconds:
+            return self.fail(key, T, f"predicted {seconds:.0f} s > max {self.max_seconds:g} s")
+        if bytes0 is not None and self.max_bytes is not None and bytes0 * T / T0 > self.max_bytes:
+            gb = bytes0 * T / T0 / 2**30
+            limit = self.max_bytes / 2**30
+            return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
+        return None
+
+    def fail(self, key: Any, T: int, reason: str) -> str:
+        self.skipped[key] = f"{reason} (at T = {T})"
+        return self.skipped[key]
+
+    def record(self, key: Any, T: int, work: float, seconds: float, peak: int | None) -> None:
+        self.last[key] = (T, work, seconds, peak)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _measure(
+    budget: _Budget,
+    key: Any,
+    T: int,
+    work: float,
+    make_fn: Callable[[], tuple[Callable[[], object], dict[str, Any]]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    extra_s: float = 0.0,
+    peer: bool = False,
+) -> dict[str, Any]:
+    """Time and measure the call `make_fn` sets up, unless the budget says skip. A peer's
+    failure is recorded, not raised: another library's kernel may reject a shape."""
+    calls = 2 + warmup + repeats  # first call, warm-up, samples, the memory call
+    reason = budget.check(key, T, work, calls, extra_s)
+    if reason is not None:
+        return {"skipped": reason}
+    try:
+        fn, info = make_fn()
+        timing = time_call(fn, device, warmup, repeats)
+        peak = peak_memory(fn, device)
+    except Exception as e:
+        _free(device)
+        if is_out_of_memory(e):
+            return {"skipped": budget.fail(key, T, "out of memory")}
+        if not peer:
+            raise
+        return {"skipped": budget.fail(key, T, f"failed: {type(e).__name__}: {e}"[:300])}
+    budget.record(key, T, work, timing.median_s, peak)
+    return {**timing.to_dict(), "peak_bytes": peak, **info}
+
+
+def _model_calls(model: CausalLM, ids: torch.Tensor) -> dict[str, Callable[[], tuple]]:
+    """Set-ups of the three passes over ids [B, T + 1]: each makes the call to time and returns
+    it with extra facts. The passes read the first T tokens; the last one is the next target
+    (forward+backward) or the decoded token (decode)."""
+    inputs, params = ids[:, :-1], list(model.parameters())
+
+    def forward():
+        with torch.no_grad():
+            model(inputs)
+
+    def forward_backward():
+        out = model(inputs)
+        logits = out.logits.flatten(0, 1).float()
+        (F.cross_entropy(logits, ids[:, 1:].flatten()) + out.aux_loss).backward()
+        for p in params:  # after, not before: the memory call then sees the gradients
+            p.grad = None
+
+    def decode():
+        with torch.no_grad():
+            state = model(inputs).state
+        token = ids[:, -1:]
+
+        def step():
+            with torch.no_grad():
+                model(token, state)  # the state is not updated in place: the context stays T
+
+        return step, {"state_bytes": CausalLM.state_bytes(state) // ids.shape[0]}
+
+    return {
+        "forward": lambda: (forward, {}),
+        "forward_backward": lambda: (forward_backward, {}),
+        "decode": decode,
+    }
+
+
+def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log) -> dict[str, Any]:
+    torch.manual_seed(config.seed)
+    model = CausalLM(config.arch_config(arch)).to(device=device, dtype=dtype).eval()
+    B = config.batch_size
+    gen = torch.Generator().manual_seed(config.seed)
+    entry: dict[str, Any] = {
+        "arch": arch,
+        "layers": [str(s) for s in model.config.mixer_specs()],
+        "params": model.num_params(),
+        "points": [],
+    }
+    for T in config.seq_lens:
+        cost = model_cost(model, T)
+        ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=gen).to(device)
+        calls = _model_calls(model, ids)
+        work = {
+            "forward": B * cost.prefill.total,
+            "forward_backward": B * cost.train.total,
+            "decode": B * cost.decode.total,
+        }
+        point: dict[str, Any] = {"seq_len": T, "analytic": cost.to_dict()}
+        for name in MODEL_PASSES:
+            repeats = config.decode_repeats if name == "decode" else config.repeats
+            prefill_s = budget.seconds((arch, "forward"), work["forward"]) or 0.0
+            point[name] = _measure(
+                budget,
+                (arch, name),
+                T,
+                work[name],
+                calls[name],
+                device,
+                config.warmup,
+                repeats,
+                extra_s=prefill_s if name == "decode" else 0.0,
+            )
+            log(f"{arch} T={T} {name}: {_brief(point[name])}")
+        fwd = point["forward"]
+        if "median_s" in fwd:
+            point["prefill_tokens_per_s"] = B * T / fwd["median_s"]
+            point["forward_flops_per_s"] = work["forward"] / fwd["median_s"]
+        entry["points"].append(point)
+    Ts = [p["seq_len"] for p in entry["points"]]
+    entry["fits"] = {
+        name: fit_slope(Ts, [p[name].get("median_s") for p in entry["points"]])
+        for name in MODEL_PASSES
+    }
+    return entry
+
+
+def distinct_ops(config: BenchConfig) -> list[tuple[OpSpec, list[str]]]:
+    """The distinct core ops of the archs' mixers, each with the archs that use it."""
+    used: dict[OpSpec, list[str]] = {}
+    for arch in config.archs:
+        for block in meta_model(config.arch_config(arch)).blocks:
+            archs = used.setdefault(op_spec(block.mixer), [])
+            if arch not in archs:
+                archs.append(arch)
+    return list(used.items())
+
+
+def _op_calls(impl: Callable, x: dict[str, torch.Tensor]) -> dict[str, Callable[[], tuple]]:
+    def forward():
+        with torch.no_grad():
+            impl(x)
+
+    def forward_backward():
+        leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
+        impl(leaves).sum().backward()
+
+    return {"forward": lambda: (forward, {}), "forward_backward": lambda: (forward_backward, {})}
+
+
+def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log) -> dict[str, Any]:
+    B = config.batch_size
+    gen = torch.Generator().manual_seed(config.seed)
+    impls = implementations(spec, peers)
+    entry: dict[str, Any] = {
+        "op": spec.name,
+        "spec": dataclasses.asdict(spec),
+        "used_by": archs,
+        "impls": list(impls),
+        "points": [],
+    }
+    for T in config.seq_lens:
+        x = make_inputs(spec, B, T, dtype, device, gen)
+        flops = spec.flops(T).total
+        point: dict[str, Any] = {"seq_len": T, "flops": flops}
+        for impl_name, impl in impls.items():
+            calls = _op_calls(impl, x)
+            point[impl_name] = {}
+            for name in OP_PASSES:
+                work = B * flops * (3 if name == "forward_backward" else 1)
+                point[impl_name][name] = _measure(
+                    budget,
+                    (spec, impl_name, name),
+                    T,
+                    work,
+                    calls[name],
+                    device,
+                    config.warmup,
+                    config.repeats,
+                    peer=impl_name != "seqlab",
+                )
+                log(f"{spec.name} T={T} {impl_name} {name}: {_brief(point[impl_name][name])}")
+        point["ratios"] = {
+            peer: {
+                name: point["seqlab"][name]["median_s"] / point[peer][name]["median_s"]
+                for name in OP_PASSES
+                if "median_s" in point["seqlab"][name] and "median_s" in point[peer][name]
+            }
+            for peer in impls
+            if peer != "seqlab"
+        }
+        entry["points"].append(point)
+    Ts = [p["seq_len"] for p in entry["points"]]
+    entry["fits"] = {
+        impl: {
+            name: fit_slope(Ts, [p[impl][name].get("median_s") for p in entry["points"]])
+            for name in OP_PASSES
+        }
+        for impl in impls
+    }
+    return entry
+
+
+def _brief(m: dict[str, Any]) -> str:
+    return m["skipped"] if "skipped" in m else f"{1e3 * m['median_s']:.2f} ms"
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine was."""
+    info: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _meminfo("MemTotal"),
+        "load_average_start": os.getloadavg(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            compute_capability=f"{props.major}.{props.minor}",
+        )
+    return info
+
+
+def _memory_budget(config: BenchConfig, device: torch.device) -> int | None:
+    if config.max_memory_gb is not None:
+        return int(config.max_memory_gb * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.6 * free)
+    available = _meminfo("MemAvailable")
+    return None if available is None else int(0.6 * available)
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], object] = lambda line: None) -> dict:
+    """Run what `config` asks for and return the results as a JSON-ready dict."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: BenchConfig, log: Callable[[str], object]) -> dict:
+    device, dtype = parse_device(config.device), parse_dtype(config.dtype)
+    max_bytes = _memory_budget(config, device)
+    budget = _Budget(config.max_seconds, max_bytes)
+    peers = peers_available(device)
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "settings": {**config.model_dump(), "max_memory_bytes": max_bytes},
+        "machine": describe_machine(device),
+        "memory_method": memory_method(device),
+        "peers": peers,
+        "models": [],
+        "ops": [],
+    }
+    if config.level in ("model", "all"):
+        for arch in config.archs:
+            result["models"].append(_bench_model(config, arch, device, dtype, budget, log))
+    if config.level in ("op", "all"):
+        for spec, archs in distinct_ops(config):
+            result["ops"].append(_bench_op(config, spec, archs, device, dtype, peers, budget, log))
+    result["machine"]["load_average_end"] = os.getloadavg()
+    return result
+
+
+def titles(result: dict[str, Any]) -> dict[str, str]:
+    s, m = result["settings"], result["machine"]
+    where = m.get("gpu") or m["cpu"]
+    shape = f"d_model {s['d_model']}, {s['n_layers']} layers, batch {s['batch_size']}"
+    return {
+        "models": f"Models ({shape}, vocab {s['vocab_size']}, {s['dtype']}, {where})",
+        "fits": "Fitted time ∝ T^slope over all lengths (and between the two longest)",
+        "ops": f"Core ops vs peers (batch {s['batch_size']}, {s['dtype']}, {where})",
+    }

@@ -1,0 +1,130 @@
+"""Tables of runs for the terminal (rich) and CSV, and key=value options from the command line."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from seqlab.train.probe import ProbeRow, human_bytes
+from seqlab.train.results import COLUMNS, lookup
+from seqlab.train.trainer import TrainResult, write_atomic
+
+
+def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
+    """["num_kv_pairs=4", "preset=cpu"] → {"num_kv_pairs": 4, "preset": "cpu"}: values are
+    Python literals where they read as one, else text. The split is at the last "=", so keys
+    may hold one (slice names such as num_kv_pairs=2,seq_len=64)."""
+    options = {}
+    for item in items:
+        key, sep, text = item.rpartition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} must read key=value")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def results_table(records: Sequence[dict[str, Any]], title: str = "runs") -> Table:
+    table = Table(title=title)
+    for name, _ in COLUMNS:
+        table.add_column(name, overflow="fold", min_width=min(len(name), 5))
+    for record in records:
+        row = []
+        for name, path in COLUMNS:
+            value = lookup(record, path)
+            if name == "created":
+                value = value[:16].replace("T", " ")
+            elif name in ("acc %", "best %"):
+                value = percent(value)
+            row.append(fmt(value))
+        table.add_row(*row)
+    return table
+
+
+def slice_names(results: Sequence[TrainResult]) -> list[str]:
+    """Metric names in order of first appearance, "all" first."""
+    names = dict.fromkeys(["all"])
+    for result in results:
+        names.update(dict.fromkeys(result.final))
+    return list(names)
+
+
+def train_table(result: TrainResult, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("metric", "final", "best"):
+        table.add_column(col)
+    for name in slice_names([result]):
+        final, best = result.final.get(name), result.best.get(name)
+        show = fmt if name == "bits_per_byte" else percent
+        table.add_row(name if name == "bits_per_byte" else f"{name} acc %", show(final), show(best))
+    return table
+
+
+def probe_columns(rows: Sequence[ProbeRow]) -> list[str]:
+    return (
+        ["arch", "layers"]
+        + slice_names([r.result for r in rows])
+        + ["params", "state bytes", "wall s", "stop"]
+    )
+
+
+def probe_cells(row: ProbeRow, names: Sequence[str]) -> list[str]:
+    return [
+        row.arch,
+        str(row.n_layers),
+        *(percent(row.result.final.get(name)) for name in names),
+        f"{row.params:,}",
+        f"{row.state_bytes:,} ({human_bytes(row.state_bytes)})",
+        f"{row.result.wall_time_s:.1f}",
+        row.result.stop_reason,
+    ]
+
+
+def probe_table(rows: Sequence[ProbeRow], title: str) -> Table:
+    table = Table(title=title)
+    for col in probe_columns(rows):
+        table.add_column(col, overflow="fold")
+    names = slice_names([r.result for r in rows])
+    for row in rows:
+        table.add_row(*probe_cells(row, names))
+    return table
+
+
+def write_probe_csv(rows: Sequence[ProbeRow], path: str | Path) -> Path:
+    """The probe table as CSV, with raw numbers: accuracy as a fraction, state in bytes."""
+    names = slice_names([r.result for r in rows])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["arch", "n_layers", *names, "params", "state_bytes", "wall_time_s"])
+            for r in rows:
+                accuracy = [r.result.final.get(name, "") for name in names]
+                out.writerow(
+                    [r.arch, r.n_layers, *accuracy, r.params, r.state_bytes, r.result.wall_time_s]
+                )
+
+    write_atomic(path, write)
+    return path

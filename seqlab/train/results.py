@@ -1,0 +1,334 @@
+"""The results store: one record per run in SQLite (WAL, safe for concurrent writers) and as JSON.
+
+    store = ResultsStore()                      # $SEQLAB_RESULTS or ./seqlab-results/results.db
+    run_id = store.add(run_record(task_name, task, model_config, train_config, result))
+    store.runs(task="mqar", arch="gdn", since="2d", where={"train.lr": 0.001})
+    store.to_csv(store.runs(), "runs.csv")
+
+A record is a JSON object: id, created (UTC, ISO 8601), task {name, config}, model, train, env,
+metrics {final, best, steps, stop_reason, ...} and cost {params, state_bytes, wall_time_s, ...}.
+Each is also written, atomically, to runs/<id>.json next to the database.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import seqlab
+from seqlab.model.lm import ModelConfig
+from seqlab.tasks import TASKS, Task
+from seqlab.train.trainer import TrainConfig, TrainResult, resolve_device, write_atomic
+
+ENV_VAR = "SEQLAB_RESULTS"
+DEFAULT_PATH = Path("seqlab-results") / "results.db"
+BUSY_TIMEOUT_S = 60.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    task TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    stop_reason TEXT,
+    accuracy REAL,
+    best_accuracy REAL,
+    params INTEGER,
+    state_bytes INTEGER,
+    wall_time_s REAL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_task ON runs (task, created);
+"""
+# Columns `seqlab results` shows, in order: (title, dotted path into the record).
+COLUMNS = (
+    ("id", "id"),
+    ("created", "created"),
+    ("task", "task.name"),
+    ("arch", "model.pattern"),
+    ("d", "model.d_model"),
+    ("L", "model.n_layers"),
+    ("steps", "metrics.steps"),
+    ("stop", "metrics.stop_reason"),
+    ("acc %", "metrics.final.all"),
+    ("best %", "metrics.best.all"),
+    ("params", "cost.params"),
+    ("state B", "cost.state_bytes"),
+    ("wall s", "cost.wall_time_s"),
+)
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_=,]+)*$")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def task_name(task: Task) -> str:
+    return next(name for name, (_, cls) in TASKS.items() if type(task) is cls)
+
+
+def git_commit() -> str | None:
+    """The commit of the seqlab checkout in use, "+dirty" when it has changes; None outside git."""
+    root = Path(seqlab.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: str = "auto") -> dict[str, Any]:
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        device_name = torch.cuda.get_device_name(dev)
+    else:
+        device_name = f"{platform.machine()} cpu, {torch.get_num_threads()} threads"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seqlab": seqlab.__version__,
+        "platform": platform.platform(),
+        "device": str(dev),
+        "device_name": device_name,
+        "hostname": socket.gethostname(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+
+
+def run_record(
+    task_name: str,
+    task: Task,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    result: TrainResult,
+    preset: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record of one finished (or stopped) run, ready for `ResultsStore.add`."""
+    losses = [h["train_loss"] for h in result.history]
+    return {
+        "task": {
+            "name": task_name,
+            "preset": preset,
+            "config": task.config.model_dump(mode="json"),
+        },
+        "model": model_config.model_dump(mode="json"),
+        "train": train_config.model_dump(mode="json"),
+        "env": environment(train_config.device),
+        "metrics": {
+            "final": result.final,
+            "best": result.best,
+            "steps": result.step,
+            "stop_reason": result.stop_reason,
+            "message": result.message,
+            "resumed_from": result.resumed_from,
+            "loss": {
+                "first": losses[0] if losses else None,
+                "last": losses[-1] if losses else None,
+                "min": min(losses) if losses else None,
+                # (step, mean training loss since the previous evaluation), one per evaluation.
+                "curve": [(h["step"], h["train_loss"]) for h in result.history],
+            },
+        },
+        "cost": {
+            "params": result.model.num_params(),
+            "seq_len": task.seq_len,
+            "state_bytes": result.model.state_bytes_for(1, task.seq_len),
+            "wall_time_s": result.wall_time_s,
+            "train_time_s": result.train_time_s,
+            "tokens": result.tokens,
+            "tokens_per_s": result.tokens_per_s,
+        },
+        "tags": tags or {},
+    }
+
+
+def lookup(record: dict[str, Any], path: str) -> Any:
+    """record["a"]["b"] for path "a.b"; None where a key is missing."""
+    value: Any = record
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}; lists become JSON text."""
+    flat: dict[str, Any] = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = json.dumps(v) if isinstance(v, list | tuple) else v
+    return flat
+
+
+def parse_since(since: str, now: datetime | None = None) -> datetime:
+    """An age such as 30m, 12h, 2d, 1w, or an ISO date/time (UTC if it has no zone)."""
+    now = now or datetime.now(UTC)
+    if m := _AGE.match(since.strip()):
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m[2]]
+        return now - timedelta(**{unit: float(m[1])})
+    try:
+        when = datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise ValueError(
+            f"since: expected an age like 30m, 12h, 2d, 1w or an ISO date, got {since!r}"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def parse_value(text: str) -> Any:
+    """A --where value: a JSON literal (1, 0.5, true, null, "x") if it reads as one, else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class ResultsStore:
+    """Runs in an SQLite database. Every call opens its own connection, so one store may be used
+    from many processes; WAL and a busy timeout make concurrent writers wait, never fail."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_dir = self.path.parent / "runs"
+        with self.connect() as db:
+            db.executescript(SCHEMA)
+
+    def connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        return db
+
+    def add(self, record: dict[str, Any]) -> str:
+        """Store a record (from `run_record`); returns its new id."""
+        now = datetime.now(UTC)
+        run_id = f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+        # Microseconds always, so that text order is time order.
+        record = {"id": run_id, "created": now.isoformat(timespec="microseconds"), **record}
+        text = json.dumps(record, default=str)
+        self.json_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.json_dir / f"{run_id}.json", lambda tmp: Path(tmp).write_text(text))
+        row = (
+            run_id,
+            record["created"],
+            lookup(record, "task.name"),
+            lookup(record, "model.pattern"),
+            lookup(record, "metrics.stop_reason"),
+            lookup(record, "metrics.final.all"),
+            lookup(record, "metrics.best.all"),
+            lookup(record, "cost.params"),
+            lookup(record, "cost.state_bytes"),
+            lookup(record, "cost.wall_time_s"),
+            text,
+        )
+        db = self.connect()
+        try:
+            with db:
+                db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        finally:
+            db.close()
+        return run_id
+
+    def runs(
+        self,
+        task: str | None = None,
+        arch: str | None = None,
+        since: str | datetime | None = None,
+        where: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records, oldest first. `arch` matches the pattern exactly; `where` maps dotted paths
+        into the record (e.g. "train.lr", "model.d_model", "tags.probe") to required values."""
+        clauses, params = [], []
+        if task is not None:
+            clauses.append("task = ?")
+            params.append(task)
+        if arch is not None:
+            clauses.append("arch = ?")
+            params.append(arch)
+        if since is not None:
+            when = parse_since(since) if isinstance(since, str) else since
+            clauses.append("created >= ?")
+            params.append(when.astimezone(UTC).isoformat(timespec="microseconds"))
+        for key, value in (where or {}).items():
+            if not _KEY.match(key):
+                raise ValueError(f"where: {key!r} is not a dotted key like train.lr")
+            path = "$" + "".join(f'."{part}"' for part in key.split("."))
+            if isinstance(value, bool):
+                value = int(value)  # json_extract gives JSON true/false as 1/0
+            clauses.append("json_extract(record, ?) IS ?")
+            params += [path, value]
+        sql = "SELECT record, created, id FROM runs"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        if limit is None:
+            sql += " ORDER BY created, id"
+        else:
+            # The newest `limit` runs, still listed oldest first.
+            sql = (
+                f"SELECT * FROM ({sql} ORDER BY created DESC, id DESC LIMIT ?) ORDER BY created, id"
+            )
+            params.append(limit)
+        db = self.connect()
+        try:
+            rows = db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+        return [json.loads(r[0]) for r in rows]
+
+    def count(self) -> int:
+        db = self.connect()
+        try:
+            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        finally:
+            db.close()
+
+    @staticmethod
+    def to_csv(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+        """One row per record, one column per dotted key (the union over records)."""
+        flat = [flatten(r) for r in records]
+        keys = list(dict.fromkeys(k for row in flat for k in row))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(flat)
+
+        write_atomic(path, write)
+        return path

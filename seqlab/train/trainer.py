@@ -1,0 +1,448 @@
+"""Train a CausalLM on a task: AdamW, warm-up then cosine decay, clipping, evaluation by slice,
+early stop, NaN guard, and checkpoints that a killed run resumes from.
+
+    config = TrainConfig(steps=2000, eval_every=200, out_dir="runs/mqar-gdn")
+    result = train(ModelConfig(vocab_size=task.vocab_size, pattern="gdn"), task, config)
+    result.final["all"], result.stop_reason
+
+Run it again with the same `out_dir` and it resumes from the last checkpoint. Batch `i` of a run is
+batch `i` of the task's training stream for `seed`, so a resumed run sees the same data and ends
+with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+from seqlab.config import Config
+from seqlab.model.checkpoint import load_checkpoint, save_checkpoint
+from seqlab.model.lm import CausalLM, ModelConfig
+from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+# Fields that may differ between a run and its resumption: they change nothing in the trajectory.
+RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
+
+
+class TrainConfig(Config):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the lr decays to lr · min_lr_ratio at `steps`
+    weight_decay: float = Field(0.1, ge=0)  # on matrices only, not on gains, biases or gates
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
+    eval_every: int = Field(100, ge=1)  # also the checkpoint interval
+    eval_batch_size: int = Field(256, ge=1)
+    eval_batches: int | None = Field(50, ge=1)  # cap for streamed held-out splits (text)
+    target_accuracy: float | None = Field(None, gt=0, le=1)  # stop once "all" reaches it
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    out_dir: str | None = None  # checkpoints; None: keep nothing on disk
+    progress: bool = True  # a progress bar, shown only on a terminal
+
+
+@dataclass
+class WarmupCosine:
+    """The lr multiplier for update `step` (0-based): linear warm-up to 1 over `warmup_steps`
+    updates, then half a cosine down to `min_lr_ratio`, reached at `steps`."""
+
+    warmup_steps: int
+    steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+
+@dataclass
+class TrainResult:
+    model: CausalLM
+    step: int
+    stop_reason: str  # "steps", "target_accuracy" or "non_finite"
+    message: str
+    final: dict[str, float]  # the last evaluation: accuracy per slice, "all", bits_per_byte
+    best: dict[str, float]  # the best value of each metric over all evaluations
+    # Per evaluation: step, lr (of the next update), train_loss (mean since the last evaluation,
+    # MoE aux loss included), grad_norm (the largest before clipping), metrics.
+    history: list[dict[str, Any]]
+    wall_time_s: float  # training + evaluation, summed over resumptions
+    train_time_s: float  # training steps only
+    tokens: int  # input tokens trained on
+    resumed_from: int | None = None  # the step this process resumed at, if it did
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over the positions whose target is not IGNORE."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    # Plain containers and tensors only, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp), fsync, then rename tmp over `path`: a crash leaves old or new, not half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The folder of the last complete checkpoint in `out_dir`, or None."""
+    pointer = Path(out_dir) / LATEST
+    if not pointer.exists():
+        return None
+    return Path(out_dir) / json.loads(pointer.read_text())["dir"]
+
+
+def task_signature(task: Task) -> dict[str, Any]:
+    return {"class": type(task).__name__, "config": task.config.model_dump(mode="json")}
+
+
+def progress_bar(show: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not show,
+        transient=True,
+    )
+
+
+def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The best value of each metric over the evaluations: the lowest bits per byte, the highest
+    accuracy."""
+    best: dict[str, float] = {}
+    for record in history:
+        for k, v in record["metrics"].items():
+            if k == "bits_per_byte":
+                best[k] = min(best.get(k, math.inf), v)
+            elif not math.isnan(v):
+                best[k] = max(best.get(k, -math.inf), v)
+    return best
+
+
+class Trainer:
+    """One run. `run()` trains to the end (or an early stop) and returns a TrainResult."""
+
+    def __init__(self, model_config: ModelConfig, task: Task, config: TrainConfig):
+        if task.objective != "next_token":
+            raise ValueError(
+                f"the trainer fits next-token tasks; {type(task).__name__} has objective "
+                f"{task.objective!r} (MAD compression needs an autoencoder), not trained here"
+            )
+        if model_config.vocab_size < task.vocab_size:
+            raise ValueError(
+                f"model vocab_size {model_config.vocab_size} < the task's {task.vocab_size}"
+            )
+        self.model_config, self.task, self.config = model_config, task, config
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        self.model = CausalLM(model_config).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=config.betas,
+        )
+        schedule = WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.wall_before_s = 0.0  # wall time of the run before this process took it over
+        self.started = time.perf_counter()
+        self.train_time_s = 0.0
+        self.tokens = 0
+        self.resumed_from: int | None = None
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training stream from the current step on: the task's stream for `seed`, skipped
+        ahead by the batches already trained on."""
+        stream = self.task.batches(self.task.splits[0], self.config.batch_size, self.config.seed)
+        return itertools.islice(stream, self.step, None)
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> tuple[float, float]:
+        """One update; returns (loss, grad norm before clipping). Skips the update, leaving the
+        weights untouched, when either is not finite."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(inputs.to(self.device))
+        loss = lm_loss(out.logits, targets.to(self.device)) + out.aux_loss
+        loss.backward()
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value, norm_value = loss.item(), norm.item()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+            self.scheduler.step()
+        return loss_value, norm_value
+
+    def predict(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs.to(self.device)).logits.argmax(-1).cpu()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy per slice and "all" on the held-out split; for streamed tasks (text) also
+        bits per byte, over at most `eval_batches` batches."""
+        self.model.eval()
+        held_out = self.task.splits[1]
+        if isinstance(self.task, SyntheticTask):
+            return evaluate_slices(
+                self.predict, self.task.dataset(held_out), self.config.eval_batch_size
+            )
+        nats = correct = count = 0.0
+        stream = self.task.batches(held_out, self.config.eval_batch_size, self.config.seed)
+        for inputs, targets in itertools.islice(stream, self.config.eval_batches):
+            logits = self.model(inputs.to(self.device)).logits.float()
+            targets = targets.to(self.device)
+            scored = targets != IGNORE
+            nats += F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            ).item()
+            correct += ((logits.argmax(-1) == targets) & scored).sum().item()
+            count += scored.sum().item()
+        return {"all": correct / count, "bits_per_byte": bits_per_byte(nats / count)}
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.wall_before_s + time.perf_counter() - self.started
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data_position": self.step,  # batches of the training stream consumed
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "wall_time_s": self.wall_time_s,
+            "train_time_s": self.train_time_s,
+            "tokens": self.tokens,
+            "model_config": self.model_config.model_dump(mode="json"),
+            "train_config": self.config.model_dump(mode="json"),
+            "task": task_signature(self.task),
+        }
+
+    def save(self) -> Path:
+        """Write the checkpoint of this step into its own folder, then point LATEST at it. A kill
+        at any moment leaves LATEST naming a complete checkpoint; older folders are removed."""
+        out = Path(self.config.out_dir)
+        folder = out / f"step-{self.step:08d}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        save_checkpoint(self.model, folder / "model.safetensors")
+        state = self.trainer_state()
+        write_atomic(folder / "trainer.pt", lambda tmp: torch.save(state, tmp))
+        fsync_dir(folder)
+        pointer = json.dumps({"dir": folder.name, "step": self.step})
+        write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
+        fsync_dir(out)
+        for old in out.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def restore(self, folder: Path) -> None:
+        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        self.check_resumable(state)
+        model = load_checkpoint(folder / "model.safetensors", config=self.model_config)
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["data_position"]
+        self.history = state["history"]
+        self.wall_before_s = state["wall_time_s"]
+        self.train_time_s = state["train_time_s"]
+        self.tokens = state["tokens"]
+        self.resumed_from = self.step
+
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        ours = self.config.model_dump(mode="json")
+        theirs = state["train_config"]
+        diffs = [
+            f"train.{k}: checkpoint {theirs.get(k)!r}, now {v!r}"
+            for k, v in ours.items()
+            if k not in RESUMABLE_CHANGES and theirs.get(k) != v
+        ]
+        if state["model_config"] != self.model_config.model_dump(mode="json"):
+            diffs.append(f"model: checkpoint {state['model_config']}, now {self.model_config}")
+        if state["task"] != task_signature(self.task):
+            diffs.append(f"task: checkpoint {state['task']}, now {task_signature(self.task)}")
+        if diffs:
+            raise ValueError(
+                f"{self.config.out_dir} holds a checkpoint of a different run; use another "
+                "out_dir or the same settings: " + "; ".join(diffs)
+            )
+
+    def run(self, resume: bool = True) -> TrainResult:
+        c = self.config
+        self.started = time.perf_counter()
+        if resume and c.out_dir is not None and (folder := latest_checkpoint(c.out_dir)):
+            self.restore(folder)
+            log.info("resumed from %s at step %d", folder, self.step)
+        stop_reason, message = "steps", f"trained {c.steps} steps"
+        if self.history and self.reached_target(self.history[-1]["metrics"]):
+            stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
+        losses, norms = [], []
+        with progress_bar(c.progress and sys.stderr.isatty()) as progress:
+            bar = progress.add_task("train", total=c.steps, completed=self.step)
+            batches = self.batches()
+            while stop_reason == "steps" and self.step < c.steps:
+                inputs, targets = next(batches)
+                t0 = time.perf_counter()
+                loss, norm = self.train_step(inputs, targets)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    value = loss if what == "loss" else norm
+                    kept = latest_checkpoint(c.out_dir) if c.out_dir is not None else None
+                    stop_reason = "non_finite"
+                    message = (
+                        f"non-finite {what} ({value}) at step {self.step + 1}; stopped before "
+                        f"updating. Last good checkpoint: {kept or 'none (no out_dir)'}"
+                    )
+                    log.warning(message)
+                    break
+                self.train_time_s += time.perf_counter() - t0
+                self.step += 1
+                self.tokens += inputs.numel()
+                losses.append(loss)
+                norms.append(norm)
+                progress.update(bar, advance=1, description=f"train loss {loss:.3f}")
+                if self.step % c.eval_every == 0 or self.step == c.steps:
+                    metrics = self.log_eval(losses, norms)
+                    losses, norms = [], []
+                    if c.out_dir is not None:
+                        self.save()
+                    if self.reached_target(metrics):
+                        stop_reason = "target_accuracy"
+                        message = (
+                            f"accuracy {metrics['all']:.4f} ≥ target {c.target_accuracy} "
+                            f"at step {self.step}"
+                        )
+        return TrainResult(
+            model=self.model,
+            step=self.step,
+            stop_reason=stop_reason,
+            message=message,
+            final=self.history[-1]["metrics"] if self.history else {},
+            best=best_metrics(self.history),
+            history=self.history,
+            wall_time_s=self.wall_time_s,
+            train_time_s=self.train_time_s,
+            tokens=self.tokens,
+            resumed_from=self.resumed_from,
+        )
+
+    def log_eval(self, losses: list[float], norms: list[float]) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.history.append(
+            {
+                "step": self.step,
+                "lr": self.scheduler.get_last_lr()[0],
+                "train_loss": sum(losses) / len(losses) if losses else math.nan,
+                "grad_norm": max(norms) if norms else math.nan,
+                "metrics": metrics,
+            }
+        )
+        return metrics
+
+    def reached_target(self, metrics: dict[str, float]) -> bool:
+        target = self.config.target_accuracy
+        return target is not None and metrics.get("all", 0.0) >= target
+
+
+def train(
+    model_config: ModelConfig, task: Task, config: TrainConfig, resume: bool = True
+) -> TrainResult:
+    """Train a fresh model (or resume the run in `config.out_dir`) and return the result."""
+    return Trainer(model_config, task, config).run(resume=resume)

@@ -1,0 +1,187 @@
+"""`seqlab bench`: argument parsing and errors, slope fitting, the skip budget, and the command
+end to end on a tiny config (JSON keys, markdown, PNGs). Nothing asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seqlab.cli import app
+from seqlab.profile.bench import (
+    BenchConfig,
+    _Budget,
+    command_line,
+    fit_slope,
+    parse_device,
+    parse_dtype,
+    parse_seq_lens,
+    run_bench,
+)
+
+TINY = ["--d-model", "16", "--n-layers", "2", "--repeats", "1", "--warmup", "0"]
+TINY += ["--decode-repeats", "1", "--threads", "1"]
+GDN = "gdn(num_heads=2, head_dim=8)"
+
+
+@pytest.mark.parametrize(
+    "text,lens",
+    [
+        ("512,2k,8k,32k", (512, 2048, 8192, 32768)),
+        (" 1K , 512,1k", (512, 1024)),
+        ("1m", (1024**2,)),
+        ("3", (3,)),
+    ],
+)
+def test_parse_seq_lens(text, lens):
+    assert parse_seq_lens(text) == lens
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "2x", "1.5k", "512,,1k", "k"])
+def test_parse_seq_lens_rejects(text):
+    with pytest.raises(ValueError, match="bad sequence length"):
+        parse_seq_lens(text)
+
+
+def test_parse_dtype_and_device():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'f8'; valid: float32"):
+        parse_dtype("f8")
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="bad device"):
+        parse_device("gpu0")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        parse_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            parse_device("cuda")
+
+
+def test_fit_slope_recovers_a_power_law():
+    xs = [2**k for k in range(9, 16)]
+    fit = fit_slope(xs, [3.0 * x**1.7 for x in xs])
+    assert fit["slope"] == pytest.approx(1.7) and fit["last_slope"] == pytest.approx(1.7)
+    assert fit["coefficient"] == pytest.approx(3.0) and fit["points"] == 7
+
+
+def test_fit_slope_sees_attention_turn_quadratic():
+    """a·T + b·T²: between 1 and 2 overall, close to 2 between the longest lengths."""
+    xs = [2**k for k in range(9, 16)]
+    fit = fit_slope(xs, [1000.0 * x + x * x for x in xs])
+    assert 1.2 < fit["slope"] < 1.9
+    assert fit["last_slope"] == pytest.approx(math.log2((1000 + 2**15) / (1000 + 2**14)) + 1)
+    assert fit["last_slope"] > 1.9
+
+
+def test_fit_slope_under_noise_and_gaps():
+    rng = random.Random(0)
+    xs = [2**k for k in range(9, 16)]
+    ys = [x * rng.uniform(0.95, 1.05) for x in xs]
+    assert fit_slope(xs, ys)["slope"] == pytest.approx(1.0, abs=0.05)
+    ys[3] = None  # a skipped measurement is left out
+    assert fit_slope(xs, ys)["points"] == 6
+    assert fit_slope(xs[:2], [1.0, None]) is None
+
+
+def test_budget_skips_by_predicted_time_and_memory():
+    budget = _Budget(max_seconds=30, max_bytes=150)
+    assert budget.check("a", 512, work=1, calls=10, extra_s=0) is None  # nothing to predict from
+    budget.record("a", 512, work=1, seconds=1.0, peak=10)
+    assert budget.check("a", 1024, work=2, calls=10, extra_s=0) is None  # 20 s
+    reason = budget.check("a", 1024, work=4, calls=10, extra_s=0)
+    assert reason == "predicted 40 s > max 30 s (at T = 1024)"
+    assert budget.check("a", 2048, work=1, calls=1, extra_s=0) == reason  # longer: skipped too
+    budget.record("b", 512, work=1, seconds=0.1, peak=100)
+    assert "GiB > max" in budget.check("b", 1024, work=1, calls=1, extra_s=0)
+
+
+def test_config_names_the_bad_arch():
+    with pytest.raises(ValueError, match="arch 'foo'.*unknown mixer 'foo'"):
+        BenchConfig.make(archs=("attn", "foo"))
+    with pytest.raises(ValueError, match="arch 'gdn\\*3,attn'.*not a multiple"):
+        BenchConfig.make(archs=("gdn*3,attn",), n_layers=2)
+    with pytest.raises(ValueError, match="unknown option"):
+        BenchConfig.make(seq_len=(4,))
+
+
+def test_command_line_names_what_differs_from_the_defaults():
+    config = BenchConfig.make(archs=("attn", "gdn*3,attn"), seq_lens=(512, 1024), threads=1)
+    assert command_line(config, "out") == (
+        "seqlab bench --arch attn --arch 'gdn*3,attn' --seq-lens 512,1024 --threads 1 --out out"
+    )
+    config = BenchConfig.make(channel=None, seed=3, dtype="bf16")
+    assert "--channel '' --dtype bf16 --seed 3" in command_line(config, "out")
+
+
+def test_longer_lengths_are_skipped_with_a_reason():
+    config = BenchConfig.make(
+        archs=("attn",), seq_lens=(8, 16, 32), d_model=16, n_layers=1, level="model",
+        repeats=1, warmup=0, decode_repeats=1, max_seconds=1e-9,
+    )  # fmt: skip
+    model = run_bench(config)["models"][0]
+    first, second, third = model["points"]
+    assert "median_s" in first["forward"] and "peak_bytes" in first["forward"]
+    assert second["forward"]["skipped"].startswith("predicted")
+    assert third["forward"]["skipped"] == second["forward"]["skipped"]
+    assert model["fits"]["forward"] is None  # one measured point is no slope
+
+
+def test_bench_command_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--arch", "attn", "--arch", GDN, "--seq-lens", "16,32", *TINY]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Models" in result.output and "Core ops vs peers" in result.output
+
+    data = json.loads((out / "bench.json").read_text())
+    assert data["schema"] == "seqlab.bench/1"
+    assert data["command"].startswith("seqlab bench --arch attn --arch")
+    assert {"settings", "machine", "memory_method", "peers", "models", "ops"} <= set(data)
+    assert data["settings"]["seq_lens"] == [16, 32] and data["peers"]["fla"].startswith("unav")
+    assert [m["arch"] for m in data["models"]] == ["attn", GDN]
+    for model in data["models"]:
+        assert model["params"] > 0 and set(model["fits"]) == {
+            "forward",
+            "forward_backward",
+            "decode",
+        }
+        assert model["fits"]["forward"]["points"] == 2
+        for point in model["points"]:
+            assert {"seq_len", "analytic", "forward", "forward_backward", "decode"} <= set(point)
+            assert {"median_s", "q1_s", "q3_s", "first_call_s", "peak_bytes"} <= set(
+                point["forward"]
+            )
+            assert point["decode"]["state_bytes"] == point["analytic"]["state_bytes"]
+            assert point["prefill_tokens_per_s"] > 0
+    assert [op["op"].split()[0] for op in data["ops"]] == ["attn", "gdn"]
+    for op in data["ops"]:
+        assert op["impls"] == ["seqlab", "sdpa"]
+        for point in op["points"]:
+            assert set(point["ratios"]["sdpa"]) == {"forward", "forward_backward"}
+
+    markdown = (out / "results.md").read_text()
+    assert "| arch | params | T |" in markdown and "seqlab/sdpa" in markdown
+    for name in ("time", "decode", "state", "ops"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seq-lens", "12x"], "bad sequence length '12x'"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--arch", "foo"], "arch 'foo'"),
+        (["--dtype", "f8"], "unknown dtype"),
+        (["--level", "ops"], "level"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_bench_command_rejects_bad_arguments(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["bench", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())  # rich wraps long lines
+    assert not list(tmp_path.iterdir())

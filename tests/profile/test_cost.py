@@ -1,0 +1,181 @@
+"""Analytic cost of mixers and models against the real thing: parameters against the modules,
+matmul FLOPs against FlopCounterMode (prefill in the chunk form, then one decode step), state bytes
+against the tensors a model holds after prefill.
+
+Attention is counted causally (the visible pairs); the counter sees SDPA's dense score matrix, so
+the comparison adds the difference, `attention_flops(causal=False) − attention_flops()`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqlab.mixers import MIXERS, Attention, build_mixer
+from seqlab.model.lm import CausalLM, ModelConfig
+from seqlab.profile.cost import meta_model, mixer_cost, model_cost
+from seqlab.profile.flops import attention_flops
+from tests.profile.conftest import count_flops
+
+D, B, VOCAB = 32, 2, 37
+MIXER_CASES = {
+    "attn": ("attn", {"num_heads": 4}),
+    "attn_gqa_window": ("attn", {"num_heads": 4, "num_kv_heads": 2, "window": 5}),
+    "linear_attn": ("linear_attn", {"num_heads": 2, "chunk_size": 16}),
+    "linear_attn_hedgehog": (
+        "linear_attn",
+        {"num_heads": 2, "feature_map": "hedgehog", "hedgehog_dim": 8, "chunk_size": 16},
+    ),
+    "linear_attn_taylor": (
+        "linear_attn",
+        {"num_heads": 4, "expand_k": 0.5, "feature_map": "taylor", "normalize": False},
+    ),
+    "retnet": ("retnet", {"num_heads": 2, "chunk_size": 16}),
+    "gla_one_sub_chunk": ("gla", {"num_heads": 2, "chunk_size": 16}),
+    "gla_sub_chunks": ("gla", {"num_heads": 2, "chunk_size": 32}),
+    "mamba2": ("mamba2", {"head_dim": 16, "d_state": 8, "chunk_size": 16}),
+    "deltanet": ("deltanet", {"num_heads": 2, "chunk_size": 16}),
+    "deltanet_gate": ("deltanet", {"num_heads": 2, "use_output_gate": True}),
+    "gdn": ("gdn", {"num_heads": 2, "head_dim": 16, "chunk_size": 16}),
+    "gdn_sized_by_d_model": ("gdn", {"chunk_size": 16}),
+}
+CHANNELS = [
+    "swiglu",
+    "mlp",
+    None,
+    "swiglu(bias=True)",
+    "mlp(bias=True, expand=2)",
+    "moe(num_experts=4, top_k=2)",
+    "moe(num_experts=3, top_k=1, shared_expert=True, expert_type='mlp')",
+]
+
+
+def dense_attention_correction(mixer, T: int, decode: bool) -> int:
+    """What the counter adds to the causal count: SDPA's masked-out score entries."""
+    if not isinstance(mixer, Attention):
+        return 0
+    H, d, w = mixer.num_heads, mixer.head_dim, mixer.config.window
+    cached = 0
+    if decode:
+        cached = T if w is None else min(T, w - 1)
+    n = 1 if decode else T
+    dense = attention_flops(n, H, d, d, cached, w, causal=False)
+    return (dense.matmul - attention_flops(n, H, d, d, cached, w).matmul) * B
+
+
+def model_correction(model: CausalLM, T: int, decode: bool) -> int:
+    return sum(dense_attention_correction(b.mixer, T, decode) for b in model.blocks)
+
+
+def test_every_registered_mixer_has_a_case():
+    assert {name for name, _ in MIXER_CASES.values()} == set(MIXERS)
+
+
+@pytest.mark.parametrize("T", [1, 23, 40])
+@pytest.mark.parametrize("case", list(MIXER_CASES))
+def test_mixer_cost_matches_the_module_and_the_counter(case, T):
+    name, options = MIXER_CASES[case]
+    mixer = build_mixer(name, D, **options)
+    cost = mixer_cost(mixer, T)
+    assert cost.params == sum(p.numel() for p in mixer.parameters())
+
+    x, x_next = torch.randn(B, T, D), torch.randn(B, 1, D)
+    with torch.no_grad():
+        _, state = mixer(x)
+    prefill = count_flops(lambda: mixer(x))
+    decode = count_flops(lambda: mixer(x_next, state))
+    assert prefill == B * cost.prefill.matmul + dense_attention_correction(mixer, T, False)
+    assert decode == B * cost.decode.matmul + dense_attention_correction(mixer, T, True)
+    assert cost.state_bytes * B == mixer.state_bytes(state)
+
+
+PATTERNS = ["attn", "gdn*3,attn", "gla,attn(window=4)", "mamba2,deltanet", "retnet,linear_attn"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_model_params_match_num_params(pattern, channel):
+    for tie in (True, False):
+        config = ModelConfig(
+            vocab_size=VOCAB,
+            d_model=D,
+            n_layers=4,
+            pattern=pattern,
+            channel=channel,
+            tie_embeddings=tie,
+        )
+        model = CausalLM(config)
+        assert model_cost(model, 8).params == model.num_params()
+        assert model_cost(config, 8).params == model.num_params()  # built on the meta device
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("channel", ["swiglu", None, CHANNELS[-1]])
+def test_model_flops_match_the_counter(pattern, channel):
+    T = 29
+    model = CausalLM(
+        ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=4, pattern=pattern, channel=channel)
+    )
+    ids = torch.randint(0, VOCAB, (B, T + 1))
+    with torch.no_grad():
+        state = model(ids[:, :T]).state
+    cost = model_cost(model, T)
+    prefill = count_flops(lambda: model(ids[:, :T]))
+    decode = count_flops(lambda: model(ids[:, T:], state))
+    assert prefill == B * cost.prefill.matmul + model_correction(model, T, False)
+    assert decode == B * cost.decode.matmul + model_correction(model, T, True)
+
+
+def test_moe_with_zero_computation_experts_is_an_upper_bound():
+    """Tokens routed to zero / copy / constant slots skip their FFN expert."""
+    channel = "moe(num_experts=2, top_k=2, num_zero=1, num_copy=1, num_constant=1)"
+    model = CausalLM(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, channel=channel))
+    T = 64
+    counted = count_flops(lambda: model(torch.randint(0, VOCAB, (B, T))))
+    assert model.num_params() == model_cost(model, T).params
+    assert counted <= B * model_cost(model, T).prefill.matmul + model_correction(model, T, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("pattern", [*PATTERNS, "attn(window=8, num_kv_heads=2)"])
+def test_state_bytes_match_the_tensors_after_prefill(pattern, T, dtype):
+    config = ModelConfig(
+        vocab_size=VOCAB, d_model=D, n_layers=2 * (pattern.count(",") + 1), pattern=pattern
+    )
+    model = CausalLM(config).to(dtype)
+    with torch.no_grad():
+        state = model(torch.randint(0, VOCAB, (B, T))).state
+    held = CausalLM.state_bytes(state)
+    assert model_cost(model, T).state_bytes * B == held
+    assert model_cost(config, T, dtype=dtype).state_bytes * B == held
+
+
+def test_state_grows_with_T_only_for_attention():
+    def state(pattern: str, T: int) -> int:
+        config = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=4, pattern=pattern)
+        return model_cost(config, T).state_bytes
+
+    assert state("gdn", 64) == state("gdn", 65536)
+    assert state("attn(window=16)", 64) == state("attn(window=16)", 65536)
+    # K and V of D floats per token and layer, plus an int64 position per layer
+    assert state("attn", 2048) - state("attn", 1024) == 1024 * 4 * 2 * D * 4
+
+
+def test_meta_model_costs_a_large_config_without_memory():
+    config = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, pattern="gdn*3,attn")
+    model = meta_model(config, torch.bfloat16)
+    assert all(p.is_meta for p in model.parameters())
+    cost = model_cost(config, 32768, dtype=torch.bfloat16)
+    assert cost.params == model.num_params() > 5e9
+    assert cost.state_bytes == model.state_bytes_for(1, 32768)
+
+
+def test_bad_arguments():
+    config = ModelConfig(vocab_size=VOCAB, pattern="attn")
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        model_cost(config, 0)
+    with pytest.raises(ValueError, match="dtype applies to a ModelConfig"):
+        model_cost(CausalLM(config), 4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="no cost formula for Identity"):
+        mixer_cost(torch.nn.Identity(), 4)

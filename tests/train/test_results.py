@@ -1,0 +1,184 @@
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from seqlab.cli import app
+from seqlab.train.results import ResultsStore, flatten, parse_since, run_record
+from seqlab.train.trainer import train
+from tests.train.conftest import tiny_model, tiny_task, tiny_train
+
+
+def record(task="mqar", pattern="gdn", lr=1e-3, accuracy=0.5, **extra) -> dict:
+    return {
+        "task": {"name": task, "config": {}},
+        "model": {"pattern": pattern, "d_model": 64, "n_layers": 2},
+        "train": {"lr": lr, "steps": 10},
+        "metrics": {
+            "final": {"all": accuracy, "num_kv_pairs=2,seq_len=64": accuracy},
+            "best": {"all": accuracy},
+            "steps": 10,
+            "stop_reason": "steps",
+        },
+        "cost": {"params": 1000, "state_bytes": 4096, "wall_time_s": 1.5},
+        **extra,
+    }
+
+
+def test_default_path_from_the_environment(results_path):
+    store = ResultsStore()
+    assert store.path == results_path and results_path.exists()
+
+
+def test_add_writes_the_database_and_a_json_file(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    run_id = store.add(record())
+    [stored] = store.runs()
+    assert stored["id"] == run_id
+    assert json.loads((tmp_path / "runs" / f"{run_id}.json").read_text()) == stored
+    assert stored["metrics"]["final"]["all"] == 0.5
+    assert datetime.fromisoformat(stored["created"]) <= datetime.now(UTC)
+
+
+def test_filters(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    a = store.add(record("mqar", "gdn", lr=1e-3))
+    b = store.add(record("mqar", "attn", lr=3e-3))
+    c = store.add(record("parity", "gdn", lr=1e-3, tags={"probe": "x", "ok": True}))
+
+    def ids(**kw):
+        return [r["id"] for r in store.runs(**kw)]
+
+    assert ids() == [a, b, c]  # oldest first
+    assert ids(task="mqar") == [a, b]
+    assert ids(arch="gdn") == [a, c]
+    assert ids(task="mqar", arch="gdn") == [a]
+    assert ids(where={"train.lr": 0.003}) == [b]
+    assert ids(where={"model.d_model": 64, "task.name": "parity"}) == [c]
+    assert ids(where={"tags.ok": True}) == [c]
+    assert ids(where={"metrics.final.num_kv_pairs=2,seq_len=64": 0.5}) == [a, b, c]
+    assert ids(where={"train.lr": 0.5}) == []
+    assert ids(limit=2) == [b, c]
+    assert ids(since="1h") == [a, b, c]
+    assert ids(since=datetime.now(UTC) + timedelta(minutes=1)) == []
+    with pytest.raises(ValueError, match="dotted key"):
+        store.runs(where={"train.lr'; DROP TABLE runs; --": 1})
+
+
+def test_parse_since():
+    now = datetime(2026, 1, 10, 12, tzinfo=UTC)
+    assert parse_since("2d", now) == datetime(2026, 1, 8, 12, tzinfo=UTC)
+    assert parse_since("30m", now) == datetime(2026, 1, 10, 11, 30, tzinfo=UTC)
+    assert parse_since("2026-01-01") == datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="age like"):
+        parse_since("yesterday")
+
+
+def test_csv_export_has_one_column_per_key(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.add(record("mqar", "gdn"))
+    store.add(record("parity", "attn", tags={"probe": "mqar"}))
+    path = store.to_csv(store.runs(), tmp_path / "out" / "runs.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["task.name"] for r in rows] == ["mqar", "parity"]
+    assert rows[0]["metrics.final.all"] == "0.5"
+    assert rows[0]["tags.probe"] == "" and rows[1]["tags.probe"] == "mqar"
+    assert flatten({"a": {"b": [1, 2]}}) == {"a.b": "[1, 2]"}
+
+
+def test_run_record_of_a_real_run(tmp_path):
+    task, model = tiny_task(), tiny_model()
+    config = tiny_train(steps=10, eval_every=5)
+    result = train(model, task, config)
+    rec = run_record("mqar", task, model, config, result, preset="cpu", tags={"probe": "mqar"})
+    assert rec["task"] == {
+        "name": "mqar",
+        "preset": "cpu",
+        "config": task.config.model_dump(mode="json"),
+    }
+    assert rec["model"]["pattern"] == "gla" and rec["train"]["steps"] == 10
+    env = rec["env"]
+    assert {"python", "torch", "seqlab", "device", "hostname", "git_commit"} <= set(env)
+    assert env["device"] == "cpu"
+    metrics = rec["metrics"]
+    assert metrics["final"] == result.final and metrics["steps"] == 10
+    assert metrics["stop_reason"] == "steps"
+    assert [step for step, _ in metrics["loss"]["curve"]] == [5, 10]
+    cost = rec["cost"]
+    assert cost["params"] == result.model.num_params()
+    assert cost["state_bytes"] == result.model.state_bytes_for(1, task.seq_len) > 0
+    assert cost["seq_len"] == 16 and cost["tokens"] == 10 * 8 * 16
+    assert cost["wall_time_s"] >= cost["train_time_s"] > 0 and cost["tokens_per_s"] > 0
+    store = ResultsStore(tmp_path / "r.db")
+    store.add(rec)
+    assert store.runs(where={"tags.probe": "mqar"})[0]["cost"] == json.loads(json.dumps(cost))
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from seqlab.train.results import ResultsStore
+path, name, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+store = ResultsStore(path)
+(path.parent / f"ready-{name}").touch()
+while len(list(path.parent.glob("ready-*"))) < 2:  # begin together
+    time.sleep(0.01)
+for i in range(n):
+    store.add({"task": {"name": name}, "model": {"pattern": "gdn"}, "i": i})
+"""
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path, n = tmp_path / "r.db", 150
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(n)])
+        for name in ("a", "b")
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    store = ResultsStore(path)
+    runs = store.runs()
+    assert store.count() == 2 * n == len(runs) == len({r["id"] for r in runs})
+    for name in ("a", "b"):
+        assert sorted(r["i"] for r in store.runs(task=name)) == list(range(n))
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2 * n
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    # The writes really interleaved: each writer's rows are not one block.
+    order = [r["task"]["name"] for r in runs]
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 2, order
+
+
+def test_results_command_filters_and_exports(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    a = store.add(record("mqar", "gdn", lr=1e-3))
+    store.add(record("mqar", "attn", lr=3e-3))
+    store.add(record("parity", "gdn", lr=1e-3))
+    out = tmp_path / "runs.csv"
+    args = ["results", "--db", str(store.path), "--task", "mqar", "--arch", "gdn"]
+    result = CliRunner().invoke(app, [*args, "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 runs in" in result.output and a in result.output
+    assert [r["id"] for r in csv.DictReader(out.open())] == [a]
+
+    result = CliRunner().invoke(
+        app, ["results", "--db", str(store.path), "--where", "train.lr=0.003", "--since", "1d"]
+    )
+    assert result.exit_code == 0 and "1 runs in" in result.output and "attn" in result.output
+
+    result = CliRunner().invoke(app, ["results", "--db", str(store.path), "--where", "lr"])
+    assert result.exit_code != 0 and "key=value" in result.output
+
+
+def test_results_command_uses_the_environment_path(results_path):
+    ResultsStore().add(record())
+    result = CliRunner().invoke(app, ["results"])
+    assert result.exit_code == 0 and "1 runs in" in result.output
+    assert Path(results_path).exists()

@@ -1,0 +1,222 @@
+import json
+import math
+
+import pytest
+import torch
+
+from seqlab.model.checkpoint import load_checkpoint
+from seqlab.tasks import build_task
+from seqlab.train import trainer as trainer_module
+from seqlab.train.trainer import TrainConfig, Trainer, WarmupCosine, latest_checkpoint, train
+from tests.train.conftest import tiny_model, tiny_task, tiny_train
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_schedule_values():
+    f = WarmupCosine(warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(4) == pytest.approx(0.5)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)  # halfway down the cosine: (1 + 0.1) / 2
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
+    decay = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert WarmupCosine(0, 10, 0.0)(0) == pytest.approx(1.0)
+
+
+def test_trainer_follows_the_schedule():
+    config = tiny_train(steps=12, warmup_steps=4, eval_every=1, lr=0.01, min_lr_ratio=0.2)
+    result = train(tiny_model(), tiny_task(), config)
+    schedule = WarmupCosine(4, 12, 0.2)
+    # history[i]["lr"]: the rate the next update uses, after `step` updates.
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [0.01 * schedule(h["step"]) for h in result.history]
+    )
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_gradient_clipping(clip):
+    trainer = Trainer(tiny_model(), tiny_task(), tiny_train(grad_clip=clip))
+    inputs, targets = next(trainer.batches())
+    _, norm = trainer.train_step(inputs, targets)
+    after = torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm().item()
+    if clip is None:
+        assert after == pytest.approx(norm, rel=1e-5)
+    else:
+        assert norm > 10 * clip  # the clip was active
+        assert after == pytest.approx(clip, rel=1e-3)
+
+
+def test_weight_decay_spares_vectors():
+    trainer = Trainer(tiny_model(), tiny_task(), tiny_train(weight_decay=0.5))
+    decayed, spared = trainer.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.5 and spared["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert all(p.dim() < 2 for p in spared["params"]) and spared["params"]
+
+
+def test_training_learns_and_evaluates_by_slice():
+    result = train(tiny_model("attn"), tiny_task(), tiny_train(steps=60, eval_every=20))
+    assert [h["step"] for h in result.history] == [20, 40, 60]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert set(result.final) == {"all", "num_kv_pairs=2,seq_len=16", "num_kv_pairs=4,seq_len=16"}
+    assert all(0 <= v <= 1 for v in result.final.values())
+    assert result.best["all"] == max(h["metrics"]["all"] for h in result.history)
+    assert result.stop_reason == "steps" and result.step == 60
+    assert result.tokens == 60 * 8 * 16 and result.tokens_per_s > 0
+
+
+def test_same_seed_same_weights_other_seed_not():
+    a = train(tiny_model(), tiny_task(), tiny_train(steps=5))
+    b = train(tiny_model(), tiny_task(), tiny_train(steps=5))
+    c = train(tiny_model(), tiny_task(), tiny_train(steps=5, seed=1))
+    assert_same_weights(weights(a.model), weights(b.model))
+    assert not torch.equal(a.model.embed.weight, c.model.embed.weight)
+
+
+def test_early_stop_at_target_accuracy(monkeypatch):
+    scores = iter([0.3, 0.95, 0.99])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"all": next(scores)})
+    result = train(tiny_model(), tiny_task(), tiny_train(target_accuracy=0.9))
+    assert result.stop_reason == "target_accuracy"
+    assert result.step == 20
+    assert "0.95" in result.message and "step 20" in result.message
+
+
+def test_text_task_reports_bits_per_byte():
+    task = build_task("text", seq_len=16)
+    model = tiny_model().model_copy(update={"vocab_size": 256})
+    result = train(model, task, tiny_train(steps=4, eval_every=4, eval_batches=2))
+    assert set(result.final) == {"all", "bits_per_byte"}
+    # An untrained byte model is close to uniform: about 8 bits per byte.
+    assert 6 < result.final["bits_per_byte"] < 9
+
+
+def test_rejects_autoencode_tasks_and_small_vocabularies():
+    with pytest.raises(ValueError, match="autoencode"):
+        Trainer(tiny_model(), build_task("compression", preset="cpu"), tiny_train())
+    with pytest.raises(ValueError, match="vocab_size 16"):
+        Trainer(tiny_model().model_copy(update={"vocab_size": 16}), tiny_task(), tiny_train())
+
+
+def test_checkpoints_every_evaluation_keep_only_the_latest(tmp_path):
+    result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000030"]
+    assert json.loads((tmp_path / "latest.json").read_text()) == {
+        "dir": "step-00000030",
+        "step": 30,
+    }
+    model = load_checkpoint(tmp_path / "step-00000030" / "model.safetensors")
+    assert_same_weights(weights(model), weights(result.model))
+    state = torch.load(tmp_path / "step-00000030" / "trainer.pt", weights_only=True)
+    assert state["step"] == state["data_position"] == 30
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Make update number `step` (1-based) raise, as a killed process would stop there."""
+    step_fn = Trainer.train_step
+
+    def train_step(self, inputs, targets):
+        if self.step + 1 == step:
+            raise Crash
+        return step_fn(self, inputs, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    config = tiny_train(steps=30, eval_every=10)
+    reference = train(tiny_model(), tiny_task(), config)
+
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 25)
+    with pytest.raises(Crash):
+        train(tiny_model(), tiny_task(), config.model_copy(update={"out_dir": str(out)}))
+    monkeypatch.undo()
+    assert latest_checkpoint(out).name == "step-00000020"
+    (out / "step-00000029").mkdir()  # a half-written checkpoint LATEST never pointed at
+
+    resumed = train(tiny_model(), tiny_task(), config.model_copy(update={"out_dir": str(out)}))
+    assert resumed.resumed_from == 20
+    assert resumed.step == 30
+    assert_same_weights(weights(resumed.model), weights(reference.model))
+    assert [h["step"] for h in resumed.history] == [10, 20, 30]
+    assert resumed.history == reference.history
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    train(tiny_model(), tiny_task(), tiny_train(steps=10, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"different run.*train\.lr"):
+        train(tiny_model(), tiny_task(), tiny_train(steps=10, lr=0.1, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="different run.*model"):
+        train(tiny_model("attn"), tiny_task(), tiny_train(steps=10, out_dir=str(tmp_path)))
+    # Settings that do not change the trajectory may differ.
+    train(tiny_model(), tiny_task(), tiny_train(steps=10, out_dir=str(tmp_path), progress=True))
+
+
+def poison_loss(monkeypatch, at_call: int, where: str) -> None:
+    """Make the `at_call`-th training loss NaN ("loss"), or keep it finite but give it NaN
+    gradients ("grad": 0 · sqrt(0) has value 0 and gradient 0 · inf)."""
+    calls = 0
+    lm_loss = trainer_module.lm_loss
+
+    def poisoned(logits, targets):
+        nonlocal calls
+        calls += 1
+        loss = lm_loss(logits, targets)
+        if calls != at_call:
+            return loss
+        if where == "loss":
+            return loss * math.nan
+        return loss + 0 * torch.sqrt(0 * logits.sum())
+
+    monkeypatch.setattr(trainer_module, "lm_loss", poisoned)
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
+    poison_loss(monkeypatch, at_call=13, where=where)
+    result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    assert result.stop_reason == "non_finite"
+    what = "loss" if where == "loss" else "gradient norm"
+    assert f"non-finite {what} (nan) at step 13" in result.message
+    assert "step-00000010" in result.message
+    assert result.step == 12
+    # The bad update was skipped: the weights in memory are finite and the checkpoint is step 10.
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    folder = latest_checkpoint(tmp_path)
+    assert folder.name == "step-00000010"
+    saved = load_checkpoint(folder / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_train_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="valid options are"):
+        TrainConfig.make(step=10)
+
+
+def test_moe_aux_loss_is_trained_on():
+    trainer = Trainer(tiny_model(channel="moe(num_experts=4)"), tiny_task(), tiny_train())
+    inputs, targets = next(trainer.batches())
+    with torch.no_grad():
+        out = trainer.model(inputs)
+        expected = trainer_module.lm_loss(out.logits, targets) + out.aux_loss
+    assert out.aux_loss > 0
+    loss, _ = trainer.train_step(inputs, targets)
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
