@@ -17,12 +17,12 @@ from seqlab.train.trainer import TrainResult, write_atomic
 
 
 def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
-    """["num_kv_pairs=4", "preset=cpu"] → {"num_kv_pairs": 4, "preset": "cpu"}: values are
-    Python literals where they read as one, else text. The split is at the last "=", so keys
-    may hold one (slice names such as num_kv_pairs=2,seq_len=64)."""
+    """["num_kv_pairs=4", "model.pattern=gdn(head_dim=16)"] → {"num_kv_pairs": 4,
+    "model.pattern": "gdn(head_dim=16)"}: split at the first "=", values are Python literals where
+    they read as one, else text."""
     options = {}
     for item in items:
-        key, sep, text = item.rpartition("=")
+        key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{what} {item!r} must read key=value")
         try:

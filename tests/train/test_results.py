@@ -173,6 +173,11 @@ def test_results_command_filters_and_exports(tmp_path):
     )
     assert result.exit_code == 0 and "1 runs in" in result.output and "attn" in result.output
 
+    c = store.add(record("mqar", "gdn(head_dim=16)"))
+    where = ["--where", "model.pattern=gdn(head_dim=16)", "--where", "task.name=mqar"]
+    result = CliRunner().invoke(app, ["results", "--db", str(store.path), *where])
+    assert result.exit_code == 0 and "1 runs in" in result.output and c in result.output
+
     result = CliRunner().invoke(app, ["results", "--db", str(store.path), "--where", "lr"])
     assert result.exit_code != 0 and "key=value" in result.output
 
