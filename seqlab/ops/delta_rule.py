@@ -74,52 +74,61 @@ def _recurrent(q, k, v, beta, g, S, scale):
 
 
 def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
-    """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks."""
+    """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks.
+
+    Each chunk's state update is affine in its entering state: with U = U' − W S_n and
+    K̃ = K ⊙ γ_{C−1}/γ, S_{n+1} = P_n S_n + R_n where P_n = γ_{C−1} I − K̃ᵀ W and R_n = K̃ᵀ U'.
+    P and R are batched matmuls over all chunks, so the sequential loop is one [K, K] @ [K, V]
+    product per chunk; U and the outputs are batched again once the entering states are known.
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
 
-    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end
-        x = x.movedim(1, 2)
+    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end, contiguous
+        x = x.transpose(1, 2)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.unflatten(2, (N, C))
+        return x.reshape(B, H, N, C, *x.shape[3:])
 
     qc, kc, vc, bc = blocks(q), blocks(k), blocks(v), blocks(beta)[..., None]
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    kb = kc * bc
+    kt = kc.transpose(-1, -2)
     if g is None:
-        Gam = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()
-        gam, kdec, decay = None, kc, None
+        A = (qc @ kt).tril()  # [B, H, N, C, C], diagonal included
+        M = kb @ kt  # strict lower part of M; the unit-triangular solve reads nothing else
+        q_in, kdec, w_rhs, decay = qc, kc, kb, None
     else:
         b = blocks(g).cumsum(3)  # [B, H, N, C]
         upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
-        Gam = (b[..., :, None] - b[..., None, :]).masked_fill(upper, float("-inf")).exp()
+        Gam = (b[..., :, None] - b[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+        A = (qc @ kt) * Gam
+        M = (kb @ kt) * Gam
         gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
+        q_in, w_rhs = qc * gam, kb * gam
         kdec = kc * (b[..., -1:] - b).exp()[..., None]  # K ⊙ γ_{C-1} / γ
-        decay = b[..., -1].exp()  # [B, H, N]
-    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); one solve: U' = M⁻¹ diag(β) V, W = M⁻¹ diag(β)(γ ⊙ K).
-    M = (bc * (Gam * (kc @ kc.transpose(-1, -2)))).masked_fill(~strict, 0.0)
-    M = M + torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = bc * torch.cat([vc, kc if gam is None else kc * gam], -1)
-    UW = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
-    U_pre, W = UW[..., :V], UW[..., V:]
-    A = (qc @ kc.transpose(-1, -2)) * Gam  # [B, H, N, C, C], diagonal included
+        decay = b[..., -1]  # [B, H, N], log
+    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); U' = M⁻¹ diag(β) V, W = M⁻¹ diag(β)(γ ⊙ K).
+    U_pre = torch.linalg.solve_triangular(M, vc * bc, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(M, w_rhs, upper=False, unitriangular=True)
+    kdt = kdec.transpose(-1, -2)
+    P = (kdt @ W).neg_()  # [B, H, N, K, K]
+    diag = P.diagonal(dim1=-2, dim2=-1)
+    diag.add_(1.0 if decay is None else decay.exp()[..., None])
+    R = kdt @ U_pre  # [B, H, N, K, V]
 
-    S = q.new_zeros(B, H, K, V) if S0 is None else S0
-    starts, Us = [], []
-    for n in range(N):
+    S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+    starts = []
+    for P_n, R_n in zip(P.flatten(0, 1).unbind(1), R.flatten(0, 1).unbind(1), strict=True):
         starts.append(S)
-        U = U_pre[:, :, n] - W[:, :, n] @ S
-        Us.append(U)
-        S = S if decay is None else S * decay[:, :, n, None, None]
-        S = S + kdec[:, :, n].transpose(-1, -2) @ U
-    starts, U = torch.stack(starts, 2), torch.stack(Us, 2)
-    q_in = qc if gam is None else qc * gam
-    o = (q_in @ starts + A @ U) * scale  # [B, H, N, C, V]
-    o = o.flatten(2, 3)[:, :, :T].movedim(2, 1)
-    return o, S
+        S = torch.baddbmm(R_n, P_n, S)
+    starts = torch.stack(starts, 1).view(B, H, N, K, V)
+    U = U_pre - W @ starts
+    o = (q_in @ starts + A @ U).mul_(scale)  # [B, H, N, C, V]
+    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)
+    return o, S.view(B, H, K, V)
 
 
 def _finish(o, S, q, output_final_state):

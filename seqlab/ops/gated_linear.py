@@ -77,10 +77,13 @@ def _recurrent(q, k, v, g, S, scale):
 
 
 def _causal_log_mask(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """Set log-decays [..., i, j] (or [..., i, j, K]) with j > i to −inf, before any exp."""
+    """Set log-decays [..., i, j] (or [..., i, j, K]) with j > i to −inf, before any exp.
+
+    In place: `x` must be a fresh intermediate (a difference of cumulative gates).
+    """
     n = x.shape[-2] if per_channel else x.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-    return x.masked_fill(upper[..., None] if per_channel else upper, float("-inf"))
+    return x.masked_fill_(upper[..., None] if per_channel else upper, float("-inf"))
 
 
 def _intra_scalar(q, k, b):
@@ -88,7 +91,7 @@ def _intra_scalar(q, k, b):
     A = q @ k.transpose(-1, -2)
     if b is None:
         return A.tril()
-    return A * _causal_log_mask(b[..., :, None] - b[..., None, :]).exp()
+    return A * _causal_log_mask(b[..., :, None] - b[..., None, :]).exp_()
 
 
 def _intra_channel(q, k, b, c):
@@ -124,11 +127,11 @@ def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
     N = -(-T // C)
     pad = N * C - T
 
-    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end
-        x = x.movedim(1, 2)
+    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end, contiguous
+        x = x.transpose(1, 2)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.unflatten(2, (N, C))
+        return x.reshape(B, H, N, C, *x.shape[3:])
 
     qc, kc, vc = blocks(q), blocks(k), blocks(v)
     if g is None:
@@ -154,12 +157,12 @@ def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
         S = starts[:, :, -1] + dS[:, :, -1]
     else:
         states = []
-        for n in range(N):
+        for d_n, dS_n in zip(decay[..., None].unbind(2), dS.unbind(2), strict=True):
             states.append(S)
-            S = S * decay[:, :, n, :, None] + dS[:, :, n]
+            S = torch.addcmul(dS_n, S, d_n)
         starts = torch.stack(states, 2)  # [B, H, N, K, V]: state entering each chunk
-    o = (q_in @ starts + A @ vc) * scale  # [B, H, N, C, V]
-    o = o.flatten(2, 3)[:, :, :T].movedim(2, 1)
+    o = (q_in @ starts + A @ vc).mul_(scale)  # [B, H, N, C, V]
+    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)
     return o, S
 
 

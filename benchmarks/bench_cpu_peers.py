@@ -1,0 +1,242 @@
+"""Time seqlab's chunk forms beside the pure-PyTorch peers on the CPU, in one run.
+
+    .venv/bin/pip install -e '.[cpu-peers]'     # fla-core 0.6.0 and transformers (optional)
+    .venv/bin/python benchmarks/bench_cpu_peers.py                 # T in 2048, 8192
+    .venv/bin/python benchmarks/bench_cpu_peers.py --seq-lens 2048 --repeats 5 --out peers.md
+
+Forward (no grad) and forward+backward, float32, B = 1, H = 4, K = V = 64, chunk 64; each entry
+is the median of `--repeats` timed calls after one warm-up call, the implementations taking turns
+call by call (load from other processes falls on all alike), and each ratio is to the fastest
+peer of that case measured in this run. Peers, all on the same inputs and conventions
+([B, T, H, K] layout, scale K^-0.5, log-space gates, β per head):
+
+- fla 0.6.0 `naive_chunk_gated_delta_rule`, `naive_chunk_simple_gla`, `naive_recurrent_gla`;
+- transformers `torch_chunk_gated_delta_rule` (Qwen3-Next). With fla importable, transformers
+  routes that function to fla's GPU kernel at import, so its module is imported with `fla` blocked.
+
+Before timing, each peer's output and final state are checked against seqlab's on a small input.
+A missing peer is reported as such; seqlab's own rows are always timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+B, H, K, V, CHUNK = 1, 4, 64, 64, 64
+CASES = ("gated_delta", "delta", "gla_scalar", "gla_channel")
+
+
+def make_inputs(case: str, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
+    if case in ("gated_delta", "delta"):
+        x = dict(q=q, k=F.normalize(k, dim=-1), v=v, beta=torch.sigmoid(rand(B, T, H)))
+        x["g"] = F.logsigmoid(rand(B, T, H) + 3)
+        if case == "delta":
+            x["g"] = torch.zeros(B, T, H)  # peers need a gate; seqlab gets g=None
+        return x
+    if case == "gla_scalar":
+        return dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H) + 3))
+    return dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H, K) + 3) / 16)
+
+
+def seqlab_fn(case: str) -> Callable:
+    from seqlab.ops.delta_rule import chunk_delta_rule
+    from seqlab.ops.gated_linear import chunk_gated_linear
+
+    def fn(q, k, v, g, beta=None):
+        if case in ("gated_delta", "delta"):
+            gate = None if case == "delta" else g
+            return chunk_delta_rule(q, k, v, beta, gate, output_final_state=True, chunk_size=CHUNK)
+        return chunk_gated_linear(q, k, v, g, output_final_state=True, chunk_size=CHUNK)
+
+    return fn
+
+
+def peer_fns(case: str) -> dict[str, Callable]:
+    """fla's pure-PyTorch forms of `case`, where fla is importable."""
+    try:
+        from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+        from fla.ops.gla.naive import naive_recurrent_gla
+        from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+    except ImportError:
+        return {}
+    if case in ("gated_delta", "delta"):
+        return {
+            "fla naive_chunk_gated_delta_rule": lambda q, k, v, g, beta: (
+                naive_chunk_gated_delta_rule(q, k, v, g, beta, CHUNK, output_final_state=True)
+            )
+        }
+    if case == "gla_scalar":
+        return {
+            "fla naive_chunk_simple_gla": lambda q, k, v, g: naive_chunk_simple_gla(
+                q, k, v, g, output_final_state=True, chunk_size=CHUNK
+            )
+        }
+    return {
+        "fla naive_recurrent_gla (no chunk form)": lambda q, k, v, g: naive_recurrent_gla(
+            q, k, v, g, output_final_state=True
+        )
+    }
+
+
+def check_same(case: str, fn: Callable, ref: Callable) -> float:
+    """Max abs difference of output and final state on a small input (T = 200, not a multiple)."""
+    x = make_inputs(case, 200, seed=1)
+    with torch.no_grad():
+        o1, s1 = fn(**x)
+        o2, s2 = ref(**x)
+    return max((o1 - o2).abs().max().item(), (s1 - s2).abs().max().item())
+
+
+def transformers_peer() -> Callable | None:
+    """Qwen3-Next's `torch_chunk_gated_delta_rule`, imported while `fla` is blocked.
+
+    transformers picks fla's kernel over its own PyTorch function when it imports the module and
+    finds fla, so the module is imported with `fla` hidden from sys.modules; fla is restored after.
+    """
+    saved = {n: m for n, m in sys.modules.items() if n == "fla" or n.startswith("fla.")}
+    for n in saved:
+        del sys.modules[n]
+    sys.modules["fla"] = None  # type: ignore[assignment]
+    try:
+        from transformers.models.qwen3_next import modeling_qwen3_next as m
+    except ImportError:
+        return None
+    finally:
+        del sys.modules["fla"]
+        sys.modules.update(saved)
+    return m.torch_chunk_gated_delta_rule
+
+
+def stepper(fn: Callable, inputs: dict, backward: bool) -> Callable[[], None]:
+    leaves = {n: x.clone().requires_grad_(backward) for n, x in inputs.items()}
+
+    def step():
+        if backward:
+            o, s = fn(**leaves)
+            (o.sum() + s.sum()).backward()
+            for x in leaves.values():
+                x.grad = None
+        else:
+            with torch.no_grad():
+                fn(**leaves)
+
+    return step
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median ms per implementation; one warm-up each, then the timed calls take turns, so load
+    from other processes on a shared machine falls on all of them alike."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(repeats):
+        for n, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[n].append(time.perf_counter() - t0)
+    return {n: 1e3 * statistics.median(t) for n, t in times.items()}
+
+
+def measure(
+    seq_lens: list[int], cases: list[str], repeats: int, peers: bool, max_loop_t: int = 2048
+) -> dict:
+    """{case: {name: {"check": err, "T/pass": ms}}}.
+
+    A per-time-step peer (a Python loop over T) is skipped above `max_loop_t`: it takes minutes.
+    """
+    hf = transformers_peer() if peers else None
+    res: dict = {}
+    for case in cases:
+        ours = seqlab_fn(case)
+        fns = {"seqlab chunk": ours}
+        if peers:
+            fns.update(peer_fns(case))
+            if hf is not None and case in ("gated_delta", "delta"):
+                fns["transformers torch_chunk_gated_delta_rule"] = lambda q, k, v, g, beta: hf(
+                    q, k, v, g, beta, CHUNK, output_final_state=True
+                )
+        res[case] = {
+            n: {} if fn is ours else {"check": check_same(case, fn, ours)} for n, fn in fns.items()
+        }
+        for T in seq_lens:
+            x = make_inputs(case, T)
+            for bwd in (False, True):
+                steps = {
+                    n: stepper(fn, x, bwd)
+                    for n, fn in fns.items()
+                    if not ("recurrent" in n and T > max_loop_t)
+                }
+                for n, ms in time_round_robin(steps, repeats).items():
+                    res[case][n][f"{T}/{'fwd+bwd' if bwd else 'fwd'}"] = ms
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-lens", default="2048,8192")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-peers", action="store_true", help="time only seqlab's rows")
+    p.add_argument("--max-loop-t", type=int, default=2048, help="longest T for a per-step peer")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    cases = args.cases.split(",")
+
+    results = measure(seq_lens, cases, args.repeats, not args.no_peers, args.max_loop_t)
+
+    load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+    lines = [
+        f"seqlab chunk forms vs pure-PyTorch peers, CPU, float32, B={B} H={H} K={K} V={V} "
+        f"chunk={CHUNK}, median of {args.repeats}; {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}, "
+        f"load avg {load}",
+        "",
+        "| case | impl | check (max abs diff) | "
+        + " | ".join(f"{T} {k}" for T in seq_lens for k in ("fwd", "fwd+bwd"))
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(seq_lens)),
+    ]
+    keys = [f"{T}/{k}" for T in seq_lens for k in ("fwd", "fwd+bwd")]
+    for case in cases:
+        entries = results[case]
+        peers = {n: e for n, e in entries.items() if n != "seqlab chunk"}
+        best = {
+            key: min((e[key] for e in peers.values() if key in e), default=None) for key in keys
+        }
+        for name, e in entries.items():
+            cells = []
+            for key in keys:
+                if key not in e:
+                    cells.append("skipped (slow loop)")
+                    continue
+                ratio = "" if best[key] is None else f" ({e[key] / best[key]:.2f}× best peer)"
+                cells.append(f"{e[key]:.1f}{ratio}")
+            check = "–" if "check" not in e else f"{e['check']:.1e}"
+            lines.append(f"| {case} | {name} | {check} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
