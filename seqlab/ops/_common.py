@@ -143,6 +143,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, T, H, ...] → [B, H, N, C, ...] with N = ⌈T / C⌉, zero-padded at the end, contiguous."""
+    B, T, H = x.shape[:3]
+    N = -(-T // C)
+    x = x.transpose(1, 2)
+    if N * C != T:
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, N * C - T))
+    return x.reshape(B, H, N, C, *x.shape[3:])
+
+
 def pad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """[1, ΣT_n, ...] → [N, max T_n, ...], zero-padded at the end of each sequence.
 

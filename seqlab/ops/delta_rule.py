@@ -24,6 +24,7 @@ from seqlab.ops._common import (
     check_tensor,
     compute_dtype,
     run_packed,
+    to_chunks,
 )
 from seqlab.ops.triton import use_triton
 
@@ -85,15 +86,9 @@ def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
-    pad = N * C - T
 
-    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end, contiguous
-        x = x.transpose(1, 2)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    qc, kc, vc, bc = blocks(q), blocks(k), blocks(v), blocks(beta)[..., None]
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
+    bc = to_chunks(beta, C)[..., None]
     kb = kc * bc
     kt = kc.transpose(-1, -2)
     if g is None:
@@ -101,7 +96,7 @@ def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
         M = kb @ kt  # strict lower part of M; the unit-triangular solve reads nothing else
         q_in, kdec, w_rhs, decay = qc, kc, kb, None
     else:
-        b = blocks(g).cumsum(3)  # [B, H, N, C]
+        b = to_chunks(g, C).cumsum(3)  # [B, H, N, C]
         upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
         Gam = (b[..., :, None] - b[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
         A = (qc @ kt) * Gam

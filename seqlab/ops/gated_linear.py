@@ -24,6 +24,7 @@ from seqlab.ops._common import (
     check_tensor,
     compute_dtype,
     run_packed,
+    to_chunks,
 )
 from seqlab.ops.triton import use_triton
 
@@ -124,21 +125,13 @@ def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, T)
-    N = -(-T // C)
-    pad = N * C - T
 
-    def blocks(x):  # [B, T, H, ...] → [B, H, N, C, ...], zero-padded at the end, contiguous
-        x = x.transpose(1, 2)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    qc, kc, vc = blocks(q), blocks(k), blocks(v)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
     if g is None:
         A = _intra_scalar(qc, kc, None)
         q_in, k_out, decay = qc, kc, None
     else:
-        b = blocks(g).cumsum(3)  # [B, H, N, C] or [B, H, N, C, K]
+        b = to_chunks(g, C).cumsum(3)  # [B, H, N, C] or [B, H, N, C, K]
         last = b[:, :, :, -1:]
         if g.dim() == 3:
             A = _intra_scalar(qc, kc, b)
