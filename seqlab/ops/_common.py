@@ -144,13 +144,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
-    """[B, T, H, ...] → [B, H, N, C, ...] with N = ⌈T / C⌉, zero-padded at the end, contiguous."""
+    """[B, T, H, ...] → [N·B·H, C, ...], chunk-major, N = ⌈T / C⌉, zero-padded at the end.
+
+    Chunk-major order makes chunk n of every sequence and head one contiguous slice
+    (`x.view(N, B·H, C, ...)[n]`) for the sequential state pass; the rest of the chunk form
+    is batched matmuls over the flat leading dimension (3-D, so transposes stay views).
+    Always a new tensor (never a view of `x`), so callers may modify it in place.
+    """
     B, T, H = x.shape[:3]
     N = -(-T // C)
-    x = x.transpose(1, 2)
+    src = x
     if N * C != T:
-        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, N * C - T))
-    return x.reshape(B, H, N, C, *x.shape[3:])
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, N * C - T))
+    x = x.view(B, N, C, H, *x.shape[3:]).movedim((1, 3), (0, 2))  # [N, B, H, C, ...]
+    x = x.reshape(N * B * H, C, *x.shape[4:])
+    same = x.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+    return x.clone() if same else x
+
+
+def from_chunks(o: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
+    """Inverse of `to_chunks`: [N·B·H, C, ...] → [B, T, H, ...], padding dropped."""
+    C = o.shape[1]
+    o = o.view(-1, B, H, C, *o.shape[2:]).movedim((0, 2), (1, 3))  # [B, N, C, H, ...]
+    return o.reshape(B, -1, H, *o.shape[4:])[:, :T]
 
 
 def pad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    from_chunks,
     run_packed,
     to_chunks,
 )
@@ -77,53 +78,67 @@ def _recurrent(q, k, v, beta, g, S, scale):
 def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
     """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks.
 
-    Each chunk's state update is affine in its entering state: with U = U' − W S_n and
-    K̃ = K ⊙ γ_{C−1}/γ, S_{n+1} = P_n S_n + R_n where P_n = γ_{C−1} I − K̃ᵀ W and R_n = K̃ᵀ U'.
-    P and R are batched matmuls over all chunks, so the sequential loop is one [K, K] @ [K, V]
-    product per chunk; U and the outputs are batched again once the entering states are known.
+    Per chunk, with M = I + tril(diag(β) Γ ⊙ K Kᵀ, −1) and T = M⁻¹ (one batched triangular
+    solve against I, then matmuls: small batched solves are several times slower per flop than
+    matmuls on a CPU), [W | U'] = T [β γ ⊙ K | β V]. Each chunk's state update is affine in its
+    entering state: with K̃ = K ⊙ γ_{C−1}/γ, S_{n+1} = P_n S_n + R_n where
+    P_n = γ_{C−1} I − K̃ᵀ W and R_n = K̃ᵀ U' (one matmul for both). So the sequential loop is one
+    [K, K] @ [K, V] product per chunk; U = U' − W S_n and the outputs are batched again.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
-
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
+    # Without autograd, fresh intermediates are updated in place: on a CPU every new
+    # [N·B·H, C, C] tensor costs about as much (allocation, page faults) as the math on it.
+    inplace = not torch.is_grad_enabled()
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [N·B·H, C, ·]
     bc = to_chunks(beta, C)[..., None]
     kb = kc * bc
-    kt = kc.transpose(-1, -2)
+    kt = kc.transpose(1, 2)
+    A, M = qc @ kt, kb @ kt  # M: its strict lower part; the unit-triangular solve reads no more
+    X = q.new_empty(*kc.shape[:2], K + V) if inplace else None  # [β γ ⊙ K | β V]
     if g is None:
-        A = (qc @ kt).tril()  # [B, H, N, C, C], diagonal included
-        M = kb @ kt  # strict lower part of M; the unit-triangular solve reads nothing else
-        q_in, kdec, w_rhs, decay = qc, kc, kb, None
+        A = A.tril_() if inplace else A.tril()  # diagonal included
+        q_in, kdec, decay = qc, kc, None
+        if inplace:
+            X[..., :K] = kb
+            torch.mul(vc, bc, out=X[..., K:])
+        else:
+            X = torch.cat([kb, vc * bc], 2)
     else:
-        b = to_chunks(g, C).cumsum(3)  # [B, H, N, C]
+        b = to_chunks(g, C).cumsum(1)  # [N·B·H, C]
         upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
-        Gam = (b[..., :, None] - b[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
-        A = (qc @ kt) * Gam
-        M = (kb @ kt) * Gam
+        Gam = (b[:, :, None] - b[:, None, :]).masked_fill_(upper, float("-inf")).exp_()
         gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
-        q_in, w_rhs = qc * gam, kb * gam
-        kdec = kc * (b[..., -1:] - b).exp()[..., None]  # K ⊙ γ_{C-1} / γ
-        decay = b[..., -1]  # [B, H, N], log
-    # M = I + diag(β) tril(Γ ⊙ K Kᵀ, −1); U' = M⁻¹ diag(β) V, W = M⁻¹ diag(β)(γ ⊙ K).
-    U_pre = torch.linalg.solve_triangular(M, vc * bc, upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(M, w_rhs, upper=False, unitriangular=True)
-    kdt = kdec.transpose(-1, -2)
-    P = (kdt @ W).neg_()  # [B, H, N, K, K]
-    diag = P.diagonal(dim1=-2, dim2=-1)
-    diag.add_(1.0 if decay is None else decay.exp()[..., None])
-    R = kdt @ U_pre  # [B, H, N, K, V]
+        tail = (b[:, -1:] - b).exp_()[..., None]  # γ_{C-1} / γ
+        decay = b[:, -1:].exp()  # [N·B·H, 1]
+        if inplace:
+            A, M = A.mul_(Gam), M.mul_(Gam)
+            torch.mul(kb, gam, out=X[..., :K])
+            torch.mul(vc, bc, out=X[..., K:])
+            q_in, kdec = qc.mul_(gam), kc.mul_(tail)
+        else:
+            A, M = A * Gam, M * Gam
+            X = torch.cat([kb * gam, vc * bc], 2)
+            q_in, kdec = qc * gam, kc * tail  # kdec = K ⊙ γ_{C-1} / γ
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(M)
+    Tinv = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+    Y = Tinv @ X  # [W | U'], [N·B·H, C, K + V]
+    Z = kdec.transpose(1, 2) @ Y  # [K̃ᵀ W | K̃ᵀ U']
+    P = Z[:, :, :K].neg_() if inplace else Z[:, :, :K].neg()
+    P.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay is None else decay)
+    P, R = P.view(N, B * H, K, K), Z[:, :, K:].view(N, B * H, K, V)
 
     S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     starts = []
-    for P_n, R_n in zip(P.flatten(0, 1).unbind(1), R.flatten(0, 1).unbind(1), strict=True):
+    for P_n, R_n in zip(P.unbind(0), R.unbind(0), strict=True):
         starts.append(S)
         S = torch.baddbmm(R_n, P_n, S)
-    starts = torch.stack(starts, 1).view(B, H, N, K, V)
-    U = U_pre - W @ starts
-    o = (q_in @ starts + A @ U).mul_(scale)  # [B, H, N, C, V]
-    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)
-    return o, S.view(B, H, K, V)
+    starts = torch.stack(starts, 0).view(-1, K, V)
+    U = torch.baddbmm(Y[:, :, K:], Y[:, :, :K], starts, alpha=-1)
+    o = torch.baddbmm(A @ U, q_in, starts).mul_(scale)  # [N·B·H, C, V]
+    return from_chunks(o, B, T, H), S.view(B, H, K, V)
 
 
 def _finish(o, S, q, output_final_state):

@@ -23,6 +23,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    from_chunks,
     run_packed,
     to_chunks,
 )
@@ -90,9 +91,11 @@ def _causal_log_mask(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor
 def _intra_scalar(q, k, b):
     """A_ij = q_i·k_j exp(b_i − b_j), j ≤ i; q, k [..., C, K], b [..., C] → [..., C, C]."""
     A = q @ k.transpose(-1, -2)
+    inplace = not torch.is_grad_enabled()  # A is fresh: no copy where autograd needs none
     if b is None:
-        return A.tril()
-    return A * _causal_log_mask(b[..., :, None] - b[..., None, :]).exp_()
+        return A.tril_() if inplace else A.tril()
+    gam = _causal_log_mask(b[..., :, None] - b[..., None, :]).exp_()
+    return A.mul_(gam) if inplace else A * gam
 
 
 def _intra_channel(q, k, b, c):
@@ -121,42 +124,42 @@ def _intra_channel(q, k, b, c):
 
 
 def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
-    """Chunkwise-parallel form; Python loops run only over the T / C chunks."""
+    """Chunkwise-parallel form; the Python loop runs only over the T / C chunks."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, T)
-
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [N·B·H, C, ·]
     if g is None:
         A = _intra_scalar(qc, kc, None)
         q_in, k_out, decay = qc, kc, None
     else:
-        b = to_chunks(g, C).cumsum(3)  # [B, H, N, C] or [B, H, N, C, K]
-        last = b[:, :, :, -1:]
+        b = to_chunks(g, C).cumsum(1)  # [N·B·H, C] or [N·B·H, C, K]
+        last = b[:, -1:]
         if g.dim() == 3:
             A = _intra_scalar(qc, kc, b)
             b, last = b[..., None], last[..., None]
         else:
             c = sub_chunk if C % sub_chunk == 0 else C
             A = _intra_channel(qc, kc, b, c)
-        q_in = qc * b.exp()
-        k_out = kc * (last - b).exp()
-        decay = last.exp().squeeze(3)  # [B, H, N, 1 or K]
-    dS = k_out.transpose(-1, -2) @ vc  # [B, H, N, K, V]: each chunk's own contribution
+        if torch.is_grad_enabled():
+            q_in, k_out = qc * b.exp(), kc * (last - b).exp()
+        else:  # qc, kc are fresh copies (to_chunks) and A is formed: update them in place
+            q_in, k_out = qc.mul_(b.exp()), kc.mul_((last - b).exp_())
+        decay = last.exp().transpose(1, 2)  # [N·B·H, 1 or K, 1]
+    dS = (k_out.transpose(1, 2) @ vc).view(-1, B * H, K, V)  # each chunk's own contribution
 
-    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     if decay is None:
-        starts = torch.cat([S[:, :, None], dS[:, :, :-1]], 2).cumsum(2)
-        S = starts[:, :, -1] + dS[:, :, -1]
+        starts = torch.cat([S[None], dS[:-1]], 0).cumsum(0)
+        S = starts[-1] + dS[-1]
     else:
         states = []
-        for d_n, dS_n in zip(decay[..., None].unbind(2), dS.unbind(2), strict=True):
+        for d_n, dS_n in zip(decay.view(-1, B * H, *decay.shape[1:]), dS, strict=True):
             states.append(S)
             S = torch.addcmul(dS_n, S, d_n)
-        starts = torch.stack(states, 2)  # [B, H, N, K, V]: state entering each chunk
-    o = (q_in @ starts + A @ vc).mul_(scale)  # [B, H, N, C, V]
-    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)
-    return o, S
+        starts = torch.stack(states, 0)  # [N, B·H, K, V]: state entering each chunk
+    o = torch.baddbmm(A @ vc, q_in, starts.view(-1, K, V)).mul_(scale)  # [N·B·H, C, V]
+    return from_chunks(o, B, T, H), S.view(B, H, K, V)
 
 
 def _finish(o, S, q, output_final_state):

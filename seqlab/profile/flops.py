@@ -81,16 +81,18 @@ def delta_rule_flops(
 ) -> Flops:
     """`delta_rule` over T tokens (with or without a gate: the matmuls are the same).
 
-    Per chunk and head: K Kᵀ and Q Kᵀ (4C²K), the solve M⁻¹[V | K] (C(C − 1)(K + V), not a
-    matmul), the chunk's affine state map P = γI − K̃ᵀW (2CK²) and R = K̃ᵀU' (2CKV), the state
-    pass S₁ = P S₀ + R (2K²V), U = U' − W S₀ (2CKV), O = Q S₀ + A U (2CKV + 2C²V).
+    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K), the inverse T = M⁻¹ (a unit-triangular
+    solve against I: C²(C − 1), not a matmul), [W | U'] = T [βγK | βV] (2C²(K + V)), the chunk's
+    affine state map [K̃ᵀW | K̃ᵀU'] (2CK(K + V)), the state pass S₁ = P S₀ + R (2K²V),
+    U = U' − W S₀ (2CKV), O = Q S₀ + A U (2CKV + 2C²V).
     The recurrent form has two matmuls per step, kᵀS and qᵀS (4KV), and an elementwise update.
     """
     if form == "recurrent":
         return Flops(4 * K * V, 3 * K * V) * (H * T)
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
-    matmul = 4 * C * C * K + 2 * C * K * K + 6 * C * K * V + 2 * K * K * V + 2 * C * C * V
-    return Flops(matmul, C * (C - 1) * (K + V)) * (H * N)
+    matmul = 4 * C * C * K + 2 * C * (C + K) * (K + V) + 2 * K * K * V + 4 * C * K * V
+    matmul += 2 * C * C * V
+    return Flops(matmul, C * C * (C - 1)) * (H * N)
 
 
 def _sum_min(lo: int, hi: int, cap: int | None) -> int:

@@ -83,6 +83,30 @@ def test_forms_match_recurrent(shape, gate, initial_state):
     assert_same_run(run_grads(op("parallel"), x), ref, **F64, label="parallel")
 
 
+# B·H = 1 with T a multiple of C: the chunked view of an input could alias it.
+NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16)]
+
+
+@pytest.mark.parametrize(
+    "shape", NO_GRAD_SHAPES, ids=lambda s: "B{}-T{}-H{}-K{}-V{}-C{}".format(*s)
+)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(form, shape, gate):
+    """Without autograd the chunk core updates its intermediates in place: same numbers,
+    and the caller's tensors (some chunk views alias them when B·H = 1) are untouched."""
+    *dims, C = shape
+    x = make_inputs(*dims, gate=gate, initial_state=True, seed=sum(shape))
+    before = {n: t.clone() for n, t in x.items()}
+    with torch.no_grad():
+        o, S = (op(form, C) if form == "chunk" else op(form))(**x, output_final_state=True)
+        o_ref, S_ref = op("recurrent")(**x, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, **F64)
+    torch.testing.assert_close(S, S_ref, **F64)
+    for n, t in x.items():
+        assert torch.equal(t, before[n]), f"{n} was modified"
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_forms_match_recurrent_long_sequence(gate):
     """T ≥ 1000, not a multiple of any chunk size used."""
