@@ -169,6 +169,29 @@ def from_chunks(o: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     return o.reshape(B, -1, H, *o.shape[4:])[:, :T]
 
 
+# Without autograd, chunk forms run over time slices of whole chunks holding about this many
+# (token, head) rows each, carrying the state: the [C, C] intermediates of a slice stay in
+# cache and reuse freed memory (measured: ~0.6x the time of one pass at T = 8192, B·H = 4).
+SLICE_ROWS = 8192
+
+
+def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int):
+    """core(*xs, S0, scale, chunk_size) → (o, S), run without autograd over time slices.
+
+    Exact: the chunk form is exact for any cut into whole chunks, and the state is carried.
+    With autograd on (or a slice as long as the input) it is one call.
+    """
+    B, T, H = xs[0].shape[:3]
+    L = chunk_size * max(1, SLICE_ROWS // (B * H * chunk_size))
+    if torch.is_grad_enabled() or T <= L:
+        return core(*xs, S0, scale, chunk_size)
+    outs, S = [], S0
+    for t in range(0, T, L):
+        o, S = core(*(None if x is None else x[:, t : t + L] for x in xs), S, scale, chunk_size)
+        outs.append(o)
+    return torch.cat(outs, 1), S
+
+
 def pad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """[1, ΣT_n, ...] → [N, max T_n, ...], zero-padded at the end of each sequence.
 

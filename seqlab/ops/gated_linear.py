@@ -10,6 +10,8 @@ overflows (MATH.md §1).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from seqlab.ops._common import (
@@ -25,6 +27,7 @@ from seqlab.ops._common import (
     compute_dtype,
     from_chunks,
     run_packed,
+    run_sliced,
     to_chunks,
 )
 from seqlab.ops.triton import use_triton
@@ -124,6 +127,12 @@ def _intra_channel(q, k, b, c):
 
 
 def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
+    """The chunk form (`_chunk_core`), in time slices when autograd is off."""
+    core = functools.partial(_chunk_core, sub_chunk=sub_chunk)
+    return run_sliced(core, (q, k, v, g), S0, scale, chunk_size)
+
+
+def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
     """Chunkwise-parallel form; the Python loop runs only over the T / C chunks."""
     B, T, H, K = q.shape
     V = v.shape[-1]

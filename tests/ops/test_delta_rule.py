@@ -17,6 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from seqlab.ops import _common
+from seqlab.ops._common import SLICE_ROWS
 from seqlab.ops.delta_rule import (
     chunk_delta_rule,
     delta_rule,
@@ -104,9 +106,14 @@ NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16)]
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
-def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(form, shape, gate, beta):
+@pytest.mark.parametrize("slice_rows", [SLICE_ROWS, 1], ids=["one-slice", "slice-per-chunk"])
+def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(
+    form, shape, gate, beta, slice_rows, monkeypatch
+):
     """Without autograd the chunk core updates its intermediates in place: same numbers,
-    and the caller's tensors (some chunk views alias them when B·H = 1) are untouched."""
+    and the caller's tensors (some chunk views alias them when B·H = 1) are untouched.
+    slice_rows=1 cuts the input into one-chunk time slices that carry the state."""
+    monkeypatch.setattr(_common, "SLICE_ROWS", slice_rows)
     *dims, C = shape
     x = make_inputs(*dims, gate=gate, beta=beta, initial_state=True, seed=sum(shape))
     before = {n: t.clone() for n, t in x.items()}

@@ -16,6 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from seqlab.ops import _common
+from seqlab.ops._common import SLICE_ROWS
 from seqlab.ops.gated_linear import (
     chunk_gated_linear,
     gated_linear,
@@ -92,9 +94,14 @@ NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16)]
 )
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
-def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(form, shape, gate):
+@pytest.mark.parametrize("slice_rows", [SLICE_ROWS, 1], ids=["one-slice", "slice-per-chunk"])
+def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(
+    form, shape, gate, slice_rows, monkeypatch
+):
     """Without autograd the chunk core updates its intermediates in place: same numbers,
-    and the caller's tensors (some chunk views alias them when B·H = 1) are untouched."""
+    and the caller's tensors (some chunk views alias them when B·H = 1) are untouched.
+    slice_rows=1 cuts the input into one-chunk time slices that carry the state."""
+    monkeypatch.setattr(_common, "SLICE_ROWS", slice_rows)
     *dims, C = shape
     x = make_inputs(*dims, gate=gate, initial_state=True, seed=sum(shape))
     before = {n: t.clone() for n, t in x.items()}
