@@ -169,6 +169,19 @@ def from_chunks(o: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     return o.reshape(B, -1, H, *o.shape[4:])[:, :T]
 
 
+def causal_decay(b: torch.Tensor) -> torch.Tensor:
+    """Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal; b [..., C] → [..., C, C].
+
+    Exponents are clamped to ≤ 0 before the exp, so nothing overflows, and the upper part is
+    zeroed after it (exp of a −inf mask is several times slower than exp of finite values on a
+    CPU). Without autograd every step is in place on the one fresh [..., C, C] tensor.
+    """
+    d = b[..., :, None] - b[..., None, :]
+    if torch.is_grad_enabled():
+        return d.clamp(max=0).exp().tril()
+    return d.clamp_(max=0).exp_().tril_()
+
+
 # Without autograd, chunk forms run over time slices of whole chunks holding about this many
 # (token, head) rows each, carrying the state: the [C, C] intermediates of a slice stay in
 # cache and reuse freed memory (measured: ~0.6x the time of one pass at T = 8192, B·H = 4).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from seqlab.ops._common import (
+    causal_decay,
     check_chunk_size,
     check_cu_seqlens,
     check_form,
@@ -109,8 +110,7 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
         q_in, kdec, kbg, decay = qc, kc, kb, None
     else:
         b = to_chunks(g, C).cumsum(1)  # [N·B·H, C]
-        upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
-        Gam = (b[:, :, None] - b[:, None, :]).masked_fill_(upper, float("-inf")).exp_()
+        Gam = causal_decay(b)  # [N·B·H, C, C]
         gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
         tail = (b[:, -1:] - b).exp_()[..., None]  # γ_{C-1} / γ
         decay = b[:, -1:].exp()  # [N·B·H, 1]

@@ -15,6 +15,7 @@ import functools
 import torch
 
 from seqlab.ops._common import (
+    causal_decay,
     check_chunk_size,
     check_cu_seqlens,
     check_form,
@@ -97,7 +98,7 @@ def _intra_scalar(q, k, b):
     inplace = not torch.is_grad_enabled()  # A is fresh: no copy where autograd needs none
     if b is None:
         return A.tril_() if inplace else A.tril()
-    gam = _causal_log_mask(b[..., :, None] - b[..., None, :]).exp_()
+    gam = causal_decay(b)
     return A.mul_(gam) if inplace else A * gam
 
 
