@@ -125,17 +125,26 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
     # Separate [C, C] @ [C, 64] products: faster on a CPU than one with [W | U'] side by side.
     W, U_pre = Tinv @ kbg, Tinv @ vb
     kdt = kdec.transpose(1, 2)
-    P = (kdt @ W).neg_()  # γ_{C-1} I − K̃ᵀ W once the diagonal is added
-    P.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay is None else decay)
-    P, R = P.view(N, B * H, K, K), (kdt @ U_pre).view(N, B * H, K, V)
-
     S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     starts = []
-    for P_n, R_n in zip(P.unbind(0), R.unbind(0), strict=True):
-        starts.append(S)
-        S = torch.baddbmm(R_n, P_n, S)
+    if inplace:  # U_n = U'_n − W_n S_n and S_{n+1} = γ S_n + K̃ᵀ U_n, step by step
+        W_n, U_n, kdt_n = (x.view(N, B * H, *x.shape[1:]) for x in (W, U_pre, kdt))
+        dec = None if decay is None else decay.view(N, B * H, 1, 1)
+        for n in range(N):
+            starts.append(S)
+            U_n[n].sub_(W_n[n] @ S)  # U' becomes U in place
+            S = torch.baddbmm(S if dec is None else S * dec[n], kdt_n[n], U_n[n])
+        U = U_pre
+    else:  # the affine map of each chunk batched: one [K, K] @ [K, V] product per step
+        P = (kdt @ W).neg_()  # γ_{C-1} I − K̃ᵀ W once the diagonal is added
+        P.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay is None else decay)
+        P, R = P.view(N, B * H, K, K), (kdt @ U_pre).view(N, B * H, K, V)
+        for P_n, R_n in zip(P.unbind(0), R.unbind(0), strict=True):
+            starts.append(S)
+            S = torch.baddbmm(R_n, P_n, S)
     starts = torch.stack(starts, 0).view(-1, K, V)
-    U = torch.baddbmm(U_pre, W, starts, alpha=-1)
+    if not inplace:
+        U = torch.baddbmm(U_pre, W, starts, alpha=-1)
     o = torch.baddbmm(A @ U, q_in, starts).mul_(scale)  # [N·B·H, C, V]
     return from_chunks(o, B, T, H), S.view(B, H, K, V)
 

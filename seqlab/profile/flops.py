@@ -77,21 +77,34 @@ def gated_linear_flops(
 
 
 def delta_rule_flops(
-    T: int, H: int, K: int, V: int, form: str = "chunk", chunk_size: int = 64
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    form: str = "chunk",
+    chunk_size: int = 64,
+    autograd: bool = False,
 ) -> Flops:
     """`delta_rule` over T tokens (with or without a gate: the matmuls are the same).
 
     Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K), the inverse T = M⁻¹ (a unit-triangular
-    solve against I: C²(C − 1), not a matmul), [W | U'] = T [βγK | βV] (2C²(K + V)), the chunk's
-    affine state map [K̃ᵀW | K̃ᵀU'] (2CK(K + V)), the state pass S₁ = P S₀ + R (2K²V),
-    U = U' − W S₀ (2CKV), O = Q S₀ + A U (2CKV + 2C²V).
+    solve against I: C²(C − 1), not a matmul), W = T βγK and U' = T βV (2C²(K + V)), then
+    O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
+    U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
+    training forward): the affine maps P = γI − K̃ᵀW, R = K̃ᵀU' batched (2CK(K + V)), the
+    step S₁ = P S₀ + R (2K²V), and U = U' − W S₀ batched (2CKV). Without autograd, a long input
+    runs in time slices (`seqlab.ops._common.SLICE_ROWS`); a short last slice is then not padded
+    to a whole chunk, so the count there can be lower than this formula.
     The recurrent form has two matmuls per step, kᵀS and qᵀS (4KV), and an elementwise update.
     """
     if form == "recurrent":
         return Flops(4 * K * V, 3 * K * V) * (H * T)
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
-    matmul = 4 * C * C * K + 2 * C * (C + K) * (K + V) + 2 * K * K * V + 4 * C * K * V
-    matmul += 2 * C * C * V
+    matmul = 4 * C * C * K + 2 * C * C * (K + V) + 2 * C * K * V + 2 * C * C * V
+    if autograd:
+        matmul += 2 * C * K * (K + V) + 2 * K * K * V + 2 * C * K * V
+    else:
+        matmul += 4 * C * K * V
     return Flops(matmul, C * C * (C - 1)) * (H * N)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from seqlab.ops import delta_rule, gated_linear
 from seqlab.ops.attention import KVCache, attention
@@ -60,6 +61,21 @@ def test_delta_rule_matmuls_match_the_counter(gated, form, T, C):
         lambda: delta_rule(q, F.normalize(k, dim=-1), v, beta, g, form=form, chunk_size=C)
     )
     assert counted == B * delta_rule_flops(T, H, K, V, form, C).matmul
+
+
+@pytest.mark.parametrize("T,C", LENGTHS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_training_forward_matches_the_counter(gated, T, C):
+    """With autograd on, the chunk form batches each chunk's affine state map instead."""
+    q, k, v = qkv(T)
+    beta = torch.rand(B, T, H)
+    g = gate("head", T) if gated else None
+    q.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        delta_rule(q, F.normalize(k, dim=-1), v, beta, g, form="chunk", chunk_size=C)
+    counted = counter.get_total_flops()
+    assert counted == B * delta_rule_flops(T, H, K, V, "chunk", C, autograd=True).matmul
+    assert counted != B * delta_rule_flops(T, H, K, V, "chunk", C).matmul
 
 
 @pytest.mark.parametrize(
