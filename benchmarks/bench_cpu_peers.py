@@ -138,9 +138,9 @@ def stepper(fn: Callable, inputs: dict, backward: bool) -> Callable[[], None]:
     return step
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median ms per implementation; one warm-up each, then the timed calls take turns, so load
-    from other processes on a shared machine falls on all of them alike."""
+def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """ms of each timed call per implementation; one warm-up each, then the timed calls take
+    turns, so load from other processes on a shared machine falls on all of them alike."""
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {n: [] for n in steps}
@@ -148,8 +148,17 @@ def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict
         for n, step in steps.items():
             t0 = time.perf_counter()
             step()
-            times[n].append(time.perf_counter() - t0)
-    return {n: 1e3 * statistics.median(t) for n, t in times.items()}
+            times[n].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def paired_ratio(ours: list[float], peers: list[list[float]]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ours / fastest peer of the same round.
+
+    Pairing by round cancels slow drifts in machine load that medians taken apart would not.
+    """
+    ratios = sorted(o / min(p[i] for p in peers) for i, o in enumerate(ours))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def measure(
@@ -182,7 +191,7 @@ def measure(
                     if not ("recurrent" in n and T > max_loop_t)
                 }
                 for n, ms in time_round_robin(steps, repeats).items():
-                    res[case][n][f"{T}/{'fwd+bwd' if bwd else 'fwd'}"] = ms
+                    res[case][n][f"{T}/{'fwd+bwd' if bwd else 'fwd'}"] = ms  # all rounds
     return res
 
 
@@ -206,9 +215,13 @@ def main() -> None:
     load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     lines = [
         f"seqlab chunk forms vs pure-PyTorch peers, CPU, float32, B={B} H={H} K={K} V={V} "
-        f"chunk={CHUNK}, median of {args.repeats}; {platform.machine()}, "
+        f"chunk={CHUNK}, median of {args.repeats} rounds; {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}, "
         f"load avg {load}",
+        "",
+        "Each cell: median ms, then for seqlab the median over rounds of its time / the fastest "
+        "peer's time in the same round [lowest–highest round], for a peer its median / the "
+        "fastest peer median.",
         "",
         "| case | impl | check (max abs diff) | "
         + " | ".join(f"{T} {k}" for T in seq_lens for k in ("fwd", "fwd+bwd"))
@@ -219,17 +232,22 @@ def main() -> None:
     for case in cases:
         entries = results[case]
         peers = {n: e for n, e in entries.items() if n != "seqlab chunk"}
-        best = {
-            key: min((e[key] for e in peers.values() if key in e), default=None) for key in keys
-        }
         for name, e in entries.items():
             cells = []
             for key in keys:
                 if key not in e:
                     cells.append("skipped (slow loop)")
                     continue
-                ratio = "" if best[key] is None else f" ({e[key] / best[key]:.2f}× best peer)"
-                cells.append(f"{e[key]:.1f}{ratio}")
+                rounds = [p[key] for p in peers.values() if key in p]
+                ms = statistics.median(e[key])
+                if not rounds:
+                    cells.append(f"{ms:.1f}")
+                elif name == "seqlab chunk":
+                    mid, lo, hi = paired_ratio(e[key], rounds)
+                    cells.append(f"{ms:.1f} (**{mid:.2f}×** best peer [{lo:.2f}–{hi:.2f}])")
+                else:
+                    best = min(statistics.median(r) for r in rounds)
+                    cells.append(f"{ms:.1f} ({ms / best:.2f}×)")
             check = "–" if "check" not in e else f"{e['check']:.1e}"
             lines.append(f"| {case} | {name} | {check} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
