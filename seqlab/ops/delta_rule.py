@@ -85,9 +85,10 @@ def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
 def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
     """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks.
 
-    Per chunk, with M = I + tril(diag(β) Γ ⊙ K Kᵀ, −1) and T = M⁻¹ (one batched triangular
-    solve against I, then matmuls: small batched solves are several times slower per flop than
-    matmuls on a CPU), W = T diag(β) (γ ⊙ K) and U' = T diag(β) V. Each chunk's state update is
+    Per chunk, with M = I + tril(diag(β) Γ ⊙ K Kᵀ, −1) and T = M⁻¹, W = T diag(β) (γ ⊙ K) and
+    U' = T diag(β) V: for C ≤ K + V one batched triangular solve against I, then matmuls (small
+    batched solves are several times slower per flop than matmuls on a CPU), else one solve
+    against [βγK | βV]. Each chunk's state update is
     affine in its entering state: with K̃ = K ⊙ γ_{C−1}/γ, S_{n+1} = P_n S_n + R_n where
     P_n = γ_{C−1} I − K̃ᵀ W and R_n = K̃ᵀ U', batched over chunks. So the sequential loop is one
     [K, K] @ [K, V] product per chunk; U = U' − W S_n and the outputs are batched again.
@@ -120,10 +121,14 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
         else:
             A, M = A * Gam, M * Gam
             q_in, kdec, kbg = qc * gam, kc * tail, kb * gam  # kdec = K ⊙ γ_{C-1} / γ
-    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(M)
-    Tinv = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
-    # Separate [C, C] @ [C, 64] products: faster on a CPU than one with [W | U'] side by side.
-    W, U_pre = Tinv @ kbg, Tinv @ vb
+    if C <= K + V:  # the inverse, then separate products: faster on a CPU than one wide solve
+        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(M)
+        Tinv = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+        W, U_pre = Tinv @ kbg, Tinv @ vb
+    else:  # long chunks (the parallel form): an inverse would cost C³, the solve C²(K + V)
+        rhs = torch.cat([kbg, vb], 2)
+        Y = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
+        W, U_pre = Y[..., :K], Y[..., K:]
     kdt = kdec.transpose(1, 2)
     S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     starts = []

@@ -87,8 +87,9 @@ def delta_rule_flops(
 ) -> Flops:
     """`delta_rule` over T tokens (with or without a gate: the matmuls are the same).
 
-    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K), the inverse T = M⁻¹ (a unit-triangular
-    solve against I: C²(C − 1), not a matmul), W = T βγK and U' = T βV (2C²(K + V)), then
+    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K); for C ≤ K + V the inverse T = M⁻¹ (a
+    unit-triangular solve against I: C²(C − 1), not a matmul), W = T βγK and U' = T βV
+    (2C²(K + V)), for longer chunks one solve against [βγK | βV] (C(C − 1)(K + V)); then
     O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
     U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
     training forward): the affine maps P = γI − K̃ᵀW, R = K̃ᵀU' batched (2CK(K + V)), the
@@ -100,12 +101,17 @@ def delta_rule_flops(
     if form == "recurrent":
         return Flops(4 * K * V, 3 * K * V) * (H * T)
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
-    matmul = 4 * C * C * K + 2 * C * C * (K + V) + 2 * C * K * V + 2 * C * C * V
+    matmul = 4 * C * C * K + 2 * C * K * V + 2 * C * C * V
+    if C <= K + V:  # the inverse, then W = T βγK and U' = T βV
+        matmul += 2 * C * C * (K + V)
+        solve = C * C * (C - 1)
+    else:  # one solve against [βγK | βV]
+        solve = C * (C - 1) * (K + V)
     if autograd:
         matmul += 2 * C * K * (K + V) + 2 * K * K * V + 2 * C * K * V
     else:
         matmul += 4 * C * K * V
-    return Flops(matmul, C * C * (C - 1)) * (H * N)
+    return Flops(matmul, solve) * (H * N)
 
 
 def _sum_min(lo: int, hi: int, cap: int | None) -> int:
