@@ -82,16 +82,6 @@ def _recurrent(q, k, v, g, S, scale):
     return torch.stack(outs, 1) * scale, S
 
 
-def _causal_log_mask(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """Set log-decays [..., i, j] (or [..., i, j, K]) with j > i to −inf, before any exp.
-
-    In place: `x` must be a fresh intermediate (a difference of cumulative gates).
-    """
-    n = x.shape[-2] if per_channel else x.shape[-1]
-    upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-    return x.masked_fill_(upper[..., None] if per_channel else upper, float("-inf"))
-
-
 def _intra_scalar(q, k, b):
     """A_ij = q_i·k_j exp(b_i − b_j), j ≤ i; q, k [..., C, K], b [..., C] → [..., C, C]."""
     A = q @ k.transpose(-1, -2)
@@ -108,20 +98,34 @@ def _intra_channel(q, k, b, c):
     The chunk is cut into sub-chunks of c. Diagonal [c, c] blocks are formed elementwise from a
     [c, c, K] log-space tensor. Off-diagonal blocks (rows I after columns J) are one matmul,
     (Q_I ⊙ exp(b_I − b_m)) (K_J ⊙ exp(b_m − b_J))ᵀ with m the last row of J: both exponents ≤ 0.
+    Exponents are clamped to ≤ 0 and masked entries zeroed after the exp (exp of a −inf mask is
+    several times slower on a CPU); without autograd the [c, c, K] tensor is updated in place.
     """
     C = q.shape[-2]
     S = C // c
+    inplace = not torch.is_grad_enabled()
     qs, ks, bs = (x.unflatten(-2, (S, c)) for x in (q, k, b))  # [..., S, c, K]
-    diag_log = _causal_log_mask(bs[..., :, None, :] - bs[..., None, :, :], per_channel=True)
-    A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * diag_log.exp()).sum(-1)  # [..., S, c, c]
+    upper = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)[..., None]
+    E = bs[..., :, None, :] - bs[..., None, :, :]  # [..., S, c, c, K]: b_i − b_j
+    if inplace:
+        E = E.clamp_(max=0).exp_().masked_fill_(upper, 0.0)
+        A_diag = E.mul_(qs[..., :, None, :]).mul_(ks[..., None, :, :]).sum(-1)  # [..., S, c, c]
+    else:
+        E = E.clamp(max=0).exp().masked_fill(upper, 0.0)
+        A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * E).sum(-1)
     if S == 1:
         return A_diag[..., 0, :, :]
     bm = bs[..., -1, :]  # [..., S, K]: last row of each sub-chunk
     kt = ks * (bm[..., :, None, :] - bs).exp()  # [..., S_J, c, K]
     later = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)  # I > J
-    off_log = bs[..., :, None, :, :] - bm[..., None, :, None, :]  # [..., S_I, S_J, c, K]
-    off_log = off_log.masked_fill(~later[:, :, None, None], float("-inf"))
-    A_off = (qs[..., :, None, :, :] * off_log.exp()) @ kt[..., None, :, :, :].transpose(-1, -2)
+    off = bs[..., :, None, :, :] - bm[..., None, :, None, :]  # [..., S_I, S_J, c, K]
+    if inplace:
+        off = off.clamp_(max=0).exp_().masked_fill_(~later[:, :, None, None], 0.0)
+        off = off.mul_(qs[..., :, None, :, :])
+    else:
+        off = off.clamp(max=0).exp().masked_fill(~later[:, :, None, None], 0.0)
+        off = qs[..., :, None, :, :] * off
+    A_off = off @ kt[..., None, :, :, :].transpose(-1, -2)
     eye = torch.eye(S, dtype=q.dtype, device=q.device)[:, :, None, None]
     A = A_off + eye * A_diag[..., :, None, :, :]  # [..., S_I, S_J, c, c]
     return A.transpose(-3, -2).reshape(*A.shape[:-4], C, C)
@@ -130,7 +134,8 @@ def _intra_channel(q, k, b, c):
 def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
     """The chunk form (`_chunk_core`), in time slices when autograd is off."""
     core = functools.partial(_chunk_core, sub_chunk=sub_chunk)
-    return run_sliced(core, (q, k, v, g), S0, scale, chunk_size)
+    weight = 4 if g is not None and g.dim() == 4 else 1
+    return run_sliced(core, (q, k, v, g), S0, scale, chunk_size, weight)
 
 
 def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
