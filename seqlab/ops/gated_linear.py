@@ -98,8 +98,9 @@ def _intra_channel(q, k, b, c):
     The chunk is cut into sub-chunks of c. Diagonal [c, c] blocks are formed elementwise from a
     [c, c, K] log-space tensor. Off-diagonal blocks (rows I after columns J) are one matmul,
     (Q_I ⊙ exp(b_I − b_m)) (K_J ⊙ exp(b_m − b_J))ᵀ with m the last row of J: both exponents ≤ 0.
-    Exponents are clamped to ≤ 0 and masked entries zeroed after the exp (exp of a −inf mask is
-    several times slower on a CPU); without autograd the [c, c, K] tensor is updated in place.
+    Without autograd, exponents are clamped to ≤ 0 and masked entries zeroed after the exp, in
+    place (exp of a −inf mask is several times slower on a CPU); with autograd the mask is −inf
+    before the exp, which keeps the backward pass shorter.
     """
     C = q.shape[-2]
     S = C // c
@@ -110,8 +111,8 @@ def _intra_channel(q, k, b, c):
     if inplace:
         E = E.clamp_(max=0).exp_().masked_fill_(upper, 0.0)
         A_diag = E.mul_(qs[..., :, None, :]).mul_(ks[..., None, :, :]).sum(-1)  # [..., S, c, c]
-    else:
-        E = E.clamp(max=0).exp().masked_fill(upper, 0.0)
+    else:  # a −inf mask before the exp: fewer saved tensors, faster forward+backward here
+        E = E.masked_fill(upper, float("-inf")).exp()
         A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * E).sum(-1)
     if S == 1:
         return A_diag[..., 0, :, :]
@@ -123,8 +124,7 @@ def _intra_channel(q, k, b, c):
         off = off.clamp_(max=0).exp_().masked_fill_(~later[:, :, None, None], 0.0)
         off = off.mul_(qs[..., :, None, :, :])
     else:
-        off = off.clamp(max=0).exp().masked_fill(~later[:, :, None, None], 0.0)
-        off = qs[..., :, None, :, :] * off
+        off = qs[..., :, None, :, :] * off.masked_fill(~later[:, :, None, None], float("-inf")).exp()
     A_off = off @ kt[..., None, :, :, :].transpose(-1, -2)
     eye = torch.eye(S, dtype=q.dtype, device=q.device)[:, :, None, None]
     A = A_off + eye * A_diag[..., :, None, :, :]  # [..., S_I, S_J, c, c]
