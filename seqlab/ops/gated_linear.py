@@ -112,7 +112,7 @@ def _intra_channel(q, k, b, c):
         E = E.clamp_(max=0).exp_().masked_fill_(upper, 0.0)
         A_diag = E.mul_(qs[..., :, None, :]).mul_(ks[..., None, :, :]).sum(-1)  # [..., S, c, c]
     else:  # a −inf mask before the exp: fewer saved tensors, faster forward+backward here
-        E = E.masked_fill(upper, float("-inf")).exp()
+        E = E.masked_fill_(upper, float("-inf")).exp()
         A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * E).sum(-1)
     if S == 1:
         return A_diag[..., 0, :, :]
@@ -124,7 +124,8 @@ def _intra_channel(q, k, b, c):
         off = off.clamp_(max=0).exp_().masked_fill_(~later[:, :, None, None], 0.0)
         off = off.mul_(qs[..., :, None, :, :])
     else:
-        off = qs[..., :, None, :, :] * off.masked_fill(~later[:, :, None, None], float("-inf")).exp()
+        off = off.masked_fill_(~later[:, :, None, None], float("-inf")).exp()
+        off = qs[..., :, None, :, :] * off
     A_off = off @ kt[..., None, :, :, :].transpose(-1, -2)
     eye = torch.eye(S, dtype=q.dtype, device=q.device)[:, :, None, None]
     A = A_off + eye * A_diag[..., :, None, :, :]  # [..., S_I, S_J, c, c]
