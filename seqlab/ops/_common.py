@@ -162,11 +162,21 @@ def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.clone() if same else x
 
 
-def from_chunks(o: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
-    """Inverse of `to_chunks`: [N·B·H, C, ...] → [B, T, H, ...], padding dropped."""
+def from_chunks(o: torch.Tensor, B: int, T: int, H: int, out: torch.Tensor | None = None):
+    """Inverse of `to_chunks`: [N·B·H, C, ...] → [B, T, H, ...], padding dropped.
+
+    With `out` ([B, T, H, ...], may be a slice of a larger tensor) the result is written there,
+    in one copy when T is a whole number of chunks.
+    """
     C = o.shape[1]
-    o = o.view(-1, B, H, C, *o.shape[2:]).movedim((0, 2), (1, 3))  # [B, N, C, H, ...]
-    return o.reshape(B, -1, H, *o.shape[4:])[:, :T]
+    x = o.view(-1, B, H, C, *o.shape[2:]).movedim((0, 2), (1, 3))  # [B, N, C, H, ...]
+    if out is None:
+        return x.reshape(B, -1, H, *o.shape[2:])[:, :T]
+    if x.shape[1] * C == T:
+        out.view(x.shape).copy_(x)
+    else:
+        out.copy_(x.reshape(B, -1, H, *o.shape[2:])[:, :T])
+    return out
 
 
 def causal_decay(b: torch.Tensor) -> torch.Tensor:
@@ -189,22 +199,27 @@ SLICE_ROWS = 8192
 
 
 def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int, weight: int = 1):
-    """core(*xs, S0, scale, chunk_size) → (o, S), run without autograd over time slices.
+    """core(*xs, S0, scale, chunk_size) → (o in chunks, S); returns (o as [B, T, H, ·], S).
 
-    Exact: the chunk form is exact for any cut into whole chunks, and the state is carried.
-    With autograd on (or a slice as long as the input) it is one call. `weight`: slices hold
+    Without autograd the input runs in time slices of whole chunks, the state carried and each
+    slice's output written straight into one output tensor. Exact: the chunk form is exact for
+    any cut into whole chunks. With autograd on (or a slice as long as the input) it is one
+    call. `weight`: slices hold
     SLICE_ROWS / weight rows, for cores with larger intermediates per row (per-channel gates
     form [c, c, K] blocks: weight 4 measured best at T = 8192).
     """
     B, T, H = xs[0].shape[:3]
     L = chunk_size * max(1, SLICE_ROWS // (weight * B * H * chunk_size))
     if torch.is_grad_enabled() or T <= L:
-        return core(*xs, S0, scale, chunk_size)
-    outs, S = [], S0
+        o, S = core(*xs, S0, scale, chunk_size)
+        return from_chunks(o, B, T, H), S
+    out, S = None, S0
     for t in range(0, T, L):
         o, S = core(*(None if x is None else x[:, t : t + L] for x in xs), S, scale, chunk_size)
-        outs.append(o)
-    return torch.cat(outs, 1), S
+        if out is None:
+            out = o.new_empty(B, T, H, *o.shape[2:])
+        from_chunks(o, B, min(L, T - t), H, out=out[:, t : t + L])
+    return out, S
 
 
 def pad_packed(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:

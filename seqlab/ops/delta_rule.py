@@ -24,7 +24,6 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
-    from_chunks,
     run_packed,
     run_sliced,
     to_chunks,
@@ -151,7 +150,7 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
     if not inplace:
         U = torch.baddbmm(U_pre, W, starts, alpha=-1)
     o = torch.baddbmm(A @ U, q_in, starts).mul_(scale)  # [N·B·H, C, V]
-    return from_chunks(o, B, T, H), S.view(B, H, K, V)
+    return o, S.view(B, H, K, V)  # o in chunks: run_sliced lays it out
 
 
 def _finish(o, S, q, output_final_state):

@@ -26,7 +26,6 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
-    from_chunks,
     run_packed,
     run_sliced,
     to_chunks,
@@ -175,7 +174,7 @@ def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
             S = torch.addcmul(dS_n, S, d_n)
         starts = torch.stack(states, 0)  # [N, B·H, K, V]: state entering each chunk
     o = torch.baddbmm(A @ vc, q_in, starts.view(-1, K, V)).mul_(scale)  # [N·B·H, C, V]
-    return from_chunks(o, B, T, H), S.view(B, H, K, V)
+    return o, S.view(B, H, K, V)  # o in chunks: run_sliced lays it out
 
 
 def _finish(o, S, q, output_final_state):

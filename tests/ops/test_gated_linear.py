@@ -85,8 +85,9 @@ def test_forms_match_recurrent(shape, gate, initial_state):
     assert_same_run(run_grads(op("parallel"), x), ref, **F64, label="parallel")
 
 
-# B·H = 1 with T a multiple of C: the chunked view of an input could alias it.
-NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16)]
+# B·H = 1 with T a multiple of C: the chunked view of an input could alias it. T = 52, C = 16:
+# in two-chunk slices the last one (20 steps) is a padded partial chunk.
+NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16), (1, 52, 2, 8, 4, 16)]
 
 
 @pytest.mark.parametrize(
@@ -94,15 +95,18 @@ NO_GRAD_SHAPES = [*SHAPES, (1, 32, 1, 8, 4, 16)]
 )
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
-@pytest.mark.parametrize("slice_rows", [SLICE_ROWS, 1], ids=["one-slice", "slice-per-chunk"])
+@pytest.mark.parametrize("slicing", ["one-slice", "slice-per-chunk", "two-chunk-slices"])
 def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(
-    form, shape, gate, slice_rows, monkeypatch
+    form, shape, gate, slicing, monkeypatch
 ):
     """Without autograd the chunk core updates its intermediates in place: same numbers,
     and the caller's tensors (some chunk views alias them when B·H = 1) are untouched.
-    slice_rows=1 cuts the input into one-chunk time slices that carry the state."""
-    monkeypatch.setattr(_common, "SLICE_ROWS", slice_rows)
+    Time slices of one or two chunks carry the state (two: a ragged last slice is padded)."""
     *dims, C = shape
+    B, H = dims[0], dims[2]
+    weight = 4 if gate == "channel" else 1
+    rows = {"one-slice": SLICE_ROWS, "slice-per-chunk": 1}.get(slicing, 2 * B * H * C * weight)
+    monkeypatch.setattr(_common, "SLICE_ROWS", rows)
     x = make_inputs(*dims, gate=gate, initial_state=True, seed=sum(shape))
     before = {n: t.clone() for n, t in x.items()}
     with torch.no_grad():
