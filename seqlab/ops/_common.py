@@ -204,9 +204,8 @@ def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int, 
     Without autograd the input runs in time slices of whole chunks, the state carried and each
     slice's output written straight into one output tensor. Exact: the chunk form is exact for
     any cut into whole chunks. With autograd on (or a slice as long as the input) it is one
-    call. `weight`: slices hold
-    SLICE_ROWS / weight rows, for cores with larger intermediates per row (per-channel gates
-    form [c, c, K] blocks: weight 4 measured best at T = 8192).
+    call. `weight`: slices hold SLICE_ROWS / weight rows, for cores with larger intermediates
+    per row (per-channel gates form [c, c, K] blocks: weight 4 measured best at T = 8192).
     """
     B, T, H = xs[0].shape[:3]
     L = chunk_size * max(1, SLICE_ROWS // (weight * B * H * chunk_size))

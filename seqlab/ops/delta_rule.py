@@ -87,10 +87,11 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
     Per chunk, with M = I + tril(diag(β) Γ ⊙ K Kᵀ, −1) and T = M⁻¹, W = T diag(β) (γ ⊙ K) and
     U' = T diag(β) V: for C ≤ K + V one batched triangular solve against I, then matmuls (small
     batched solves are several times slower per flop than matmuls on a CPU), else one solve
-    against [βγK | βV]. Each chunk's state update is
-    affine in its entering state: with K̃ = K ⊙ γ_{C−1}/γ, S_{n+1} = P_n S_n + R_n where
-    P_n = γ_{C−1} I − K̃ᵀ W and R_n = K̃ᵀ U', batched over chunks. So the sequential loop is one
-    [K, K] @ [K, V] product per chunk; U = U' − W S_n and the outputs are batched again.
+    against [βγK | βV]. With K̃ = K ⊙ γ_{C−1}/γ, the state pass is U_n = U'_n − W_n S_n,
+    S_{n+1} = γ_{C−1} S_n + K̃ᵀ U_n. Without autograd it runs like that, step by step, in place.
+    With autograd each chunk's affine map S_{n+1} = P_n S_n + R_n, P_n = γ_{C−1} I − K̃ᵀ W and
+    R_n = K̃ᵀ U', is batched over chunks, so the loop is one [K, K] @ [K, V] product per chunk
+    (a shorter graph to differentiate) and U is batched again once the states are known.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -4,6 +4,8 @@ A multiply-add is 2 FLOPs. `Flops.matmul` is the work done in matrix products (m
 convolution): exactly what `torch.utils.flop_counter.FlopCounterMode` reports for these ops,
 padding of the last chunk included, except that attention here counts only the causally visible
 query–key pairs, where the counter counts the dense score matrix (`causal=False` gives its count).
+Without autograd the chunk forms run a long input in time slices (`seqlab.ops._common.SLICE_ROWS`):
+a short last slice is then not padded to a whole chunk, and the count there can be lower.
 `Flops.other` is the leading work the counter does not see: triangular solves, the elementwise
 [c, c, K] diagonal blocks of per-channel gates, the elementwise state update of a recurrent step.
 Gates, norms, activations and casts, O(width) per token, are left out of both.
@@ -93,9 +95,7 @@ def delta_rule_flops(
     O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
     U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
     training forward): the affine maps P = γI − K̃ᵀW, R = K̃ᵀU' batched (2CK(K + V)), the
-    step S₁ = P S₀ + R (2K²V), and U = U' − W S₀ batched (2CKV). Without autograd, a long input
-    runs in time slices (`seqlab.ops._common.SLICE_ROWS`); a short last slice is then not padded
-    to a whole chunk, so the count there can be lower than this formula.
+    step S₁ = P S₀ + R (2K²V), and U = U' − W S₀ batched (2CKV).
     The recurrent form has two matmuls per step, kᵀS and qᵀS (4KV), and an elementwise update.
     """
     if form == "recurrent":
