@@ -90,10 +90,12 @@ def check_gate_dtype(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
-def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor) -> None:
-    """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13)."""
+def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor, values: bool = True) -> None:
+    """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13).
+    The value check reads the tensor back to the host (a GPU caller waits for its queue);
+    `values=False` skips it, for callers whose gates are valid by construction."""
     check_gate_dtype(name, g, q)
-    if g.numel() and bool(((g > 0) | ~g.isfinite()).any()):
+    if values and g.numel() and bool(((g > 0) | ~g.isfinite()).any()):
         raise ValueError(
             f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "
             f"in (0, 1]); got min {g.min().item():.4g}, max {g.max().item():.4g}"

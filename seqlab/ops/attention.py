@@ -98,19 +98,14 @@ def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> 
     return visible
 
 
-def _append(old: Tensor | None, new: Tensor, keep: int | None) -> Tensor:
-    """The last `keep` tokens (all if None) of old ++ new along T, in a freshly allocated tensor,
-    so a windowed cache never pins the whole prefill in memory through a view."""
-    parts = [new] if old is None else [old, new]
-    if keep is not None:
-        drop = sum(p.shape[1] for p in parts) - keep
-        trimmed = []
-        for p in parts:
-            cut = min(max(drop, 0), p.shape[1])
-            trimmed.append(p[:, cut:])
-            drop -= cut
-        parts = trimmed
-    return torch.cat(parts, dim=1)
+def _cache(kv: Tensor, keep: int | None, fresh: bool) -> Tensor:
+    """The cache to return: the last `keep` tokens (all if None) of kv = old ++ new along T.
+    `kv` itself when it is `fresh` (a concatenation made by this call) and nothing is trimmed, so
+    a decode step copies the cache once, not twice; otherwise a copy, so the cache neither aliases
+    the caller's k, v nor, windowed, pins the whole prefill in memory through a view."""
+    if keep is not None and kv.shape[1] > keep:
+        return kv[:, kv.shape[1] - keep :].clone()
+    return kv if fresh else kv.clone()
 
 
 def attention(
@@ -158,8 +153,8 @@ def attention(
     if not output_final_state:
         return o, None
     keep = None if window is None else window - 1
-    old_k, old_v = (None, None) if initial_state is None else initial_state
-    return o, KVCache(_append(old_k, k, keep), _append(old_v, v, keep))
+    fresh = initial_state is not None
+    return o, KVCache(_cache(k_all, keep, fresh), _cache(v_all, keep, fresh))
 
 
 def naive_attention(

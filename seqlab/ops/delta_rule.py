@@ -31,14 +31,15 @@ from seqlab.ops._common import (
 from seqlab.ops.triton import use_triton
 
 
-def _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
-    """Check the arguments; return the scale and the packing offsets."""
+def _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values=True):
+    """Check the arguments (β's and g's values only with `check_values`); return the scale and
+    the packing offsets."""
     B, T, H, K, V = check_qkv(q, k, v)
     check_tensor("beta", beta)
     check_shape("beta", beta, "BTH", (B, T, H))
     check_gate_dtype("beta", beta, q)
     hi = 2.0 if allow_neg_eigval else 1.0
-    if bool(((beta < 0) | (beta > hi) | beta.isnan()).any()):
+    if check_values and bool(((beta < 0) | (beta > hi) | beta.isnan()).any()):
         hint = "" if allow_neg_eigval else " (values up to 2 need allow_neg_eigval=True)"
         raise ValueError(
             f"beta must lie in [0, {hi:g}]{hint}; got min {beta.min().item():.4g}, "
@@ -47,15 +48,16 @@ def _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
     if g is not None:
         check_tensor("g", g)
         check_shape("g", g, "BTH", (B, T, H))
-        check_log_gate("g", g, q)
+        check_log_gate("g", g, q, values=check_values)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_initial_state(initial_state, B, H, K, V, cu)
     return check_scale(scale, K), cu
 
 
-def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval):
+def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values):
     """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
-    scale, cu = _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values)
+    scale, cu = _check(*args)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g, initial_state)]
     return cast, scale, cu
@@ -169,9 +171,12 @@ def recurrent_delta_rule(
     output_final_state=False,
     cu_seqlens=None,
     allow_neg_eigval=False,
+    *,
+    check_values=True,
 ):
     """Reference form: one rank-one state update per time step. Also the decode step (T = 1)."""
-    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values)
+    args = _prepare(*args)
     (qf, kf, vf, bf, gf, S0), scale, cu = args
     o, S = run_packed(_recurrent, cu, (qf, kf, vf, bf, gf), S0, scale)
     return _finish(o, S, q, output_final_state)
@@ -189,10 +194,13 @@ def chunk_delta_rule(
     cu_seqlens=None,
     allow_neg_eigval=False,
     chunk_size=64,
+    *,
+    check_values=True,
 ):
     """Chunkwise-parallel form with the WY/UT representation (the training form)."""
     check_chunk_size(chunk_size)
-    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values)
+    args = _prepare(*args)
     (qf, kf, vf, bf, gf, S0), scale, cu = args
     o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
@@ -209,9 +217,12 @@ def parallel_delta_rule(
     output_final_state=False,
     cu_seqlens=None,
     allow_neg_eigval=False,
+    *,
+    check_values=True,
 ):
     """Quadratic form: the UT transform over the whole sequence (one [T, T] triangular solve)."""
-    args = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
+    args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values)
+    args = _prepare(*args)
     (qf, kf, vf, bf, gf, S0), scale, cu = args
     T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
     o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, T)
@@ -232,11 +243,17 @@ def delta_rule(
     form="chunk",
     chunk_size=64,
     backend="auto",
+    *,
+    check_values=True,
 ):
     """The gated delta rule in the named form ("recurrent", "chunk" or "parallel").
 
     backend: "auto" runs the Triton kernels on CUDA tensors where they support the call and
     PyTorch elsewhere; "torch" or "triton" forces one (seqlab.ops.triton).
+    check_values: False skips the checks that β lies in range and g is finite and ≤ 0, which read
+    them back to the host, so a GPU caller waits for its queue on every call. The mixers pass
+    False (sigmoid β, −softplus gates: valid by construction), so a decode step never waits.
+    Shapes, dtypes and devices are checked either way.
     """
     check_form(form)
     check_chunk_size(chunk_size)
@@ -244,13 +261,14 @@ def delta_rule(
         from seqlab.ops.triton import api
 
         args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
-        scale, cu = _check(*args)
+        scale, cu = _check(*args, check_values)
         args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu)
         return api.delta_rule(*args, form, chunk_size)
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
     args = (*args, allow_neg_eigval)
+    checks = {"check_values": check_values}
     if form == "chunk":
-        return chunk_delta_rule(*args, chunk_size=chunk_size)
+        return chunk_delta_rule(*args, chunk_size=chunk_size, **checks)
     if form == "parallel":
-        return parallel_delta_rule(*args)
-    return recurrent_delta_rule(*args)
+        return parallel_delta_rule(*args, **checks)
+    return recurrent_delta_rule(*args, **checks)

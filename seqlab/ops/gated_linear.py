@@ -35,8 +35,9 @@ from seqlab.ops.triton import use_triton
 SUB_CHUNK = 16  # per-channel gates: diagonal blocks of this size are formed elementwise
 
 
-def _check(q, k, v, g, scale, initial_state, cu_seqlens):
-    """Check the arguments; return the scale and the packing offsets."""
+def _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values=True):
+    """Check the arguments (g's values only with `check_values`); return the scale and the
+    packing offsets."""
     B, T, H, K, V = check_qkv(q, k, v)
     if g is not None:
         check_tensor("g", g)
@@ -49,15 +50,15 @@ def _check(q, k, v, g, scale, initial_state, cu_seqlens):
             check_shape("g", g, "BTH", (B, T, H))
         else:
             check_shape("g", g, "BTHK", (B, T, H, K))
-        check_log_gate("g", g, q)
+        check_log_gate("g", g, q, values=check_values)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_initial_state(initial_state, B, H, K, V, cu)
     return check_scale(scale, K), cu
 
 
-def _prepare(q, k, v, g, scale, initial_state, cu_seqlens):
+def _prepare(q, k, v, g, scale, initial_state, cu_seqlens, check_values):
     """Check the arguments; return them cast to the compute dtype, with the packing offsets."""
-    scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens)
+    scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, g, initial_state)]
     return cast, scale, cu
@@ -182,10 +183,20 @@ def _finish(o, S, q, output_final_state):
 
 
 def recurrent_gated_linear(
-    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+    q,
+    k,
+    v,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    *,
+    check_values=True,
 ):
     """Reference form: one state update per time step. Also the decode step (T = 1)."""
-    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    args = (q, k, v, g, scale, initial_state, cu_seqlens, check_values)
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(*args)
     o, S = run_packed(_recurrent, cu, (qf, kf, vf, gf), S0, scale)
     return _finish(o, S, q, output_final_state)
 
@@ -200,19 +211,32 @@ def chunk_gated_linear(
     output_final_state=False,
     cu_seqlens=None,
     chunk_size=64,
+    *,
+    check_values=True,
 ):
     """Chunkwise-parallel form (the training form): quadratic within a chunk, recurrent across."""
     check_chunk_size(chunk_size)
-    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    args = (q, k, v, g, scale, initial_state, cu_seqlens, check_values)
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(*args)
     o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
 
 
 def parallel_gated_linear(
-    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+    q,
+    k,
+    v,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    *,
+    check_values=True,
 ):
     """Quadratic form: one [T, T] masked product ([T, T, K] for per-channel gates); an oracle."""
-    (qf, kf, vf, gf, S0), scale, cu = _prepare(q, k, v, g, scale, initial_state, cu_seqlens)
+    args = (q, k, v, g, scale, initial_state, cu_seqlens, check_values)
+    (qf, kf, vf, gf, S0), scale, cu = _prepare(*args)
     T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
     o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, T, T)
     return _finish(o, S, q, output_final_state)
@@ -230,23 +254,30 @@ def gated_linear(
     form="chunk",
     chunk_size=64,
     backend="auto",
+    *,
+    check_values=True,
 ):
     """The gated linear recurrence in the named form ("recurrent", "chunk" or "parallel").
 
     backend: "auto" runs the Triton kernels on CUDA tensors where they support the call and
     PyTorch elsewhere; "torch" or "triton" forces one (seqlab.ops.triton).
+    check_values: False skips the check that g is finite and ≤ 0, which reads g back to the host,
+    so a GPU caller waits for its queue on every call. The mixers pass False (their gates are
+    log-sigmoids or −softplus, valid by construction), so a decode step never waits. Shapes,
+    dtypes and devices are checked either way.
     """
     check_form(form)
     check_chunk_size(chunk_size)
     if use_triton(backend, form, chunk_size, (q, k, v, g, initial_state)):
         from seqlab.ops.triton import api
 
-        scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens)
+        scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values)
         args = (q, k, v, g, scale, initial_state, output_final_state, cu)
         return api.gated_linear(*args, form, chunk_size)
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    checks = {"check_values": check_values}
     if form == "chunk":
-        return chunk_gated_linear(*args, chunk_size=chunk_size)
+        return chunk_gated_linear(*args, chunk_size=chunk_size, **checks)
     if form == "parallel":
-        return parallel_gated_linear(*args)
-    return recurrent_gated_linear(*args)
+        return parallel_gated_linear(*args, **checks)
+    return recurrent_gated_linear(*args, **checks)

@@ -9,6 +9,7 @@ import torch
 
 from seqlab.mixers import MIXERS
 from seqlab.mixers.recurrent import RecurrentMixer
+from tests.host_reads import HostReads
 from tests.mixers.conftest import CASES, B, D, T, make_mixer, make_x
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
@@ -181,7 +182,7 @@ def test_float64_parameters_give_a_float64_state(case):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """[(op name, args)] of every recurrence op the mixers call, by form."""
+    """[(op name, args, kwargs, op)] of every recurrence op the mixers call, by form."""
     calls = []
     for family in ("gated_linear", "delta_rule"):
         # by import_module: seqlab.ops.gated_linear is the function, which shadows its module
@@ -194,7 +195,7 @@ def op_calls(monkeypatch):
 
 def recording(name, op, calls):
     def spy(*args, **kwargs):
-        calls.append((name, args))
+        calls.append((name, args, kwargs, op))
         return op(*args, **kwargs)
 
     return spy
@@ -205,19 +206,47 @@ def test_prefill_runs_the_chunk_form_and_a_decode_step_the_recurrent_form(case, 
     mixer = make_mixer(case)
     x = make_x()
     _, state = mixer(x[:, :8])
-    assert [name.split("_")[0] for name, _ in op_calls] == ["chunk"]
+    assert [call[0].split("_")[0] for call in op_calls] == ["chunk"]
     mixer(x[:, 8:9], state)
-    assert [name.split("_")[0] for name, _ in op_calls] == ["chunk", "recurrent"]
+    assert [call[0].split("_")[0] for call in op_calls] == ["chunk", "recurrent"]
 
 
 @pytest.mark.parametrize("case", ["deltanet", "gdn", "gdn_neg_eigval"])
 def test_delta_rule_mixers_write_with_unit_keys_and_bounded_beta(case, op_calls):
     mixer = make_mixer(case)
     mixer(make_x())
-    [(_, (q, k, _, beta, g, *_))] = op_calls
+    [(_, (q, k, _, beta, g, *_), _, _)] = op_calls
     ones = torch.ones(q.shape[:-1])
     torch.testing.assert_close(q.norm(dim=-1), ones)
     torch.testing.assert_close(k.norm(dim=-1), ones)
     high = 2.0 if mixer.config.allow_neg_eigval else 1.0
     assert beta.min() > 0 and beta.max() < high and beta.max() > high / 2
     assert (g is None) == (case == "deltanet")
+
+
+@pytest.mark.parametrize("case", RECURRENT)
+def test_mixers_pass_values_the_op_checks_would_accept(case, op_calls):
+    """The mixers call the ops with check_values=False (a value check reads the gates back to the
+    host); the gates and β they pass must still be what the checks accept."""
+    mixer = make_mixer(case)
+    x = make_x()
+    _, state = mixer(x[:, :20])
+    mixer(x[:, 20:21], state)
+    assert len(op_calls) == 2
+    for _, args, kwargs, op in op_calls:
+        if mixer.__class__.__name__ != "LinearAttention":
+            assert kwargs["check_values"] is False
+        op(*args, **{**kwargs, "check_values": True})  # raises on a bad gate or β
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_prefill_and_decode_read_nothing_back_to_the_host(case):
+    """On a GPU a host read (`.item()`, `bool(t)`) makes each decode step wait for the device."""
+    mixer = make_mixer(case)
+    x = make_x()
+    with HostReads() as spy:
+        _, state = mixer(x[:, :20])
+        mixer(x[:, 20:21], state)
+        with torch.no_grad():
+            mixer(x[:, 21:22], mixer(x[:, :21])[1])
+    assert spy.reads == []

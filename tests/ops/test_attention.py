@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqlab.ops.attention import KVCache, attention, naive_attention
 
@@ -146,12 +147,50 @@ def test_prefill_then_decode_equals_full_pass(window, heads):
         torch.testing.assert_close(got, want[:, T - kept :], **TIGHT)
 
 
-def test_windowed_cache_does_not_alias_inputs():
+@pytest.mark.parametrize("window", [None, 3])
+def test_cache_owns_its_memory(window):
+    """The returned cache never aliases the caller's k, v, and a windowed one is not a view of
+    the whole prefill (2 tokens, not 8)."""
     q, k, v = make_qkv(1, 8, 2, 2, 4, 4)
-    _, cache = attention(q, k, v, window=3, output_final_state=True)
-    assert cache.k.shape[1] == 2
-    for x in cache:
-        assert x.untyped_storage().nbytes() == x.nbytes  # 2 tokens, not a view of all 8
+    _, cache = attention(q, k, v, window=window, output_final_state=True)
+    assert cache.k.shape[1] == (8 if window is None else 2)
+    for x, src in zip(cache, (k, v), strict=True):
+        assert x.untyped_storage().nbytes() == x.nbytes
+        assert x.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+
+
+class CopiedBytes(TorchDispatchMode):
+    """Bytes written by the ops that copy tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten.clone, torch.ops.aten.copy_):
+            self.nbytes += out.nbytes
+        return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_decode_step_copies_the_cache_once(window):
+    q, k, v = make_qkv(1, 12, 2, 2, 4, 4)
+    _, cache = attention(q[:, :11], k[:, :11], v[:, :11], window=window, output_final_state=True)
+    with CopiedBytes() as spy:
+        _, cache = attention(
+            q[:, 11:],
+            k[:, 11:],
+            v[:, 11:],
+            window=window,
+            initial_state=cache,
+            output_final_state=True,
+        )
+    if window is None:  # old ++ new, written once: the returned cache itself
+        assert spy.nbytes == cache.nbytes
+    else:  # old ++ new (window tokens), then its last window - 1 into the returned cache
+        step = cache.nbytes // cache.k.shape[1]  # one token's k and v
+        assert spy.nbytes == 2 * cache.nbytes + step
 
 
 @pytest.mark.parametrize("window", [None, 1, 2, 4])

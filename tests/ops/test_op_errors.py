@@ -27,6 +27,7 @@ from seqlab.ops.gated_linear import (
     parallel_gated_linear,
     recurrent_gated_linear,
 )
+from tests.host_reads import HostReads
 
 B, T, H, K, V = 2, 5, 2, 8, 12
 
@@ -533,3 +534,29 @@ def test_half_inputs_take_float32_gates_and_beta():
         q, torch.nn.functional.normalize(q, dim=-1), v, beta, g, output_final_state=True
     )
     assert o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all()
+
+
+def value_cases():
+    """The rows above whose error is about a gate's or β's values, not their shapes or types."""
+    families = ((GATED_LINEAR, COMMON + GATED_LINEAR_ONLY), (DELTA_RULE, COMMON + DELTA_RULE_ONLY))
+    return [
+        pytest.param(fn, changes, family is DELTA_RULE, id=f"{fn.__name__}-{row_id}")
+        for family, rows in families
+        for row_id, changes, _, match in rows
+        if "finite and ≤ 0" in match or "must lie in" in match.replace("\\", "")
+        for fn in family.values()
+    ]
+
+
+@pytest.mark.parametrize("fn,changes,beta", value_cases())
+def test_check_values_false_skips_only_the_value_checks(fn, changes, beta):
+    """The rows above that raise for a bad gate or β value run with check_values=False, reading
+    nothing back to the host; a bad shape is still an error."""
+    with pytest.raises(ValueError):
+        call(fn, changes, beta)
+    with HostReads() as spy:
+        o, _ = call(fn, {**changes, "check_values": False}, beta)
+    assert o.shape == (B, T, H, V)
+    assert spy.reads == []
+    with pytest.raises(ValueError, match="g has shape"):
+        call(fn, {**changes, "check_values": False, "g": -rand(B, T, 1)}, beta)
