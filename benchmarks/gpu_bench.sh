@@ -1,30 +1,52 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command: seqlab's core ops against torch SDPA and fla's chunk kernels,
-# and whole models (preset large: 12 layers, d_model 1024), bf16, T from 512 to 32K. Writes
-# JSON, markdown and PNGs to benchmarks/results/<date>-<gpu>/{ops,models}/. The op and profile
-# tests run first, on the GPU: a benchmark reports only after they pass.
+# The GPU runs of seqlab in three steps, each sized for one 10-minute call of a lent GPU machine:
 #
-#     bash benchmarks/gpu_bench.sh            # all; `tests`, `ops` or `models` runs one step
-#     OUT=dir PYTHON=python3 bash benchmarks/gpu_bench.sh
+#   kernels       the Triton tests compiled on the GPU (bfloat16 added), then
+#                 bench_triton_gpu.py's correctness check (Triton vs the PyTorch chunk form, bf16)
+#                 and its decode section (fused recurrent step vs SDPA over a KV cache, 1K / 32K)
+#   kernel-speed  bench_triton_gpu.py's training section: the Triton chunk kernels vs fla 0.6.0 and
+#                 SDPA, forward and forward+backward, bf16, H = 16, K = V = 128, T = 2K … 32K
+#   bench         `seqlab bench` (its ops against SDPA and fla, then whole --preset large models:
+#                 12 layers, d_model 1024), bf16, T = 512 … 32K
+#
+#     bash benchmarks/gpu_bench.sh STEP [STEP ...]     # default: all three, in that order
+#     DEST=dir LIMIT=seconds PYTHON=python3 bash benchmarks/gpu_bench.sh bench
+#
+# Results go to $DEST/<step>/ (default benchmarks/results/<date>-<gpu>). Each timed step stops
+# starting measurements after $LIMIT seconds (default 480) and still writes its files, so a step
+# ends inside a 10-minute call; the files are also rewritten after every measurement, so a killed
+# step keeps what it measured.
 #
 # Needs a CUDA build of torch. Packages it lacks are installed from the wheels in $WHEELS
 # (default .whl/) when that folder exists; fla is optional (without it the peers are SDPA only).
 # For a GPU machine with no network, fetch the wheels where pip works, from the repo root:
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#         fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection
+#         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection
+# (fla-core is pure Python; the GPU image has torch, triton, einops, matplotlib, rich, typer,
+# pytest and hypothesis.) With the device tool of this workplace, one call per step, carrying
+# .whl and packing the results into its $OUT (it returns at most 8 files):
+#     DEST=/tmp/r LIMIT=480 bash benchmarks/gpu_bench.sh kernels; tar czf $OUT/kernels.tgz -C /tmp r
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
-WHAT=${1:-all}
+LIMIT=${LIMIT:-480}
+STEPS=("$@")
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(kernels kernel-speed bench)
+for step in "${STEPS[@]}"; do
+    case $step in
+        kernels | kernel-speed | bench) ;;
+        *) echo "unknown step '$step': expected kernels, kernel-speed or bench" >&2; exit 2 ;;
+    esac
+done
 
 if [ -d "$WHEELS" ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
         --target /tmp/seqlab-site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/seqlab-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
 "$PYTHON" -c "import einops, matplotlib, pydantic, rich, typer" ||
     { echo "missing packages: install them or put their wheels in $WHEELS" >&2; exit 1; }
@@ -32,20 +54,31 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # "NVIDIA H100 80GB HBM3" → h100
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-OUT=${OUT:-benchmarks/results/$(date +%F)-$GPU}
+DEST=${DEST:-benchmarks/results/$(date +%F)-$GPU}
+KERNELS=("$PYTHON" benchmarks/bench_triton_gpu.py --time-limit "$LIMIT")
 # Every mixer at its defaults (gdn: 3 heads of 256 at d_model 1024); retnet runs the per-head
 # gate op, which fla calls chunk_simple_gla.
 BENCH=("$PYTHON" -m seqlab.cli bench --device cuda --dtype bf16 --preset large
        --seq-lens 512,1k,2k,4k,8k,16k,32k)
 
-if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
-    "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/ops tests/profile
-fi
-if [ "$WHAT" = all ] || [ "$WHAT" = ops ]; then
-    "${BENCH[@]}" --level op --arch attn --arch gla --arch retnet --arch gdn \
-        --repeats 20 --warmup 3 --out "$OUT/ops"
-fi
-if [ "$WHAT" = all ] || [ "$WHAT" = models ]; then
-    "${BENCH[@]}" --level model --arch attn --arch gla --arch gdn --arch "gdn*3,attn" \
-        --repeats 10 --warmup 2 --decode-repeats 50 --out "$OUT/models"
-fi
+for step in "${STEPS[@]}"; do
+    mkdir -p "$DEST/$step"
+    case $step in
+        kernels)
+            "$PYTHON" -m pytest -q -x -p no:cacheprovider --durations 10 tests/ops/triton \
+                2>&1 | tee "$DEST/$step/tests.log"
+            "${KERNELS[@]}" --sections check,decode --out "$DEST/$step"
+            ;;
+        kernel-speed)
+            "${KERNELS[@]}" --sections training --out "$DEST/$step"
+            ;;
+        bench)
+            # the ops get a third of the time; the models, the slower part, the rest
+            "${BENCH[@]}" --level op --arch attn --arch gla --arch retnet --arch gdn \
+                --repeats 20 --warmup 3 --time-limit $((LIMIT / 3)) --out "$DEST/$step/ops"
+            "${BENCH[@]}" --level model --arch attn --arch gla --arch gdn --arch "gdn*3,attn" \
+                --repeats 10 --warmup 2 --decode-repeats 50 --time-limit $((LIMIT * 2 / 3)) \
+                --out "$DEST/$step/models"
+            ;;
+    esac
+done

@@ -169,13 +169,20 @@ def bench(
     max_memory_gb: Annotated[
         float | None, typer.Option(help="skip one predicted to need more (default: 60 % free)")
     ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(
+            help="start no measurement after this many seconds (or predicted to end after)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the weights and inputs")] = 0,
     out: Annotated[Path, typer.Option(help="directory for JSON, markdown, PNGs")] = Path(
         "bench-results"
     ),
 ) -> None:
     """Measure time, memory and analytic cost of architectures and their core ops against
-    peers; print tables, write bench.json, results.md and PNG plots to --out."""
+    peers; print tables, write bench.json, results.md and PNG plots to --out. The JSON and
+    markdown are rewritten after every measured length, so a killed run keeps its results."""
     try:
         lens = parse_seq_lens(seq_lens)
     except ValueError as e:
@@ -201,6 +208,7 @@ def bench(
         threads=threads,
         max_seconds=max_seconds,
         max_memory_gb=max_memory_gb,
+        time_limit=time_limit,
         **size,
     )
     if arch:
@@ -211,10 +219,17 @@ def bench(
         raise typer.BadParameter(str(e)) from None
     from seqlab.profile.report import rich_tables, write_results  # loads matplotlib
 
-    result = run_bench(config, log=lambda line: console.print(escape(line), style="dim"))
+    command = command_line(config, out)
+    result = run_bench(
+        config,
+        log=lambda line: console.print(escape(line), style="dim"),
+        progress=lambda partial: write_results(partial, out, command, plots=False),
+    )
     for table in rich_tables(result):
         console.print(table, width=None if console.is_terminal else 200)  # a file: keep whole
-    for path in write_results(result, out, command_line(config, out)):
+    if "stopped" in result:
+        console.print(f"stopped early: {escape(result['stopped'])}", style="yellow")
+    for path in write_results(result, out, command):
         console.print(f"wrote {path}")
 
 

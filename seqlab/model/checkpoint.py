@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from seqlab.files import write_atomic
 from seqlab.model.lm import CausalLM, ModelConfig
 
 FORMAT = "seqlab-causal-lm-1"
@@ -56,17 +56,7 @@ def save_checkpoint(model: CausalLM, path: str | os.PathLike) -> Path:
         "config": model.config.model_dump_json(),
         "sha256": _digest(tensors),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -16,10 +16,12 @@ from seqlab.ops.gated_linear import (
     parallel_gated_linear,
     recurrent_gated_linear,
 )
+from seqlab.ops.triton import default_backend
 
 __all__ = [
     "chunk_delta_rule",
     "chunk_gated_linear",
+    "default_backend",
     "delta_rule",
     "gated_linear",
     "parallel_delta_rule",

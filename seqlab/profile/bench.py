@@ -14,7 +14,11 @@ shapes, against peers timed in the same run (seqlab.profile.peers).
 A measurement is skipped, with the reason recorded, when the wall time of its calls — predicted
 from the previous length by the ratio of analytic FLOPs — exceeds `max_seconds`, when its peak
 memory, extrapolated linearly in T, exceeds `max_memory_gb`, or when it runs out of memory;
-the longer lengths of that measurement are then skipped too.
+the longer lengths of that measurement are then skipped too. With `time_limit` the whole run
+starts no measurement past that many seconds (nor one predicted to end past it), so a run under
+a wall-clock limit ends with results. `progress(result)` is called after every measured length,
+with `result["complete"]` False until the run ends: the CLI rewrites its files then, so a run
+that is killed keeps what it had measured.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import platform
 import re
 import shlex
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,7 +104,7 @@ def parse_device(name: str) -> torch.device:
 class BenchConfig(Config):
     """What `seqlab bench` measures; archs are patterns ("gdn*3,attn"), max_seconds bounds the
     predicted wall time of one measurement, max_memory_gb its peak (None: 60 % of the memory
-    available when the run starts)."""
+    available when the run starts), time_limit the whole run's (None: no limit)."""
 
     archs: tuple[str, ...] = ("attn", "gdn", "gdn*3,attn")
     seq_lens: tuple[PositiveInt, ...] = (512, 2048, 8192, 32768)
@@ -117,6 +122,7 @@ class BenchConfig(Config):
     decode_repeats: PositiveInt = 10
     max_seconds: PositiveFloat = 60.0
     max_memory_gb: PositiveFloat | None = None
+    time_limit: PositiveFloat | None = None
     seed: int = 0
 
     @field_validator("dtype")
@@ -188,13 +194,24 @@ def fit_slope(xs: list[float], ys: list[float | None]) -> dict[str, float] | Non
 
 class _Budget:
     """Predicts a measurement's wall time and memory from the same measurement at the previous
-    length; remembers skips so longer lengths are skipped too."""
+    length; remembers skips so longer lengths are skipped too. With a time limit, nothing starts
+    once it has passed (`stopped` says so), nor anything predicted to end after it."""
 
-    def __init__(self, max_seconds: float, max_bytes: int | None):
+    def __init__(
+        self,
+        max_seconds: float,
+        max_bytes: int | None,
+        time_limit: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.max_seconds = max_seconds
         self.max_bytes = max_bytes
         self.last: dict[Any, tuple[int, float, float, int | None]] = {}  # T, work, s, bytes
         self.skipped: dict[Any, str] = {}
+        self.time_limit = time_limit
+        self.clock = clock
+        self.deadline = None if time_limit is None else clock() + time_limit
+        self.stopped: str | None = None
 
     def seconds(self, key: Any, work: float) -> float | None:
         if key not in self.last:
@@ -205,12 +222,20 @@ class _Budget:
     def check(self, key: Any, T: int, work: float, calls: int, extra_s: float) -> str | None:
         if key in self.skipped:
             return self.skipped[key]
+        left = None if self.deadline is None else self.deadline - self.clock()
+        if left is not None and left <= 0:
+            self.stopped = self.stopped or f"the run's time limit ({self.time_limit:g} s) passed"
+            return self.stopped
         if key not in self.last:
             return None
         T0, _, _, bytes0 = self.last[key]
         seconds = self.seconds(key, work) * calls + extra_s
         if seconds > self.max_seconds:
             return self.fail(key, T, f"predicted {seconds:.0f} s > max {self.max_seconds:g} s")
+        if left is not None and seconds > left:
+            return self.fail(
+                key, T, f"predicted {seconds:.0f} s > {left:.0f} s left of the time limit"
+            )
         if bytes0 is not None and self.max_bytes is not None and bytes0 * T / T0 > self.max_bytes:
             gb = bytes0 * T / T0 / 2**30
             limit = self.max_bytes / 2**30
@@ -298,17 +323,14 @@ def _model_calls(model: CausalLM, ids: torch.Tensor) -> dict[str, Callable[[], t
     }
 
 
-def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log) -> dict[str, Any]:
+def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, entry, save) -> None:
+    """Fill `entry` (already in the result) with a point per length, calling save() after each."""
     torch.manual_seed(config.seed)
     model = CausalLM(config.arch_config(arch)).to(device=device, dtype=dtype).eval()
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)
-    entry: dict[str, Any] = {
-        "arch": arch,
-        "layers": [str(s) for s in model.config.mixer_specs()],
-        "params": model.num_params(),
-        "points": [],
-    }
+    layers = [str(s) for s in model.config.mixer_specs()]
+    entry.update(arch=arch, layers=layers, params=model.num_params(), points=[], fits={})
     for T in config.seq_lens:
         cost = model_cost(model, T)
         ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=gen).to(device)
@@ -339,12 +361,12 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log) -> 
             point["prefill_tokens_per_s"] = B * T / fwd["median_s"]
             point["forward_flops_per_s"] = work["forward"] / fwd["median_s"]
         entry["points"].append(point)
-    Ts = [p["seq_len"] for p in entry["points"]]
-    entry["fits"] = {
-        name: fit_slope(Ts, [p[name].get("median_s") for p in entry["points"]])
-        for name in MODEL_PASSES
-    }
-    return entry
+        Ts = [p["seq_len"] for p in entry["points"]]
+        entry["fits"] = {
+            name: fit_slope(Ts, [p[name].get("median_s") for p in entry["points"]])
+            for name in MODEL_PASSES
+        }
+        save()
 
 
 def distinct_ops(config: BenchConfig) -> list[tuple[OpSpec, list[str]]]:
@@ -370,17 +392,13 @@ def _op_calls(impl: Callable, x: dict[str, torch.Tensor]) -> dict[str, Callable[
     return {"forward": lambda: (forward, {}), "forward_backward": lambda: (forward_backward, {})}
 
 
-def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log) -> dict[str, Any]:
+def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, entry, save) -> None:
+    """Fill `entry` (already in the result) with a point per length, calling save() after each."""
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)
     impls = implementations(spec, peers)
-    entry: dict[str, Any] = {
-        "op": spec.name,
-        "spec": dataclasses.asdict(spec),
-        "used_by": archs,
-        "impls": list(impls),
-        "points": [],
-    }
+    entry.update(op=spec.name, spec=dataclasses.asdict(spec), used_by=archs, impls=list(impls))
+    entry.update(points=[], fits={})
     for T in config.seq_lens:
         x = make_inputs(spec, B, T, dtype, device, gen)
         flops = spec.flops(T).total
@@ -412,15 +430,15 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log) ->
             if peer != "seqlab"
         }
         entry["points"].append(point)
-    Ts = [p["seq_len"] for p in entry["points"]]
-    entry["fits"] = {
-        impl: {
-            name: fit_slope(Ts, [p[impl][name].get("median_s") for p in entry["points"]])
-            for name in OP_PASSES
+        Ts = [p["seq_len"] for p in entry["points"]]
+        entry["fits"] = {
+            impl: {
+                name: fit_slope(Ts, [p[impl][name].get("median_s") for p in entry["points"]])
+                for name in OP_PASSES
+            }
+            for impl in impls
         }
-        for impl in impls
-    }
-    return entry
+        save()
 
 
 def _brief(m: dict[str, Any]) -> str:
@@ -484,21 +502,26 @@ def _memory_budget(config: BenchConfig, device: torch.device) -> int | None:
     return None if available is None else int(0.6 * available)
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], object] = lambda line: None) -> dict:
-    """Run what `config` asks for and return the results as a JSON-ready dict."""
+def run_bench(
+    config: BenchConfig,
+    log: Callable[[str], object] = lambda line: None,
+    progress: Callable[[dict], object] = lambda result: None,
+) -> dict:
+    """Run what `config` asks for and return the results as a JSON-ready dict; `progress` sees
+    the result so far after every measured length (its "complete" is False until the end)."""
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, log)
+        return _run(config, log, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: BenchConfig, log: Callable[[str], object]) -> dict:
+def _run(config: BenchConfig, log, progress) -> dict:
     device, dtype = parse_device(config.device), parse_dtype(config.dtype)
     max_bytes = _memory_budget(config, device)
-    budget = _Budget(config.max_seconds, max_bytes)
+    budget = _Budget(config.max_seconds, max_bytes, config.time_limit)
     peers = peers_available(device)
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -506,16 +529,31 @@ def _run(config: BenchConfig, log: Callable[[str], object]) -> dict:
         "machine": describe_machine(device),
         "memory_method": memory_method(device),
         "peers": peers,
+        "complete": False,
         "models": [],
         "ops": [],
     }
+
+    def entry(kind: str) -> dict[str, Any]:
+        result[kind].append({})
+        return result[kind][-1]
+
+    def save() -> None:
+        if budget.stopped:
+            result["stopped"] = budget.stopped
+        progress(result)
+
     if config.level in ("model", "all"):
         for arch in config.archs:
-            result["models"].append(_bench_model(config, arch, device, dtype, budget, log))
+            _bench_model(config, arch, device, dtype, budget, log, entry("models"), save)
     if config.level in ("op", "all"):
         for spec, archs in distinct_ops(config):
-            result["ops"].append(_bench_op(config, spec, archs, device, dtype, peers, budget, log))
+            args = (config, spec, archs, device, dtype, peers, budget, log, entry("ops"), save)
+            _bench_op(*args)
+    if budget.stopped:
+        result["stopped"] = budget.stopped
     result["machine"]["load_average_end"] = os.getloadavg()
+    result["complete"] = True
     return result
 
 

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen before pyp
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
+from seqlab.files import write_atomic  # noqa: E402
 from seqlab.profile.bench import OP_PASSES, titles  # noqa: E402
 
 PASS_TITLES = {
@@ -102,8 +103,10 @@ def _median_ms(m: dict[str, Any]) -> float | None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from seqlab.files import write_text_atomic
 from seqlab.profile.bench import MODEL_PASSES, OP_PASSES, titles
 from seqlab.profile.plot import plot_results
 
@@ -165,6 +166,10 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"({s['decode_repeats']} for decode); ± is half the interquartile range",
         f"- peak memory: {result['memory_method']}",
     ]
+    if not result.get("complete", True):
+        parts.append("- **partial results**: the run had not finished when this was written")
+    if "stopped" in result:
+        parts.append(f"- stopped early: {result['stopped']}; what was not measured is marked")
     if "command" in result:
         parts += ["", "```", result["command"], "```"]
     titles_ = titles(result)
@@ -176,13 +181,17 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_results(result: dict, out_dir: str | Path, command: str | None = None) -> list[Path]:
-    """bench.json, results.md (machine, command, tables) and the PNG plots; returns the paths."""
+def write_results(
+    result: dict, out_dir: str | Path, command: str | None = None, plots: bool = True
+) -> list[Path]:
+    """bench.json, results.md (machine, command, tables) and, with `plots`, the PNG plots, each
+    written atomically; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if command is not None:
         result = {**result, "command": command}
-    paths = [out / "bench.json", out / "results.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_report(result))
-    return paths + plot_results(result, out)
+    paths = [
+        write_text_atomic(out / "bench.json", json.dumps(result, indent=1) + "\n"),
+        write_text_atomic(out / "results.md", markdown_report(result)),
+    ]
+    return paths + (plot_results(result, out) if plots else [])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seqlab.files import write_atomic
 from seqlab.model.lm import ModelConfig
 from seqlab.model.pattern import parse_pattern
 from seqlab.tasks import build_task
@@ -135,6 +136,8 @@ def plot_probe(rows: Sequence[ProbeRow], path: str | Path, title: str = "") -> P
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -11,9 +11,10 @@ from typing import Any
 
 from rich.table import Table
 
+from seqlab.files import write_atomic
 from seqlab.train.probe import ProbeRow, human_bytes
 from seqlab.train.results import COLUMNS, lookup
-from seqlab.train.trainer import TrainResult, write_atomic
+from seqlab.train.trainer import TrainResult
 
 
 def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 import seqlab
+from seqlab.files import write_atomic
 from seqlab.model.lm import ModelConfig
 from seqlab.tasks import TASKS, Task
-from seqlab.train.trainer import TrainConfig, TrainResult, resolve_device, write_atomic
+from seqlab.train.trainer import TrainConfig, TrainResult, resolve_device
 
 ENV_VAR = "SEQLAB_RESULTS"
 DEFAULT_PATH = Path("seqlab-results") / "results.db"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from seqlab.cli import app
 from seqlab.profile.bench import (
+    MODEL_PASSES,
     BenchConfig,
     _Budget,
     command_line,
@@ -22,6 +23,7 @@ from seqlab.profile.bench import (
     parse_seq_lens,
     run_bench,
 )
+from seqlab.profile.report import markdown_report
 
 TINY = ["--d-model", "16", "--n-layers", "2", "--repeats", "1", "--warmup", "0"]
 TINY += ["--decode-repeats", "1", "--threads", "1"]
@@ -185,3 +187,67 @@ def test_bench_command_rejects_bad_arguments(args, message, tmp_path):
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())  # rich wraps long lines
     assert not list(tmp_path.iterdir())
+
+
+def test_budget_stops_at_the_time_limit():
+    now = [0.0]
+    budget = _Budget(max_seconds=30, max_bytes=None, time_limit=10, clock=lambda: now[0])
+    assert budget.check("a", 512, work=1, calls=4, extra_s=0) is None
+    budget.record("a", 512, work=1, seconds=1.0, peak=None)
+    now[0] = 5.0
+    assert budget.check("a", 1024, work=1, calls=4, extra_s=0) is None  # 4 s of 5 s left
+    reason = budget.check("a", 1024, work=2, calls=4, extra_s=0)
+    assert reason == "predicted 8 s > 5 s left of the time limit (at T = 1024)"
+    assert budget.check("b", 512, work=1, calls=4, extra_s=0) is None and budget.stopped is None
+    now[0] = 10.0
+    stopped = "the run's time limit (10 s) passed"
+    assert budget.check("b", 512, work=1, calls=4, extra_s=0) == stopped == budget.stopped
+    assert budget.check("c", 8, work=1, calls=1, extra_s=0) == stopped
+
+
+def tiny_config(**changes) -> BenchConfig:
+    options = dict(
+        archs=("attn", GDN), seq_lens=(8, 16), d_model=16, n_layers=2, repeats=1, warmup=0,
+        decode_repeats=1, threads=1,
+    )  # fmt: skip
+    return BenchConfig.make(**{**options, **changes})
+
+
+def test_progress_sees_every_measured_length_and_completion():
+    seen = []
+    result = run_bench(
+        tiny_config(),
+        progress=lambda r: seen.append((r["complete"], len(r["models"]), len(r["ops"]))),
+    )
+    # 2 archs x 2 lengths, then 2 ops x 2 lengths; complete only in the returned result
+    assert seen == [(False, 1, 0), (False, 1, 0), (False, 2, 0), (False, 2, 0)] + [
+        (False, 2, 1), (False, 2, 1), (False, 2, 2), (False, 2, 2)
+    ]  # fmt: skip
+    assert result["complete"] is True and "stopped" not in result
+    assert [len(m["points"]) for m in result["models"] + result["ops"]] == [2, 2, 2, 2]
+
+
+def test_time_limit_stops_the_run_with_a_reason():
+    result = run_bench(tiny_config(time_limit=1e-9))
+    assert result["complete"] is True
+    assert result["stopped"] == "the run's time limit (1e-09 s) passed"
+    for model in result["models"]:
+        for point in model["points"]:
+            assert all(point[p] == {"skipped": result["stopped"]} for p in MODEL_PASSES)
+    assert "stopped early: the run's time limit" in markdown_report(result)
+
+
+def test_a_run_that_dies_keeps_what_it_measured(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr("seqlab.profile.bench._bench_op", boom)
+    args = ["bench", "--arch", "attn", "--seq-lens", "8,16", *TINY, "--d-model", "16"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["complete"] is False
+    assert [p["seq_len"] for p in data["models"][0]["points"]] == [8, 16]
+    assert "median_s" in data["models"][0]["points"][1]["forward"]
+    assert "**partial results**" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind

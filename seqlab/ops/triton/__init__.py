@@ -8,11 +8,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
+from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+_DEFAULT = contextvars.ContextVar("seqlab_ops_backend", default="auto")
 CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_DIM = 256
 
@@ -42,12 +46,31 @@ def unsupported(form: str, chunk_size: int, q: torch.Tensor, v: torch.Tensor, ne
     return None
 
 
-def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
-    """ "auto": Triton for CUDA tensors when it supports the call, else PyTorch; "torch" and
-    "triton" force one ("triton" raises if it cannot run the call)."""
+def _check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         names = ", ".join(map(repr, BACKENDS))
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    return backend
+
+
+@contextlib.contextmanager
+def default_backend(backend: str) -> Iterator[None]:
+    """Within the block, an op called with backend="auto" (as the mixers call them) runs as if
+    called with `backend`: "torch" keeps a model on PyTorch on a GPU (to compare or debug),
+    "triton" runs it through the kernels (on CPU too, under TRITON_INTERPRET=1)."""
+    token = _DEFAULT.set(_check_backend(backend))
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
+    """ "auto": Triton for CUDA tensors when it supports the call, else PyTorch; "torch" and
+    "triton" force one ("triton" raises if it cannot run the call). An explicit "auto" takes
+    the `default_backend` in force."""
+    if _check_backend(backend) == "auto":
+        backend = _DEFAULT.get()
     q, v = tensors[0], tensors[2]
     if backend == "torch" or not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor)):
         return False  # the PyTorch path names the bad argument
