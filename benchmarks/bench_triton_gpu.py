@@ -11,9 +11,11 @@ installed the same way if the machine lacks them):
 
     PYTHONPATH=.:.bench_deps python -m pytest tests/ops/triton -q
 
-Before timing anything it checks each Triton op in bfloat16 against the PyTorch chunk form, forward
-and backward (and reports its gap to fla), and stops if one is off (--keep-going times anyway).
-Then, with bfloat16 q, k, v, float32 gates and β, H = 16, K = V = 128, (B, T) in SHAPES:
+Before timing anything it checks each Triton op against the PyTorch chunk form on the same inputs
+(B x T = --check-shape), forward and backward, and reports its gap to fla; it stops if one is
+off, by more than 2e-2 (bf16), 3e-3 (fp16) or 1e-4 (fp32) x max |reference| (--keep-going
+times anyway). Then, with q, k, v in --dtype, float32 gates and β, H = --heads, K = V =
+--head-dim, (B, T) in --shapes:
   * simple_gla (g [B, T, H]), gla (g [B, T, H, K]), gated_delta (β, g [B, T, H]): seqlab's
     backend="triton" op vs fla's chunk_simple_gla / chunk_gla / chunk_gated_delta_rule, and causal
     SDPA on the same q, k, v; forward (no grad) and forward+backward;
@@ -23,10 +25,33 @@ Then, with bfloat16 q, k, v, float32 gates and β, H = 16, K = V = 128, (B, T) i
   * achieved bandwidth: the bytes an op must at least move (read q, k, v, gates; write o; for
     the backward also read dO and write every gradient) over the time, as a fraction of --bw
     (3.35 TB/s, H100 SXM);
-  * decode: one fused recurrent step (T = 1 with a state) at 1K and 32K context vs SDPA over a
-    KV cache of that length (append one token, attend to all); the recurrent state is [K, V] per
-    head whatever the context, so its step costs the same at both.
-Writes triton_gpu.json and triton_gpu.md to --out and prints the markdown.
+  * decode: one fused recurrent step (T = 1 with a state) at each of --contexts (1K and 32K) and
+    --decode-batches vs SDPA over a KV cache of that length (append one token, attend to all);
+    the recurrent state is [K, V] per head whatever the context, so its step costs the same at
+    every context.
+
+Output: triton_gpu.json and triton_gpu.md in --out, rewritten (atomically) after every finished
+row, so a run killed midway keeps what it measured; "complete" is false (the markdown starts with
+"(partial run)") until the script ends on its own, and "stopped" says why sections are missing
+when --time-limit or a failed check ended it early. The markdown is printed at the end.
+
+Choosing the work: --sections (check, training, decode), --ops (simple_gla, gla, gated_delta;
+the check and decode take the same subset), --passes (fwd, fwd+bwd; training), --no-fla.
+--time-limit S starts no new row once S seconds have passed since the script's start (after its
+imports); a row already started runs to its end, compilation and fla's autotuning included. The
+files are then completed as usual, with "stopped" saying where, and the exit status is 0. A
+failed check exits 1 after writing its rows. The check guards only the timings of its own
+process, so a call that times also checks. benchmarks/gpu_bench.sh runs this script in steps
+sized for one 10-minute call of a lent GPU machine (`kernels`: --sections check,decode after the
+compiled tests; `kernel-speed`: --sections check,training), each with --time-limit.
+
+Smoke test on a CPU: Triton's interpreter runs the kernels on CPU tensors (slowly; it computes
+tl.dot on bfloat16 wrongly, so fp32 or fp16); timings come from time.perf_counter and mean
+nothing, peak memory is not recorded (tests/benchmarks/test_bench_triton_gpu.py does this):
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/bench_triton_gpu.py --device cpu \\
+        --dtype fp32 --heads 2 --head-dim 16 --shapes 1x64 --check-shape 1x40 \\
+        --contexts 16,64 --decode-batches 1 --repeats 1 --no-fla --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -41,6 +66,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -50,17 +76,42 @@ import torch.nn.functional as F
 
 from seqlab.ops import delta_rule, gated_linear
 
-H, K, V = 16, 128, 128
+# Defaults of the command-line options.
+H, K = 16, 128  # heads, key dim; V = K
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 32768)]
-OPS = ("simple_gla", "gla", "gated_delta")
-PASSES = ("fwd", "fwd+bwd")
+CHECK_SHAPE = (2, 1000)
 CONTEXTS = (1024, 32768)
 DECODE_BATCHES = (1, 8)
-BF16 = torch.bfloat16
+
+OPS = ("simple_gla", "gla", "gated_delta")
+DECODE_OPS = ("simple_gla", "gated_delta")  # the ops fla has a fused recurrent step for
+PASSES = ("fwd", "fwd+bwd")
+SECTIONS = ("check", "training", "decode")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Triton vs the PyTorch chunk form (which accumulates in float32), x max |reference|: the kernel
+# tests' tolerances against float64 (tests/ops/triton/conftest.py), float32 loosened for the
+# longer check sequence.
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every measurement shares: where the tensors live, their dtype and head sizes."""
+
+    device: str
+    dtype: torch.dtype
+    H: int
+    K: int  # = V
+    bw: float  # peak memory bandwidth, bytes/s
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
 
 
 class CompileLog:
-    """Per-kernel Triton compile seconds, from the hooks around each compilation."""
+    """Per-kernel Triton compile seconds, from the hooks around each compilation (the
+    interpreter compiles nothing, so on a CPU it stays empty)."""
 
     def __init__(self):
         self.started: dict[tuple, float] = {}
@@ -131,39 +182,46 @@ def load_fla():
     }
 
 
-def seqlab_op(op: str, x: dict):
-    """The chunk op through the public dispatcher, as a model calls it; returns o."""
+def run_op(op: str, x: dict, backend: str, **kw):
+    """seqlab's op through the public dispatcher, as a model calls it; returns (o, state)."""
     fn = delta_rule if op == "gated_delta" else gated_linear
-    return fn(**x, backend="triton")[0]
+    return fn(**x, backend=backend, **kw)
+
+
+def seqlab_op(op: str, x: dict):
+    return run_op(op, x, "triton")[0]
 
 
 def seqlab_step(op: str, x: dict):
-    fn = delta_rule if op == "gated_delta" else gated_linear
-    return fn(**x, backend="triton", form="recurrent", output_final_state=True)
+    return run_op(op, x, "triton", form="recurrent", output_final_state=True)
 
 
-def make_inputs(op: str, B: int, T: int, grad: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """q, k, v bf16 [B, T, H, D]; log-gates (median ≈ −0.05; /16 per channel) and β float32."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(su: Setup, op: str, B: int, T: int, grad: bool, seed: int = 0) -> dict:
+    """q, k, v [B, T, H, K] in su.dtype; log-gates (median ≈ −0.05; /16 per channel) and β
+    float32."""
+    gen = torch.Generator(device=su.device).manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda")
+        return torch.randn(*shape, generator=gen, device=su.device)
 
-    x = {"q": randn(B, T, H, K).to(BF16), "k": randn(B, T, H, K), "v": randn(B, T, H, V).to(BF16)}
-    x["k"] = (F.normalize(x["k"], dim=-1) if op == "gated_delta" else x["k"]).to(BF16)
-    if op == "gla":
-        x["g"] = F.logsigmoid(randn(B, T, H, K) + 3) / 16
-    else:
-        x["g"] = F.logsigmoid(randn(B, T, H) + 3)
+    x = {"q": randn(B, T, su.H, su.K), "k": randn(B, T, su.H, su.K), "v": randn(B, T, su.H, su.K)}
     if op == "gated_delta":
-        x["beta"] = torch.sigmoid(randn(B, T, H))
+        x["k"] = F.normalize(x["k"], dim=-1)
+    x = {n: t.to(su.dtype) for n, t in x.items()}
+    if op == "gla":
+        x["g"] = F.logsigmoid(randn(B, T, su.H, su.K) + 3) / 16
+    else:
+        x["g"] = F.logsigmoid(randn(B, T, su.H) + 3)
+    if op == "gated_delta":
+        x["beta"] = torch.sigmoid(randn(B, T, su.H))
     return {n: t.requires_grad_(grad) for n, t in x.items()}
 
 
-def sdpa_inputs(B: int, T: int, grad: bool) -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def sdpa_inputs(su: Setup, B: int, T: int, grad: bool) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=su.device).manual_seed(0)
+    shape = (B, su.H, T, su.K)
     return {
-        n: torch.randn(B, H, T, K, generator=gen, device="cuda", dtype=BF16).requires_grad_(grad)
+        n: torch.randn(shape, generator=gen, device=su.device, dtype=su.dtype).requires_grad_(grad)
         for n in ("q", "k", "v")
     }
 
@@ -172,37 +230,45 @@ def sdpa(x):
     return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
 
 
-def min_bytes(op: str, B: int, T: int, pass_: str) -> int:
+def min_bytes(su: Setup, op: str, B: int, T: int, pass_: str) -> int:
     """What the op must at least read and write: inputs, o; backward adds dO and the grads."""
-    n = B * T * H
-    qkv = n * (2 * K + V) * 2
-    o = n * V * 2
-    gates = {"simple_gla": n * 4, "gla": n * K * 4, "gated_delta": 2 * n * 4, "sdpa": 0}[op]
+    n = B * T * su.H
+    qkv = n * 3 * su.K * su.dtype.itemsize
+    o = n * su.K * su.dtype.itemsize
+    gates = {"simple_gla": n * 4, "gla": n * su.K * 4, "gated_delta": 2 * n * 4, "sdpa": 0}[op]
     fwd = qkv + gates + o
     return fwd if pass_ == "fwd" else 2 * fwd
 
 
-def time_call(fn, repeats: int) -> dict:
+def time_call(su: Setup, fn, repeats: int) -> dict:
     """The first call (compilation, autotuning) in seconds, then the median of `repeats` calls
-    after one warm-up, in ms, and the peak memory of one call."""
-    torch.cuda.synchronize()
+    after one warm-up, in ms (CUDA events; perf_counter on a CPU), and the peak memory of one
+    call (None on a CPU)."""
+    sync = torch.cuda.synchronize if su.cuda else lambda: None
+    sync()
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     first = time.perf_counter() - t0
     fn()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    if su.cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return {"first_s": round(first, 3), "ms": statistics.median(times), "peak_gib": round(peak, 3)}
+        if su.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3) if su.cuda else None
+    return {"first_s": round(first, 3), "ms": statistics.median(times), "peak_gib": peak}
 
 
 def runner(impl, x: dict, pass_: str):
@@ -213,7 +279,9 @@ def runner(impl, x: dict, pass_: str):
                 impl(x)
 
         return fwd
-    do = torch.randn_like(impl(x).detach())
+    # o has v's shape and dtype (q, k, v [B, T, H, D]; SDPA's [B, H, T, D]); calling impl here
+    # to get it would compile the forward before time_call measures the first call
+    do = torch.randn_like(x["v"].detach())
     leaves = list(x.values())
 
     def fwd_bwd():
@@ -229,16 +297,22 @@ def ready(fn):
     return fn
 
 
-def measure(label: str, make, repeats: int) -> dict:
+def measure(su: Setup, label: str, make, repeats: int) -> dict:
     """time_call(make()); an error is recorded, not raised: one failing peer must not end the
     whole run."""
     try:
-        return time_call(make(), repeats)
+        return time_call(su, make(), repeats)
     except Exception as e:
         traceback.print_exc()
         print(f"{label}: {type(e).__name__}: {e}", file=sys.stderr)
-        torch.cuda.empty_cache()
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        if su.cuda:
+            torch.cuda.empty_cache()
+        return {"error": error_text(e)}
+
+
+def error_text(e: Exception) -> str:
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -246,71 +320,131 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def check_correctness(fla, tol: float = 2e-2) -> list[dict]:
-    """Triton vs the PyTorch chunk form on the same bf16 inputs (B = 2, T = 1000, H = 16): o, the
-    final state and every gradient within `tol` × max |reference|; fla's o gap is reported."""
-    rows = []
-    for op in OPS:
-        x = make_inputs(op, 2, 1000, grad=True, seed=1)
-        outs = {}
-        for backend in ("triton", "torch"):
-            leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-            fn = delta_rule if op == "gated_delta" else gated_linear
-            o, s = fn(**leaves, backend=backend, output_final_state=True)
-            gen = torch.Generator(device="cuda").manual_seed(2)
-            wo = torch.randn(o.shape, generator=gen, device="cuda")
-            ws = torch.randn(s.shape, generator=gen, device="cuda")
-            ((o.float() * wo).sum() + (s * ws).sum()).backward()
-            outs[backend] = {"o": o, "state": s, **{f"d{n}": t.grad for n, t in leaves.items()}}
-        errs = {n: rel_err(outs["triton"][n], outs["torch"][n]) for n in outs["torch"]}
+def compare(ours: dict, ref: dict, tol: float) -> tuple[dict[str, float], str]:
+    """Each tensor's max error / max |reference|, and "yes" or which of them exceed `tol` (a NaN
+    error does)."""
+    errs = {n: rel_err(ours[n], ref[n]) for n in ref}
+    bad = [n for n, e in errs.items() if not e <= tol]
+    return errs, "yes" if not bad else f"NO: {', '.join(bad)} > {tol:g}"
+
+
+def run_with_grads(su: Setup, op: str, x: dict, backend: str) -> dict:
+    """o, the final state and the gradient of every input under fixed random weights on both."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    o, s = run_op(op, leaves, backend, output_final_state=True)
+    gen = torch.Generator(device=su.device).manual_seed(2)
+    wo = torch.randn(o.shape, generator=gen, device=su.device)
+    ws = torch.randn(s.shape, generator=gen, device=su.device)
+    ((o.float() * wo).sum() + (s * ws).sum()).backward()
+    return {"o": o, "state": s, **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+
+def check_op(su: Setup, fla, op: str, B: int, T: int) -> dict:
+    """One row: Triton vs the PyTorch chunk form on the same inputs; an error fails the row."""
+    try:
+        x = make_inputs(su, op, B, T, grad=True, seed=1)
+        outs = {b: run_with_grads(su, op, x, b) for b in ("triton", "torch")}
+        errs, ok = compare(outs["triton"], outs["torch"], TOL[su.dtype])
         row = {"op": op, **{n: f"{e:.1e}" for n, e in errs.items()}}
         if fla is not None:
             with torch.no_grad():
                 row["o vs fla"] = f"{rel_err(fla[op](x), outs['torch']['o']):.1e}"
-        bad = [n for n, e in errs.items() if not e <= tol]
-        row["ok"] = "yes" if not bad else f"NO: {', '.join(bad)} > {tol}"
-        rows.append(row)
-    return rows
+    except Exception as e:
+        traceback.print_exc()
+        row, ok = {"op": op}, f"NO: {error_text(e)}"
+    return {**row, "ok": ok}
 
 
-def bench_training(fla, shapes, repeats: int, bw: float) -> list[dict]:
-    rows = []
+class Report:
+    """Everything measured so far, rewritten to --out after every finished row (a run killed
+    midway keeps its rows); "complete" turns true only when the run ends on its own."""
+
+    def __init__(self, out: Path, meta: dict, log: CompileLog, deadline: float | None):
+        self.out, self.log, self.deadline = out, log, deadline  # deadline: perf_counter seconds
+        self.data = {"complete": False, "meta": meta, "checks": [], "training": [], "decode": []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, section: str, row: dict):
+        self.data[section].append(row)
+        self.save()
+
+    def stop(self, reason: str):
+        self.data["stopped"] = reason
+        self.save()
+
+    def stopped(self, before: str) -> bool:
+        """Whether to start no more measurements: stopped already, or out of time (which is
+        then recorded, naming `before`, the measurement it would have started)."""
+        late = self.deadline is not None and time.perf_counter() >= self.deadline
+        if late and "stopped" not in self.data:
+            limit = self.data["meta"]["time_limit_s"]
+            self.stop(f"time limit {limit:g} s reached before {before}")
+        return "stopped" in self.data
+
+    def save(self, complete: bool = False):
+        self.data["complete"] = complete
+        self.data["compile"] = self.log.table()
+        write_atomic(self.out / "triton_gpu.json", json.dumps(self.data, indent=1))
+        write_atomic(self.out / "triton_gpu.md", markdown(self.data))
+
+
+def write_atomic(path: Path, text: str):
+    """A reader (or a kill) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_checks(su: Setup, fla, report: Report, ops, shape: tuple[int, int]):
+    for op in ops:
+        if report.stopped(f"check {op}"):
+            return
+        report.add("checks", check_op(su, fla, op, *shape))
+
+
+def bench_training(su: Setup, fla, report: Report, shapes, ops, passes, repeats: int):
     for B, T in shapes:
-        for pass_ in PASSES:
-            grad = pass_ != "fwd"
-            attn = partial(runner, sdpa, sdpa_inputs(B, T, grad), pass_)
-            s = measure(f"sdpa {B}x{T} {pass_}", attn, repeats)
-            for op in OPS:
-                x = make_inputs(op, B, T, grad)
+        for pass_ in passes:
+            s = None  # SDPA's time on this (B, T, pass), measured with the first row
+            for op in ops:
+                if report.stopped(f"training {op} B={B} T={T} {pass_}"):
+                    return
+                if s is None:
+                    attn = partial(runner, sdpa, sdpa_inputs(su, B, T, pass_ != "fwd"), pass_)
+                    s = measure(su, f"sdpa {B}x{T} {pass_}", attn, repeats)
+                x = make_inputs(su, op, B, T, grad=pass_ != "fwd")
                 ours = measure(
-                    f"seqlab {op}", partial(runner, partial(seqlab_op, op), x, pass_), repeats
+                    su, f"seqlab {op}", partial(runner, partial(seqlab_op, op), x, pass_), repeats
                 )
                 peer = {}
                 if fla is not None:
-                    peer = measure(f"fla {op}", partial(runner, fla[op], x, pass_), repeats)
+                    peer = measure(su, f"fla {op}", partial(runner, fla[op], x, pass_), repeats)
                 row = {
                     "op": op,
                     "B": B,
                     "T": T,
                     "pass": pass_,
-                    "min_bytes": min_bytes(op, B, T, pass_),
+                    "min_bytes": min_bytes(su, op, B, T, pass_),
                 }
                 for impl, r in (("seqlab", ours), ("fla", peer), ("sdpa", s)):
                     row.update({f"{impl}_{k}": v for k, v in r.items()})
                     if "ms" in r:
-                        moved = min_bytes("sdpa" if impl == "sdpa" else op, B, T, pass_)
-                        row[f"{impl}_bw_frac"] = moved / (r["ms"] * 1e-3) / bw
+                        moved = min_bytes(su, "sdpa" if impl == "sdpa" else op, B, T, pass_)
+                        row[f"{impl}_bw_frac"] = moved / (r["ms"] * 1e-3) / su.bw
                 if "ms" in ours and "ms" in peer:
                     row["seqlab_over_fla"] = ours["ms"] / peer["ms"]
-                rows.append(row)
+                report.add("training", row)
                 times = "  ".join(
                     f"{i} {r.get('ms', float('nan')):8.3f} ms"
                     for i, r in (("seqlab", ours), ("fla", peer), ("sdpa", s))
                 )
                 print(f"{op:11s} B={B} T={T:5d} {pass_:7s} {times}", flush=True)
                 del x
-                torch.cuda.empty_cache()
-    return rows
+                if su.cuda:
+                    torch.cuda.empty_cache()
 
 
 def sdpa_step(q, k, v, cache_k, cache_v, pos: int):
@@ -320,15 +454,15 @@ def sdpa_step(q, k, v, cache_k, cache_v, pos: int):
     return F.scaled_dot_product_attention(q, cache_k, cache_v)
 
 
-def bench_decode(fla, repeats: int, bw: float) -> list[dict]:
+def bench_decode(su: Setup, fla, report: Report, batches, contexts, ops, repeats: int):
     from seqlab.ops.triton.recurrent import fused_recurrent
 
-    rows = []
-    for B in DECODE_BATCHES:
-        for ctx in CONTEXTS:
-            for op in ("simple_gla", "gated_delta"):
-                x = {n: t.detach() for n, t in make_inputs(op, B, 1, grad=False).items()}
-                x["initial_state"] = torch.randn(B, H, K, V, device="cuda") * 0.1
+    H, K = su.H, su.K
+    for B in batches:
+        for ctx in contexts:
+            for op in ops:
+                x = {n: t.detach() for n, t in make_inputs(su, op, B, 1, grad=False).items()}
+                x["initial_state"] = torch.randn(B, H, K, K, device=su.device) * 0.1
                 args = (x["q"], x["k"], x["v"], x["g"], x.get("beta"), K**-0.5)
                 impls = {
                     "seqlab op": partial(seqlab_step, op, x),
@@ -339,116 +473,225 @@ def bench_decode(fla, repeats: int, bw: float) -> list[dict]:
                 if fla is not None:
                     impls["fla"] = partial(fla[f"step_{op}"], x)
                 for impl, fn in impls.items():
-                    r = measure(f"{impl} step {op}", partial(ready, fn), repeats)
+                    if report.stopped(f"decode {impl} {op} B={B} context={ctx}"):
+                        return
+                    r = measure(su, f"{impl} step {op}", partial(ready, fn), repeats)
                     if "ms" in r:
-                        r["bw_frac"] = 8 * B * H * K * V / (r["ms"] * 1e-3) / bw
-                    rows.append({"op": op, "B": B, "context": ctx, "impl": impl, **r})
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            cache_k = torch.randn(B, H, ctx + 1, K, generator=gen, device="cuda", dtype=BF16)
-            cache_v = torch.randn(B, H, ctx + 1, V, generator=gen, device="cuda", dtype=BF16)
-            q, k, v = (torch.randn(B, H, 1, d, device="cuda", dtype=BF16) for d in (K, K, V))
-            step = partial(sdpa_step, q, k, v, cache_k, cache_v, ctx)
-            r = measure(f"sdpa step {ctx}", partial(ready, step), repeats)
+                        r["bw_frac"] = 8 * B * H * K * K / (r["ms"] * 1e-3) / su.bw
+                    report.add("decode", {"op": op, "B": B, "context": ctx, "impl": impl, **r})
+            if report.stopped(f"decode sdpa B={B} context={ctx}"):
+                return
+            gen = torch.Generator(device=su.device).manual_seed(0)
+            cache = [
+                torch.randn(B, H, ctx + 1, K, generator=gen, device=su.device, dtype=su.dtype)
+                for _ in range(2)
+            ]
+            q, k, v = (torch.randn(B, H, 1, K, device=su.device, dtype=su.dtype) for _ in range(3))
+            step = partial(sdpa_step, q, k, v, *cache, ctx)
+            r = measure(su, f"sdpa step {ctx}", partial(ready, step), repeats)
             if "ms" in r:
-                r["bw_frac"] = 2 * B * H * (ctx + 1) * K * 2 / (r["ms"] * 1e-3) / bw
-            rows.append({"op": "attention", "B": B, "context": ctx, "impl": "sdpa kv-cache", **r})
-            del cache_k, cache_v
-    return rows
+                moved = 2 * B * H * (ctx + 1) * K * su.dtype.itemsize
+                r["bw_frac"] = moved / (r["ms"] * 1e-3) / su.bw
+            report.add(
+                "decode", {"op": "attention", "B": B, "context": ctx, "impl": "sdpa kv-cache", **r}
+            )
+            del cache
 
 
 def fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def markdown(meta: dict, checks, training, compiles, decode) -> str:
-    lines = [
-        f"seqlab Triton kernels vs fla {meta['fla']} vs SDPA; {meta['gpu']}; torch "
-        f"{meta['torch']}, triton {meta['triton']}; bf16, H={H}, K=V={K}; median of "
-        f"{meta['repeats']}; bandwidth as a fraction of {meta['bw'] / 1e12:.2f} TB/s; "
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    fla = f"fla {meta['fla']}" if meta["fla"] else "no fla"
+    lines = [] if data["complete"] else ["(partial run)", ""]
+    lines += [
+        f"seqlab Triton kernels vs {fla} vs SDPA; {meta['device']}; torch {meta['torch']}, "
+        f"triton {meta['triton']}; {meta['dtype']}, H={meta['heads']}, K=V={meta['head_dim']}; "
+        f"median of {meta['repeats']}; bandwidth as a fraction of {meta['bw'] / 1e12:.2f} TB/s; "
         f"{meta['date']}",
         "",
-        "Correctness (Triton vs the PyTorch chunk form, max error / max |reference|):",
-        "",
     ]
-    cols = list(checks[0])
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in checks]
-    lines += [
-        "",
-        "| op | B | T | pass | seqlab ms | fla ms | seqlab / fla | SDPA ms | seqlab BW | fla BW "
-        "| seqlab first s | fla first s | seqlab GiB | fla GiB |",
-        "|" + "---|" * 14,
-    ]
-    for r in training:
-        lines.append(
-            f"| {r['op']} | {r['B']} | {r['T']} | {r['pass']} | {fmt(r.get('seqlab_ms'), '.3f')} "
-            f"| {fmt(r.get('fla_ms'), '.3f')} | {fmt(r.get('seqlab_over_fla'), '.2f')} "
-            f"| {fmt(r.get('sdpa_ms'), '.3f')} | {fmt(r.get('seqlab_bw_frac'), '.0%')} "
-            f"| {fmt(r.get('fla_bw_frac'), '.0%')} | {fmt(r.get('seqlab_first_s'), '.2f')} "
-            f"| {fmt(r.get('fla_first_s'), '.2f')} | {fmt(r.get('seqlab_peak_gib'), '.2f')} "
-            f"| {fmt(r.get('fla_peak_gib'), '.2f')} |"
-        )
-    errors = [(r, k) for r in training for k in r if k.endswith("_error")]
-    lines += [f"- {r['op']} B={r['B']} T={r['T']} {r['pass']} {k}: {r[k]}" for r, k in errors]
-    lines += ["", "Triton compile time per kernel (all variants; fla's includes autotuning):", ""]
-    lines += ["| kernel | variants | compile s |", "|---|---|---|"]
-    lines += [f"| {c['kernel']} | {c['variants']} | {c['compile_s']:.2f} |" for c in compiles]
-    lines += ["", "Decode (one token, state or KV cache of `context` tokens):", ""]
-    lines += ["| op | B | context | impl | µs | BW |", "|---|---|---|---|---|---|"]
-    for r in decode:
-        us = r["error"] if "error" in r else fmt(r["ms"] * 1e3, ".1f")
-        lines.append(
-            f"| {r['op']} | {r['B']} | {r['context']} | {r['impl']} | {us} "
-            f"| {fmt(r.get('bw_frac'), '.0%')} |"
-        )
-    return "\n".join(lines) + "\n"
+    if "stopped" in data:
+        lines += [f"Stopped: {data['stopped']}.", ""]
+    if checks := data["checks"]:
+        B, T = meta["check_shape"]
+        lines += [
+            f"Correctness (Triton vs the PyTorch chunk form, B={B}, T={T}, max error / max "
+            "|reference|):",
+            "",
+        ]
+        cols = [c for c in dict.fromkeys(c for r in checks for c in r) if c != "ok"] + ["ok"]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in checks]
+        lines += [""]
+    if training := data["training"]:
+        lines += [
+            "| op | B | T | pass | seqlab ms | fla ms | seqlab / fla | SDPA ms | seqlab BW "
+            "| fla BW | seqlab first s | fla first s | seqlab GiB | fla GiB |",
+            "|" + "---|" * 14,
+        ]
+        for r in training:
+            lines.append(
+                f"| {r['op']} | {r['B']} | {r['T']} | {r['pass']} "
+                f"| {fmt(r.get('seqlab_ms'), '.3f')} | {fmt(r.get('fla_ms'), '.3f')} "
+                f"| {fmt(r.get('seqlab_over_fla'), '.2f')} | {fmt(r.get('sdpa_ms'), '.3f')} "
+                f"| {fmt(r.get('seqlab_bw_frac'), '.0%')} | {fmt(r.get('fla_bw_frac'), '.0%')} "
+                f"| {fmt(r.get('seqlab_first_s'), '.2f')} | {fmt(r.get('fla_first_s'), '.2f')} "
+                f"| {fmt(r.get('seqlab_peak_gib'), '.2f')} | {fmt(r.get('fla_peak_gib'), '.2f')} |"
+            )
+        errors = [(r, k) for r in training for k in r if k.endswith("_error")]
+        lines += [f"- {r['op']} B={r['B']} T={r['T']} {r['pass']} {k}: {r[k]}" for r, k in errors]
+        lines += [""]
+    if compiles := data["compile"]:
+        lines += ["Triton compile time per kernel (all variants; fla's includes autotuning):", ""]
+        lines += ["| kernel | variants | compile s |", "|---|---|---|"]
+        lines += [f"| {c['kernel']} | {c['variants']} | {c['compile_s']:.2f} |" for c in compiles]
+        lines += [""]
+    if decode := data["decode"]:
+        lines += ["Decode (one token, state or KV cache of `context` tokens):", ""]
+        lines += ["| op | B | context | impl | µs | BW |", "|---|---|---|---|---|---|"]
+        for r in decode:
+            us = r["error"] if "error" in r else fmt(r["ms"] * 1e3, ".1f")
+            lines.append(
+                f"| {r['op']} | {r['B']} | {r['context']} | {r['impl']} | {us} "
+                f"| {fmt(r.get('bw_frac'), '.0%')} |"
+            )
+        lines += [""]
+    return "\n".join(lines)
 
 
-def main():
+def parse_shape(s: str) -> tuple[int, int]:
+    """2x1000 → (2, 1000)."""
+    try:
+        B, T = map(int, s.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BxT, e.g. 2x1000, got {s!r}") from None
+    return B, T
+
+
+def comma_list(item):
+    """An argparse type: a comma-separated list of `item` (a converter, or a tuple of names)."""
+
+    def parse(s: str) -> list:
+        parts = [p.strip() for p in s.split(",") if p.strip()]
+        if isinstance(item, tuple):
+            if unknown := [p for p in parts if p not in item]:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(unknown)}; choose from {', '.join(item)}"
+                )
+            return [p for p in item if p in parts]  # the canonical order
+        try:
+            return [item(p) for p in parts]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for triton_gpu.json / .md")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: Triton's interpreter (needs TRITON_INTERPRET=1), a smoke test",
+    )
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="of q, k, v")
+    ap.add_argument("--heads", type=int, default=H, help="H")
+    ap.add_argument("--head-dim", type=int, default=K, help="K = V")
+    ap.add_argument(
+        "--shapes", type=comma_list(parse_shape), default=SHAPES, help="BxT,... (training)"
+    )
+    ap.add_argument("--check-shape", type=parse_shape, default=CHECK_SHAPE, help="BxT")
+    ap.add_argument("--contexts", type=comma_list(int), default=CONTEXTS, help="decode")
+    ap.add_argument("--decode-batches", type=comma_list(int), default=DECODE_BATCHES)
+    ap.add_argument(
+        "--sections", type=comma_list(SECTIONS), default=SECTIONS, help=",".join(SECTIONS)
+    )
+    ap.add_argument("--ops", type=comma_list(OPS), default=OPS, help=",".join(OPS))
+    ap.add_argument("--passes", type=comma_list(PASSES), default=PASSES, help=",".join(PASSES))
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls (decode: 10x)")
     ap.add_argument("--bw", type=float, default=3.35e12, help="peak memory bandwidth, bytes/s")
-    ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,...")
-    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no new row after this long; the files are still completed",
+    )
+    ap.add_argument("--no-fla", action="store_true", help="skip fla even if importable")
     ap.add_argument("--warm-cache", action="store_true", help="keep Triton's on-disk cache")
     ap.add_argument("--keep-going", action="store_true", help="time even if a check fails")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA GPU (--device cpu runs Triton's interpreter)")
+    if args.device == "cpu" and args.dtype == "bf16":
+        ap.error("Triton's interpreter computes tl.dot on bfloat16 wrongly: --dtype fp32 or fp16")
+    return args
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parse_args(argv)
     if not args.warm_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
     import triton
 
+    # seqlab's kernels are decorated when first used, below, so the mode is still the
+    # environment's: Triton reads TRITON_INTERPRET at each decoration
+    if (args.device == "cpu") != triton.knobs.runtime.interpret:
+        need = "set TRITON_INTERPRET=1" if args.device == "cpu" else "unset TRITON_INTERPRET"
+        raise SystemExit(f"--device {args.device}: {need} in the environment")
+    su = Setup(args.device, DTYPES[args.dtype], args.heads, args.head_dim, args.bw)
     log = CompileLog()
     log.install()
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    fla = load_fla()
+    fla = None if args.no_fla else load_fla()
+    if su.cuda:
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU {platform.machine()}, Triton interpreter (timings mean nothing)"
     meta = {
-        "gpu": torch.cuda.get_device_name(),
+        "device": device,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "fla": fla["version"] if fla else None,
         "python": platform.python_version(),
+        "dtype": args.dtype,
+        "heads": su.H,
+        "head_dim": su.K,
+        "sections": list(args.sections),
+        "ops": list(args.ops),
+        "passes": list(args.passes),
+        "shapes": [list(s) for s in args.shapes],
+        "check_shape": list(args.check_shape),
+        "contexts": list(args.contexts),
+        "decode_batches": list(args.decode_batches),
         "repeats": args.repeats,
         "bw": args.bw,
+        "time_limit_s": args.time_limit,
         "date": date.today().isoformat(),
     }
-    checks = check_correctness(fla)
-    failed = [c for c in checks if c["ok"] != "yes"]
-    if failed and not args.keep_going:
-        print(json.dumps(checks, indent=1))
-        raise SystemExit("a Triton op differs from the PyTorch chunk form; no timings taken")
-    training = bench_training(fla, shapes, args.repeats, args.bw)
-    decode = [] if args.no_decode else bench_decode(fla, args.repeats * 10, args.bw)
-    compiles = log.table()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"meta": meta, "checks": checks, "training": training, "compile": compiles,
-              "decode": decode}  # fmt: skip
-    (args.out / "triton_gpu.json").write_text(json.dumps(result, indent=1))
-    md = markdown(meta, checks, training, compiles, decode)
-    (args.out / "triton_gpu.md").write_text(md)
-    print(md)
+    deadline = None if args.time_limit is None else started + args.time_limit
+    report = Report(args.out, meta, log, deadline)
+    report.save()
+    if "check" in args.sections:
+        run_checks(su, fla, report, args.ops, args.check_shape)
+        if any(c["ok"] != "yes" for c in report.data["checks"]) and not args.keep_going:
+            why = "a Triton op differs from the PyTorch chunk form; no timings taken"
+            report.stop(why)
+            report.save(complete=True)
+            print(json.dumps(report.data["checks"], indent=1))
+            raise SystemExit(why)
+    if "training" in args.sections:
+        bench_training(su, fla, report, args.shapes, args.ops, args.passes, args.repeats)
+    if "decode" in args.sections:
+        ops = [op for op in args.ops if op in DECODE_OPS]
+        batches, contexts = args.decode_batches, args.contexts
+        bench_decode(su, fla, report, batches, contexts, ops, args.repeats * 10)
+    report.save(complete=True)
+    print(markdown(report.data))
 
 
 if __name__ == "__main__":
