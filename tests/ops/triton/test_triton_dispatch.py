@@ -12,8 +12,15 @@ import torch
 
 from seqlab.ops.delta_rule import chunk_delta_rule, delta_rule
 from seqlab.ops.gated_linear import chunk_gated_linear, gated_linear
-from tests.ops.conftest import make_inputs
-from tests.ops.triton.conftest import DEVICE, INTERPRET, INTERPRETER_MARKS, TOL, on_device
+from tests.ops.conftest import make_inputs, run_grads
+from tests.ops.triton.conftest import (
+    DEVICE,
+    INTERPRET,
+    INTERPRETER_MARKS,
+    TOL,
+    assert_run_close,
+    on_device,
+)
 
 pytestmark = INTERPRETER_MARKS
 
@@ -122,3 +129,26 @@ def test_gradients_without_final_state(op, inputs):
         grads[backend] = {n: t.grad for n, t in leaves.items() if n != "initial_state"}
     for n, g in grads["triton"].items():
         torch.testing.assert_close(g, grads["torch"][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize(
+    "family, gate",
+    [("gated_linear", g) for g in ("scalar", "channel", None)]
+    + [("delta_rule", g) for g in ("scalar", None)],
+)
+def test_value_heads_wider_than_256(family, gate):
+    """V is tiled in every kernel, so only K is bounded: gdn at d_model 1024 has K = 256 and
+    V = 512, and must not fall back to PyTorch on a GPU. Chunk (with gradients) and decode."""
+    beta = "unit" if family == "delta_rule" else None
+    x = on_device(
+        make_inputs(1, 20, 2, 16, 320, gate=gate, beta=beta, initial_state=True), torch.float32
+    )
+    op = gated_linear if family == "gated_linear" else delta_rule
+    got = run_grads(op, x, backend="triton")
+    ref = run_grads(op, x, backend="torch")
+    assert_run_close(got, ref, TOL[torch.float32], label=f"{family} {gate}")
+    step = {n: t[:, :1] if t.dim() > 1 and n != "initial_state" else t for n, t in x.items()}
+    o, s = op(**step, form="recurrent", output_final_state=True, backend="triton")
+    o_ref, s_ref = op(**step, form="recurrent", output_final_state=True, backend="torch")
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
