@@ -49,6 +49,7 @@ from seqlab.profile.peers import (
     make_inputs,
     op_spec,
     peers_available,
+    seqlab_backend,
 )
 
 SCHEMA = "seqlab.bench/1"
@@ -401,6 +402,8 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
     entry.update(points=[], fits={})
     for T in config.seq_lens:
         x = make_inputs(spec, B, T, dtype, device, gen)
+        if "seqlab_backend" not in entry:
+            entry["seqlab_backend"] = seqlab_backend(spec, x)
         flops = spec.flops(T).total
         point: dict[str, Any] = {"seq_len": T, "flops": flops}
         for impl_name, impl in impls.items():

@@ -33,6 +33,7 @@ from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
 from seqlab.ops import delta_rule, gated_linear
 from seqlab.ops.attention import attention
+from seqlab.ops.triton import describe_backend
 from seqlab.profile.flops import Flops, attention_flops, delta_rule_flops, gated_linear_flops
 
 # op kind → the fla function that computes the same recurrence
@@ -147,6 +148,15 @@ def _seqlab(spec: OpSpec) -> Callable[[Inputs], Tensor]:
         return gated_linear(q, k, v, g, form="chunk", chunk_size=C)[0]
 
     return run
+
+
+def seqlab_backend(spec: OpSpec, x: Inputs) -> str:
+    """What seqlab's op runs these inputs on (its backend="auto" choice): "sdpa" for attention,
+    else "triton" or "torch", with the reason where a GPU call falls back to PyTorch."""
+    if spec.kind == "attn":
+        return "sdpa"
+    tensors = (x["q"], x["k"], x["v"], x.get("beta"), x.get("g"))
+    return describe_backend("chunk", spec.chunk_size, tensors)
 
 
 def _fla(kind: str) -> Callable[[Inputs], Tensor]:

@@ -116,6 +116,8 @@ def op_rows(result: dict[str, Any]) -> Rows:
                     ]
                 rows.append(cells)
     notes += [f"{peer}: {text}" for peer, text in result["peers"].items() if peer not in peers]
+    backends = {op["op"]: op["seqlab_backend"] for op in result["ops"] if "seqlab_backend" in op}
+    notes += [f"seqlab {op} runs on {backend}" for op, backend in backends.items()]
     return headers, rows, notes
 
 

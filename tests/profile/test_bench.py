@@ -160,6 +160,7 @@ def test_bench_command_end_to_end(tmp_path):
             assert point["decode"]["state_bytes"] == point["analytic"]["state_bytes"]
             assert point["prefill_tokens_per_s"] > 0
     assert [op["op"].split()[0] for op in data["ops"]] == ["attn", "gdn"]
+    assert [op["seqlab_backend"] for op in data["ops"]] == ["sdpa", "torch"]  # CPU: no Triton
     for op in data["ops"]:
         assert op["impls"] == ["seqlab", "sdpa"]
         for point in op["points"]:
@@ -167,6 +168,7 @@ def test_bench_command_end_to_end(tmp_path):
 
     markdown = (out / "results.md").read_text()
     assert "| arch | params | T |" in markdown and "seqlab/sdpa" in markdown
+    assert "seqlab gdn H=2 K=8 V=16 C=64 runs on torch" in markdown
     for name in ("time", "decode", "state", "ops"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
 _DEFAULT = contextvars.ContextVar("seqlab_ops_backend", default="auto")
+_WARNED: set[str] = set()  # fallback reasons already reported
 CHUNK_SIZES = (16, 32, 64)
 # The delta rule's state pass and the fused recurrent step hold all K rows of a state tile in
 # one block; V is tiled everywhere, so value heads of any width run.
@@ -27,6 +29,11 @@ def _interpreting() -> bool:
     import triton
 
     return bool(triton.knobs.runtime.interpret)
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Where backend="auto" picks Triton (a seam for the tests, which run on CPU)."""
+    return x.is_cuda
 
 
 def unsupported(form: str, chunk_size: int, q: torch.Tensor, v: torch.Tensor, needs_grad: bool):
@@ -67,19 +74,38 @@ def default_backend(backend: str) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
-def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
-    """ "auto": Triton for CUDA tensors when it supports the call, else PyTorch; "torch" and
-    "triton" force one ("triton" raises if it cannot run the call). An explicit "auto" takes
-    the `default_backend` in force."""
+def _choose(backend: str, form: str, chunk_size: int, tensors) -> tuple[bool, str | None]:
+    """(run Triton?, why not where "triton" or "auto" on a GPU wanted it)."""
     if _check_backend(backend) == "auto":
         backend = _DEFAULT.get()
     q, v = tensors[0], tensors[2]
     if backend == "torch" or not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor)):
-        return False  # the PyTorch path names the bad argument
-    if backend == "auto" and not q.is_cuda:
-        return False
+        return False, None  # the PyTorch path names the bad argument
+    if backend == "auto" and not _on_gpu(q):
+        return False, None
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     reason = unsupported(form, chunk_size, q, v, needs_grad)
     if reason is not None and backend == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    return reason is None
+    return reason is None, reason
+
+
+def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
+    """ "auto": Triton for CUDA tensors when it supports the call, else PyTorch (with a warning,
+    once per reason, on CUDA); "torch" and "triton" force one ("triton" raises if it cannot run
+    the call). An explicit "auto" takes the `default_backend` in force."""
+    triton_, reason = _choose(backend, form, chunk_size, tensors)
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"seqlab.ops: this CUDA call runs the PyTorch {form} form, not the Triton kernels, "
+            f"because {reason}",
+            stacklevel=3,
+        )
+    return triton_
+
+
+def describe_backend(form: str, chunk_size: int, tensors, backend: str = "auto") -> str:
+    """What an op would run these tensors on: "triton", "torch", or "torch (because ...)"."""
+    triton_, reason = _choose(backend, form, chunk_size, tensors)
+    return "triton" if triton_ else "torch" if reason is None else f"torch (because {reason})"

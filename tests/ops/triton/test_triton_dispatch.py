@@ -7,6 +7,8 @@ Run: .venv/bin/python -m pytest tests/ops/triton/test_triton_dispatch.py -q
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -152,3 +154,36 @@ def test_value_heads_wider_than_256(family, gate):
     o_ref, s_ref = op(**step, form="recurrent", output_final_state=True, backend="torch")
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_a_gpu_says_once_why_it_falls_back(monkeypatch):
+    """On CUDA tensors "auto" runs Triton where it can; where it cannot (here chunk size 128) it
+    runs PyTorch and warns once per reason, so a model never leaves the kernels silently."""
+    import seqlab.ops.triton as backend
+
+    monkeypatch.setattr(backend, "_on_gpu", lambda x: True)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(backend, "_WARNED", set())
+    x = dr_inputs()
+    with pytest.warns(UserWarning, match="runs the PyTorch chunk form.*chunk_size must be one of"):
+        o, _ = delta_rule(**x, chunk_size=128)
+    torch.testing.assert_close(o, chunk_delta_rule(**x, chunk_size=128)[0], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        delta_rule(**x, chunk_size=128)  # the same reason: no second warning
+        o, _ = delta_rule(**x)  # supported: Triton, no warning
+    torch.testing.assert_close(o, delta_rule(**x, backend="triton")[0], rtol=0, atol=0)
+
+
+def test_describe_backend_names_the_choice(monkeypatch):
+    import seqlab.ops.triton as backend
+
+    x = dr_inputs()
+    tensors = (x["q"], x["k"], x["v"], x["beta"], x["g"])
+    expected = "torch" if INTERPRET else "triton"  # "auto": Triton only for CUDA tensors
+    assert backend.describe_backend("chunk", 64, tensors) == expected
+    monkeypatch.setattr(backend, "_on_gpu", lambda x: True)
+    assert backend.describe_backend("chunk", 64, tensors) == "triton"
+    assert backend.describe_backend("chunk", 128, tensors).startswith(
+        "torch (because chunk_size must be one of (16, 32, 64), got 128)"
+    )
+    assert backend.describe_backend("chunk", 64, tensors, backend="torch") == "torch"
