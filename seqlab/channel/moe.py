@@ -77,16 +77,20 @@ class GroupedExperts(nn.Module):
         """x [S, D], its rows grouped by expert with counts[e] rows for expert e → [S, D]."""
         # unbind, not w[e]: its backward stacks E slices once instead of summing E full-size zeros.
         pieces = zip(x.split(counts), self.w_in.unbind(0), self.w_out.unbind(0), strict=True)
-        out = []
-        for xe, w_in, w_out in pieces:
-            h = xe @ w_in
-            if self.kind == "swiglu":
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(h)
-            out.append(h @ w_out)
-        return torch.cat(out)
+        return torch.cat([self._act(xe @ w_in) @ w_out for xe, w_in, w_out in pieces])
+
+    def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [S, D], row s for expert ids[s] → [S, D], each row through its own gathered weights:
+        no host sync (the split sizes of `forward` are host ints), and for S ≤ E no more weight
+        traffic than `forward`; for the few rows of a decode step."""
+        h = self._act(torch.bmm(x.unsqueeze(1), self.w_in[ids]))  # [S, 1, 2H | H]
+        return torch.bmm(h, self.w_out[ids]).squeeze(1)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
 
 
 class MoE(ChannelMixer):
@@ -117,15 +121,17 @@ class MoE(ChannelMixer):
         c = self.config
         xf = x.reshape(-1, self.d_model)  # [N, D], N = B·T
         probs, weights, slots = self._route(xf)  # [N, E], [N, k], [N, k]
-        load = torch.bincount(slots.flatten(), minlength=self.num_slots)  # [E]
+        flat = slots.flatten()
+        # scatter_add, not bincount: bincount reads the largest id back to the host
+        load = torch.zeros(self.num_slots, dtype=torch.long, device=x.device)
+        load = load.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         self.last_expert_load = load.detach()
 
         fp = load.to(probs.dtype) / slots.numel() * probs.mean(0)  # f_i · P_i, [E]
         balance = fp[: c.num_experts].sum() + c.zero_compute_balance * fp[c.num_experts :].sum()
         aux = c.aux_loss_coef * self.num_slots * balance
 
-        # The split sizes must be host ints: one device sync per forward.
-        y = self._ffn_experts(xf, weights, slots, load[: c.num_experts].tolist())
+        y = self._ffn_experts(xf, weights, slots, load[: c.num_experts])
         if c.num_copy or c.num_constant:
             gates = torch.zeros(xf.shape[0], self.num_slots, dtype=x.dtype, device=x.device)
             gates = gates.scatter(1, slots, weights)  # [N, E], zero off the top-k
@@ -158,13 +164,22 @@ class MoE(ChannelMixer):
         return probs, weights.to(x.dtype), slots
 
     def _ffn_experts(
-        self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, counts: list[int]
+        self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, load: torch.Tensor
     ) -> torch.Tensor:
-        """Σ over each token's FFN token-slots of w · expert(x): x [N, D], weights, slots [N, k]."""
+        """Σ over each token's FFN token-slots of w · expert(x): x [N, D], weights, slots [N, k];
+        load [E_ffn] the token-slots per FFN expert."""
         N, k = slots.shape
-        # Token-slots grouped by expert; FFN ids are the smallest, so theirs come first.
-        order = slots.flatten().argsort(stable=True)[: sum(counts)]  # [S]
-        ys = self.experts(x[order // k], counts)  # [S, D]
-        # Back to [N, k, D] by a copy (no atomics, deterministic); zero-compute slots stay zero.
-        per_slot = x.new_zeros(N * k, self.d_model).index_copy(0, order, ys)
+        E = self.config.num_experts
+        if N * k <= E:  # a decode step: each token-slot through its expert's gathered weights
+            flat = slots.flatten()
+            ys = self.experts.gathered(x.repeat_interleave(k, 0), flat.clamp(max=E - 1))
+            per_slot = torch.where((flat < E)[:, None], ys, 0)  # zero-compute slots give zero
+        else:
+            # Token-slots grouped by expert; FFN ids are the smallest, so theirs come first. The
+            # split sizes must be host ints: one device sync per forward.
+            counts = load.tolist()
+            order = slots.flatten().argsort(stable=True)[: sum(counts)]  # [S]
+            ys = self.experts(x[order // k], counts)  # [S, D]
+            # Back to [N·k, D] by a copy (no atomics, deterministic); zero-compute slots stay 0.
+            per_slot = x.new_zeros(N * k, self.d_model).index_copy(0, order, ys)
         return (per_slot.view(N, k, -1) * weights.unsqueeze(-1)).sum(1)

@@ -64,7 +64,7 @@ def generate(
     for _ in range(max_new_tokens):
         nxt = sample(out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]
         tokens.append(nxt)
-        out = model(nxt, state=out.state)
+        out = model(nxt, state=out.state, check_ids=False)  # sampled: in range, no host read
     return torch.cat(tokens, 1)
 
 
@@ -90,7 +90,11 @@ class Stream:
 
     @torch.no_grad()
     def _run(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), self.state)
+        vocab = self.model.config.vocab_size
+        if not all(0 <= i < vocab for i in ids):  # checked here, on the host, not on the device
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {min(ids)} .. {max(ids)}")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(x, self.state, check_ids=False)
         self.state = out.state
         return out.logits[0]
 

@@ -313,7 +313,9 @@ def _model_calls(model: CausalLM, ids: torch.Tensor) -> dict[str, Callable[[], t
 
         def step():
             with torch.no_grad():
-                model(token, state)  # the state is not updated in place: the context stays T
+                # as `generate` runs it (no id check); the state is not updated in place, so the
+                # context stays T
+                model(token, state, check_ids=False)
 
         return step, {"state_bytes": CausalLM.state_bytes(state) // ids.shape[0]}
 

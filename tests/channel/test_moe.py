@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.channel import MoE, build_channel_mixer
+from tests.host_reads import HostReads
 
 F64 = {"rtol": 1e-12, "atol": 1e-12}
 ZC_MIX = {"num_zero": 1, "num_copy": 1, "num_constant": 2}
@@ -94,12 +95,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("tokens", [(2, 12), (1, 1), (2, 1)], ids=["grouped", "one", "two"])
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
-def test_matches_token_loop_forward_and_backward(options):
+def test_matches_token_loop_forward_and_backward(options, tokens):
+    """24 tokens run the experts grouped; 1 or 2 (a decode step: N·k ≤ E) gathered."""
     moe = make_moe(**{"num_experts": 4, "expert_hidden": 20, **options})
-    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    x = torch.randn(*tokens, 16, dtype=torch.float64)
     y, g = grads(moe, lambda x: moe(x)[0], x)
-    assert (moe.last_expert_load > 0).all(), moe.last_expert_load  # every slot exercised
+    if tokens == (2, 12):
+        assert (moe.last_expert_load > 0).all(), moe.last_expert_load  # every slot exercised
     y_ref, g_ref = grads(moe, lambda x: naive_moe(moe, x), x)
     torch.testing.assert_close(y, y_ref, **F64)
     assert g.keys() == g_ref.keys()
@@ -241,3 +245,24 @@ def test_half_precision_router_runs_in_float32():
     assert torch.equal(moe.last_expert_load, expected)
     f = expected / expected.sum()
     torch.testing.assert_close(aux, 0.01 * 8 * (f * probs.mean(0)).sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("tokens, grouped", [((2, 1), False), ((1, 4), False), ((1, 5), True)])
+def test_few_token_slots_gather_and_read_nothing_back(tokens, grouped, monkeypatch):
+    """N·k ≤ E token-slots (k = 2, E = 8 here) take the gathered path, which needs no host
+    sync; more take the grouped one, whose split sizes are host ints."""
+    moe = make_moe(num_experts=8, expert_hidden=20)
+    ran = []
+    for name in ("forward", "gathered"):
+        method = getattr(type(moe.experts), name)
+        monkeypatch.setattr(
+            type(moe.experts),
+            name,
+            lambda self, *a, _m=method, _n=name: ran.append(_n) or _m(self, *a),
+        )
+    x = torch.randn(*tokens, 16, dtype=torch.float64)
+    with HostReads() as spy:
+        moe(x)
+    assert ran == ["forward" if grouped else "gathered"]
+    if not grouped:
+        assert spy.reads == []

@@ -9,6 +9,7 @@ from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_check
 from seqlab.model.generate import Stream, generate, sample, stream
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.model.pattern import expand_pattern
+from tests.host_reads import HostReads
 
 VOCAB = 37
 ARCHS = [*sorted(MIXERS), "gdn*3,attn", "gla,attn(window=4)", "mamba2,deltanet"]
@@ -54,6 +55,29 @@ def test_prefill_then_decode_equals_full_forward(arch):
         out = model(x[:, t : t + 1], state=out.state)
         logits.append(out.logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("channel", ["swiglu", "moe(num_experts=8, top_k=2, shared_expert=True)"])
+def test_a_decode_step_reads_nothing_back_to_the_host(channel):
+    """Every mixer and channel mixer in one model: on a GPU a decode step queues its kernels
+    and never waits for the device (a host read would make every layer wait)."""
+    model = small("attn,gla,retnet,mamba2,deltanet,gdn,linear_attn", channel=channel).eval()
+    with torch.no_grad():
+        state = model(ids(2, 9)).state
+        with HostReads() as spy:
+            model(ids(2, 1), state=state, check_ids=False)  # as `generate` calls it
+    assert spy.reads == []
+
+
+def test_generate_reads_the_host_only_to_check_the_prompt():
+    """The prompt's id check reads min and max; each generated token adds no host read."""
+    model = small("gdn,attn").eval()
+    counts = []
+    for n in (1, 6):
+        with HostReads() as spy:
+            generate(model, ids(2, 5), max_new_tokens=n, temperature=0)
+        counts.append(len(spy.reads))
+    assert counts == [2, 2]
 
 
 @pytest.mark.parametrize("arch", ["gdn*3,attn", "gla"])
@@ -158,6 +182,8 @@ def test_bad_config_and_input():
     model = small("gdn")
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 37\)"):
         model(torch.tensor([[0, 37]]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 37\), got -1 .. 5"):
+        list(stream(model, [5, -1], block_size=2))
     with pytest.raises(ValueError, match="int64/int32"):
         model(torch.zeros(1, 3))
 
