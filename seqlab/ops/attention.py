@@ -4,6 +4,14 @@
 kernels of whatever device it runs on; `naive_attention` forms the scores and the mask by hand and
 is the oracle the tests compare it to. Decoding is `attention` with T = 1 and the cache of the
 earlier tokens; with a window the returned cache keeps only the last `window - 1` tokens.
+
+A full (unwindowed) cache is a view of a buffer with room to grow, so a decode step writes its
+token after the others instead of copying the whole cache (which would cost O(T) per token, more
+memory traffic than the attention itself). A buffer that is full grows to GROWTH times its tokens
+(at least MIN_ROOM more), so tokens are copied O(1) times each on average. The ops stay
+functional: a cache's tokens are never changed, and a cache extended twice (two continuations of
+one prefix) gets its room used by the first and a copy for the second. Under autograd, where an
+in-place write would invalidate saved tensors, a step concatenates instead.
 """
 
 from __future__ import annotations
@@ -15,6 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_shape, check_tensor
+
+GROWTH = 1.25
+MIN_ROOM = 64  # tokens
+_FILLED = "_seqlab_filled"  # attribute of a cache buffer: how many of its tokens are claimed
 
 
 class KVCache(NamedTuple):
@@ -98,12 +110,46 @@ def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> 
     return visible
 
 
-def _cache(kv: Tensor, keep: int | None, fresh: bool) -> Tensor:
-    """The cache to return: the last `keep` tokens (all if None) of kv = old ++ new along T.
-    `kv` itself when it is `fresh` (a concatenation made by this call) and nothing is trimmed, so
-    a decode step copies the cache once, not twice; otherwise a copy, so the cache neither aliases
-    the caller's k, v nor, windowed, pins the whole prefill in memory through a view."""
-    if keep is not None and kv.shape[1] > keep:
+def _buffer(parts: list[Tensor], capacity: int) -> Tensor:
+    """The tokens of `parts` (concatenated along T) as a view of a new [B, capacity, H, D]
+    buffer that records how many of its tokens are taken."""
+    B, _, H, D = parts[0].shape
+    buf = parts[0].new_empty(B, capacity, H, D)
+    n = 0
+    for p in parts:
+        buf[:, n : n + p.shape[1]] = p
+        n += p.shape[1]
+    setattr(buf, _FILLED, n)
+    return buf[:, :n]
+
+
+def _extend(old: Tensor, new: Tensor, in_place: bool) -> Tensor:
+    """old ++ new along T: written into old's buffer when `in_place` and the room after old's
+    tokens is there and unclaimed, else into a new buffer with room (`in_place` False: a plain
+    concatenation, which autograd can differentiate)."""
+    if not in_place:
+        return torch.cat([old, new], dim=1)
+    n, T = old.shape[1], new.shape[1]
+    buf = old._base
+    if (
+        buf is not None
+        and getattr(buf, _FILLED, None) == n  # nobody has written after old's tokens
+        and buf.shape[1] >= n + T
+        and buf.data_ptr() == old.data_ptr()
+        and buf.stride() == old.stride()
+    ):
+        buf[:, n : n + T] = new
+        setattr(buf, _FILLED, n + T)
+        return buf[:, : n + T]
+    return _buffer([old, new], max(int(GROWTH * (n + T)), n + T + MIN_ROOM))
+
+
+def _cache(kv: Tensor, keep: int, fresh: bool) -> Tensor:
+    """A windowed cache to return: the last `keep` tokens of kv = old ++ new along T; `kv`
+    itself when it is `fresh` (a concatenation made by this call) and nothing is trimmed,
+    otherwise a copy, so the cache neither aliases the caller's k, v nor pins the whole prefill
+    in memory through a view."""
+    if kv.shape[1] > keep:
         return kv[:, kv.shape[1] - keep :].clone()
     return kv if fresh else kv.clone()
 
@@ -128,11 +174,16 @@ def attention(
         q, k, v, scale, window, initial_state, output_final_state, cu_seqlens
     )
     T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
-    if initial_state is not None:
+    if initial_state is None:
+        k_all, v_all = k, v
+    elif window is None:
+        tensors = (k, v, *initial_state)
+        in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        k_all = _extend(initial_state.k, k, in_place)
+        v_all = _extend(initial_state.v, v, in_place)
+    else:  # the window bounds the cache: concatenate, then trim below
         k_all = torch.cat([initial_state.k, k], dim=1)
         v_all = torch.cat([initial_state.v, v], dim=1)
-    else:
-        k_all, v_all = k, v
     Tc = k_all.shape[1] - T
 
     plain_causal = Tc == 0 and window is None and cu is None
@@ -152,9 +203,12 @@ def attention(
 
     if not output_final_state:
         return o, None
-    keep = None if window is None else window - 1
+    if window is None:  # a prefill's cache is a buffer of its own (never the caller's k, v)
+        if initial_state is None:
+            return o, KVCache(_buffer([k], T), _buffer([v], T))
+        return o, KVCache(k_all, v_all)
     fresh = initial_state is not None
-    return o, KVCache(_cache(k_all, keep, fresh), _cache(v_all, keep, fresh))
+    return o, KVCache(_cache(k_all, window - 1, fresh), _cache(v_all, window - 1, fresh))
 
 
 def naive_attention(
