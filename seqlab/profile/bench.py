@@ -6,7 +6,8 @@
 
 Model level: for each architecture (a pattern, built with `d_model`, `n_layers` and the channel
 mixer) and each length T: forward and forward+backward latency, prefill tokens/s, the latency of
-one decoded token at context T (prefill T tokens, then time single steps from that state), peak
+one decoded token at context T (prefill T tokens, then time successive single steps, each from
+the last one's state, as generation runs them: the context grows by a few dozen tokens), peak
 memory, the state bytes the model really holds after prefill, and the analytic cost.
 Op level: the core op of each distinct mixer (chunk form; SDPA for attention) at that mixer's
 shapes, against peers timed in the same run (seqlab.profile.peers).
@@ -308,16 +309,18 @@ def _model_calls(model: CausalLM, ids: torch.Tensor) -> dict[str, Callable[[], t
 
     def decode():
         with torch.no_grad():
-            state = model(inputs).state
+            prefilled = model(inputs).state
         token = ids[:, -1:]
+        state = [prefilled]
 
         def step():
+            # as `generate` runs it: each step continues the last (so an attention cache writes
+            # into its room, as in generation), no id check; the context grows from T by one
+            # token per call, a few dozen in all
             with torch.no_grad():
-                # as `generate` runs it (no id check); the state is not updated in place, so the
-                # context stays T
-                model(token, state, check_ids=False)
+                state[0] = model(token, state[0], check_ids=False).state
 
-        return step, {"state_bytes": CausalLM.state_bytes(state) // ids.shape[0]}
+        return step, {"state_bytes": CausalLM.state_bytes(prefilled) // ids.shape[0]}
 
     return {
         "forward": lambda: (forward, {}),
