@@ -17,7 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen before pyplot loads
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+from matplotlib.ticker import (  # noqa: E402
+    FixedLocator,
+    FuncFormatter,
+    LogLocator,
+    NullLocator,
+)
 
 from seqlab.files import write_atomic  # noqa: E402
 from seqlab.profile.bench import OP_PASSES, titles  # noqa: E402
@@ -64,6 +69,8 @@ def _log_y(ax: Axes) -> None:
         return _si(y) if hi < 10 * lo or round(mantissa, 6) in (2, 5) else ""
 
     ax.set_yscale("log")
+    # 1.5 too: an axis from 6 to 17 would otherwise have no tick between 10 and 20
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
     ax.yaxis.set_major_formatter(FuncFormatter(_si))
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
