@@ -22,11 +22,16 @@
 # For a GPU machine with no network, fetch the wheels where pip works, from the repo root:
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#         -d .whl fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection
-# (fla-core is pure Python; the GPU image has torch, triton, einops, matplotlib, rich, typer,
-# pytest and hypothesis.) With the device tool of this workplace, one call per step, carrying
-# .whl and packing the results into its $OUT (it returns at most 8 files):
+#         -d .whl fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection \
+#         typing-extensions
+# (3.8 MB; checked 2026-11-22: fla-core 0.6.0 needs only einops; pydantic 2.14 needs
+# typing-extensions ≥ 4.16, carried in case the image's is older. The GPU image has torch,
+# triton, einops, matplotlib, rich, typer, pytest and hypothesis.)
+# With the device tool of this workplace: one call per step, carrying .whl (ignored through
+# .git/info/exclude) and packing the results into its $OUT, which returns at most 8 files:
 #     DEST=/tmp/r LIMIT=480 bash benchmarks/gpu_bench.sh kernels; tar czf $OUT/kernels.tgz -C /tmp r
+# The 30 minutes of device time a session gets fit the three steps (about 9 minutes each with
+# the machine's start) and little else: run `kernels` first, since the others need its check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
