@@ -137,6 +137,23 @@ def assert_finite_run(run, label: str = "") -> None:
         assert torch.isfinite(grad).all(), f"{label} d/d{name} is not finite"
 
 
+def assert_float32_run_close(run, ref, tol: float, label: str = "") -> None:
+    """A float32 run (o, state, grads) finite and within `tol` of the float64 reference: relative
+    elementwise, or absolute against the largest |reference| value of o, of the state, and of all
+    gradients together (gradients of very different sizes share one scale)."""
+    assert_finite_run(run, label)
+    o, s, grads = run
+    o_ref, s_ref, grads_ref = ref
+    assert o.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref, rtol=tol, atol=tol * o_ref.abs().max())
+    torch.testing.assert_close(s.double(), s_ref, rtol=tol, atol=tol * s_ref.abs().max())
+    scale = max(grad.abs().max() for grad in grads_ref.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad.double(), grads_ref[name], rtol=tol, atol=tol * scale, msg=f"{label} d/d{name}"
+        )
+
+
 # Tolerances against the float64 recurrent reference run on the same (rounded) inputs, relative
 # to the largest |reference| value: the output is rounded to the input dtype once (bf16 ≈ 4e-3,
 # fp16 ≈ 5e-4 relative); the float32 state accumulates in float32 (≈ 1e-6; half-precision

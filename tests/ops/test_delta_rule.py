@@ -31,6 +31,7 @@ from tests.ops.conftest import (
     LOW_PRECISION,
     assert_close_to_scale,
     assert_finite_run,
+    assert_float32_run_close,
     assert_same_run,
     make_inputs,
     naive_delta_rule,
@@ -240,18 +241,9 @@ def test_extreme_gates_and_betas_float32(form, fill, beta, beta_fill):
         initial_state=True,
         seed=6,
     )
-    o_ref, s_ref, grads_ref = run_grads(op("recurrent", beta), x)
+    ref = run_grads(op("recurrent", beta), x)
     run = run_grads(op(form, beta, 32), {n: t.float() for n, t in x.items()})
-    assert_finite_run(run, form)
-    o, s, grads = run
-    assert o.dtype == s.dtype == torch.float32
-    torch.testing.assert_close(o.double(), o_ref, rtol=2e-3, atol=2e-3 * o_ref.abs().max())
-    torch.testing.assert_close(s.double(), s_ref, rtol=2e-3, atol=2e-3 * s_ref.abs().max())
-    scale = max(grad.abs().max() for grad in grads_ref.values())
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad.double(), grads_ref[name], rtol=2e-3, atol=2e-3 * scale, msg=name
-        )
+    assert_float32_run_close(run, ref, 2e-3, form)
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -30,6 +30,7 @@ from tests.ops.conftest import (
     LOW_PRECISION,
     assert_close_to_scale,
     assert_finite_run,
+    assert_float32_run_close,
     assert_same_run,
     make_inputs,
     naive_gated_linear,
@@ -185,17 +186,7 @@ def test_extreme_gates_float32(form, gate, fill):
     x = make_inputs(2, 100, 2, 8, 12, gate=gate, gate_fill=fill, initial_state=True, seed=6)
     ref = run_grads(recurrent_gated_linear, x)
     run = run_grads(op(form, 32), {n: t.float() for n, t in x.items()})
-    assert_finite_run(run, form)
-    o, s, grads = run
-    assert o.dtype == s.dtype == torch.float32
-    o_ref, s_ref, grads_ref = ref
-    torch.testing.assert_close(o.double(), o_ref, rtol=2e-3, atol=2e-3 * o_ref.abs().max())
-    torch.testing.assert_close(s.double(), s_ref, rtol=2e-3, atol=2e-3 * s_ref.abs().max())
-    scale = max(grad.abs().max() for grad in grads_ref.values())
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad.double(), grads_ref[name], rtol=2e-3, atol=2e-3 * scale, msg=name
-        )
+    assert_float32_run_close(run, ref, 2e-3, form)
 
 
 @pytest.mark.parametrize("form", FORMS)
