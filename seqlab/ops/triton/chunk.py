@@ -53,6 +53,28 @@ def sequence_span(i_n, cu_seqlens, chunk_offsets, T, NT, BT: tl.constexpr, IS_VA
     return bos.to(tl.int64), L, n_chunks, c0.to(tl.int64)
 
 
+@triton.jit
+def chunk_rows(bos, L, i_t, BT: tl.constexpr):
+    """Chunk i_t of the sequence of L rows from row bos → its BT rows in the flat [B·T] layout,
+    which of them are real (the last chunk may end early), and its last real row."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    return bos + o_t, o_t < L, bos + tl.minimum(i_t * BT + BT, L) - 1
+
+
+@triton.jit
+def load_tile(x, rows, m_t, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
+    """x [B·T, H, D] at `rows` (where m_t), head i_h, columns o_d → [BT, BD], 0 where masked."""
+    p = x + (rows[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=m_t[:, None] & (o_d < D)[None, :], other=0)
+
+
+@triton.jit
+def load_tile_t(x, rows, m_t, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
+    """The tile of `load_tile`, transposed: [BD, BT]."""
+    p = x + (rows[None, :] * H + i_h) * D + o_d[:, None]
+    return tl.load(p, mask=(o_d < D)[:, None] & m_t[None, :], other=0)
+
+
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_cumsum_kernel(
     g,
@@ -71,9 +93,7 @@ def chunk_cumsum_kernel(
     """b = cumsum of g within each chunk, float32: [B·T, H] or [B·T, H, K]."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < L
-    rows = bos + o_t
+    rows, m_t, _ = chunk_rows(bos, L, i_t, BT)
     if PER_CHANNEL:
         o_k = tl.program_id(2) * BK + tl.arange(0, BK)
         p = (rows[:, None] * H + i_h) * K + o_k[None, :]
@@ -130,24 +150,13 @@ def chunk_fwd_h_kernel(
     for i_t in range(0, n_chunks):
         i_c = c0 + i_t
         tl.store(h + (i_c * H + i_h) * K * V + p_kv, S.to(h.dtype.element_ty), mask=m_kv)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < L
-        rows = bos + o_t
-        last = bos + tl.minimum(i_t * BT + BT, L) - 1
-        kT = tl.load(
-            k + (rows[None, :] * H + i_h) * K + o_k[:, None],
-            mask=(o_k < K)[:, None] & m_t[None, :],
-            other=0,
-        )  # [BK, BT]
+        rows, m_t, last = chunk_rows(bos, L, i_t, BT)
+        kT = load_tile_t(k, rows, m_t, i_h, H, K, o_k)  # [BK, BT]
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
         m_v = m_t[:, None] & (o_v < V)[None, :]
         b_v = tl.load(v + p_v, mask=m_v, other=0).to(tl.float32)  # [BT, BV]
         if DELTA:
-            b_w = tl.load(
-                w + (rows[:, None] * H + i_h) * K + o_k[None, :],
-                mask=m_t[:, None] & (o_k < K)[None, :],
-                other=0,
-            )
+            b_w = load_tile(w, rows, m_t, i_h, H, K, o_k)
             b_v -= tl.dot(b_w, S.to(dt), input_precision=DOT)
             tl.store(v_new + p_v, b_v.to(v_new.dtype.element_ty), mask=m_v)
         if GATE == 1:
@@ -157,7 +166,7 @@ def chunk_fwd_h_kernel(
             b_v *= tl.exp(tl.where(m_t, b_l - b_t, float("-inf")))[:, None]
         if GATE == 2:
             m_kt = (o_k < K)[:, None] & m_t[None, :]
-            bT = tl.load(b + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0)
+            bT = load_tile_t(b, rows, m_t, i_h, H, K, o_k)
             b_l = tl.load(b + (last * H + i_h) * K + o_k, mask=o_k < K, other=0)
             S *= tl.exp(b_l)[:, None]
             kT = (kT * tl.exp(tl.where(m_kt, b_l[:, None] - bT, float("-inf")))).to(dt)
@@ -193,10 +202,8 @@ def chunk_fwd_o_kernel(
     """o = scale · ((Q ⊙ exp(b)) h_c + A V); A formed here (GATE 0, 1) or read (GATE 2)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, _ = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < L
-    rows = bos + o_t
     o_v = i_v * BV + tl.arange(0, BV)
     i_c = i_c.to(tl.int64)
     dt = q.dtype.element_ty
@@ -205,22 +212,17 @@ def chunk_fwd_o_kernel(
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_qk = m_t[:, None] & (o_k < K)[None, :]
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0)
+        b_q = load_tile(q, rows, m_t, i_h, H, K, o_k)
         b_h = tl.load(
             h + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=(o_k < K)[:, None] & (o_v < V)[None, :],
             other=0,
         )
         if GATE == 2:
-            b_b = tl.load(b + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0)
+            b_b = load_tile(b, rows, m_t, i_h, H, K, o_k)
             acc += tl.dot((b_q * tl.exp(b_b)).to(dt), b_h, input_precision=DOT)
         else:
-            kT = tl.load(
-                k + (rows[None, :] * H + i_h) * K + o_k[:, None],
-                mask=(o_k < K)[:, None] & m_t[None, :],
-                other=0,
-            )
+            kT = load_tile_t(k, rows, m_t, i_h, H, K, o_k)
             acc += tl.dot(b_q, b_h, input_precision=DOT)
             b_A += tl.dot(b_q, kT, input_precision=DOT)
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
@@ -231,7 +233,7 @@ def chunk_fwd_o_kernel(
         acc *= tl.exp(b_t)[:, None]
         b_A *= tl.exp(tl.where(causal, b_t[:, None] - b_t[None, :], float("-inf")))
     if GATE == 2:
-        b_A = tl.load(A + (rows[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0)
+        b_A = load_tile(A, rows, m_t, i_h, H, BT, o_i)
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     m_v = m_t[:, None] & (o_v < V)[None, :]
     b_v = tl.load(v + p_v, mask=m_v, other=0)
@@ -289,12 +291,8 @@ def chunk_bwd_dh_kernel(
         i_t = n_chunks - 1 - i_r
         i_c = c0 + i_t
         tl.store(dh + (i_c * H + i_h) * K * V + p_kv, dS.to(dh.dtype.element_ty), mask=m_kv)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < L
-        rows = bos + o_t
-        last = bos + tl.minimum(i_t * BT + BT, L) - 1
-        m_kt = (o_k < K)[:, None] & m_t[None, :]
-        qT = tl.load(q + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0)
+        rows, m_t, last = chunk_rows(bos, L, i_t, BT)
+        qT = load_tile_t(q, rows, m_t, i_h, H, K, o_k)
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
         m_v = m_t[:, None] & (o_v < V)[None, :]
         b_do = tl.load(do + p_v, mask=m_v, other=0)
@@ -302,11 +300,7 @@ def chunk_bwd_dh_kernel(
             b_t = tl.load(b + rows * H + i_h, mask=m_t, other=0)
             b_l = tl.load(b + last * H + i_h)
         if DELTA:
-            b_k = tl.load(
-                k + (rows[:, None] * H + i_h) * K + o_k[None, :],
-                mask=m_t[:, None] & (o_k < K)[None, :],
-                other=0,
-            )
+            b_k = load_tile(k, rows, m_t, i_h, H, K, o_k)
             b_du = tl.load(dv + p_v, mask=m_v, other=0).to(tl.float32)
             if GATE == 1:
                 b_k = (b_k * tl.exp(tl.where(m_t, b_l - b_t, float("-inf")))[:, None]).to(dt)
@@ -316,13 +310,13 @@ def chunk_bwd_dh_kernel(
             dS *= tl.exp(b_l)
             qT = (qT * tl.exp(b_t)[None, :]).to(dt)
         if GATE == 2:
-            bT = tl.load(b + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0)
+            bT = load_tile_t(b, rows, m_t, i_h, H, K, o_k)
             b_l = tl.load(b + (last * H + i_h) * K + o_k, mask=o_k < K, other=0)
             dS *= tl.exp(b_l)[:, None]
             qT = (qT * tl.exp(bT)).to(dt)
         dS += tl.dot(qT, b_do, input_precision=DOT) * scale
         if DELTA:
-            wT = tl.load(w + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0)
+            wT = load_tile_t(w, rows, m_t, i_h, H, K, o_k)
             dS -= tl.dot(wT, b_du.to(dt), input_precision=DOT)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, dS, mask=m_kv)
@@ -356,11 +350,8 @@ def chunk_bwd_dv_kernel(
     """dV = scale · Aᵀ dO [+ (K ⊙ exp(b_last − b)) dh_{c+1} when USE_DH]."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, last = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < L
-    rows = bos + o_t
-    last = bos + tl.minimum(i_t * BT + BT, L) - 1
     o_v = i_v * BV + tl.arange(0, BV)
     i_c = i_c.to(tl.int64)
     dt = q.dtype.element_ty
@@ -373,14 +364,9 @@ def chunk_bwd_dv_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0)
+        b_k = load_tile(k, rows, m_t, i_h, H, K, o_k)
         if GATE != 2:
-            qT = tl.load(
-                q + (rows[None, :] * H + i_h) * K + o_k[:, None],
-                mask=(o_k < K)[:, None] & m_t[None, :],
-                other=0,
-            )
-            AT += tl.dot(b_k, qT, input_precision=DOT)
+            AT += tl.dot(b_k, load_tile_t(q, rows, m_t, i_h, H, K, o_k), input_precision=DOT)
         if USE_DH:
             b_dh = tl.load(
                 dh + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
@@ -390,7 +376,7 @@ def chunk_bwd_dv_kernel(
             if GATE == 1:
                 b_k = (b_k * tl.exp(tl.where(m_t, b_l - b_t, float("-inf")))[:, None]).to(dt)
             if GATE == 2:
-                b_b = tl.load(b + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0)
+                b_b = load_tile(b, rows, m_t, i_h, H, K, o_k)
                 b_bl = tl.load(b + (last * H + i_h) * K + o_k, mask=o_k < K, other=0)
                 b_k = (b_k * tl.exp(tl.where(m_tk, b_bl[None, :] - b_b, float("-inf")))).to(dt)
             acc += tl.dot(b_k, b_dh, input_precision=DOT)
@@ -400,7 +386,7 @@ def chunk_bwd_dv_kernel(
     if GATE == 1:
         AT *= tl.exp(tl.where(causal, b_t[None, :] - b_t[:, None], float("-inf")))
     if GATE == 2:
-        AT = tl.load(A + (rows[None, :] * H + i_h) * BT + o_i[:, None], mask=m_t[None, :], other=0)
+        AT = load_tile_t(A, rows, m_t, i_h, H, BT, o_i)
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     m_v = m_t[:, None] & (o_v < V)[None, :]
     b_do = tl.load(do + p_v, mask=m_v, other=0)
@@ -451,11 +437,8 @@ def chunk_bwd_dqk_kernel(
     stored raw for the WY backward, which adds the terms through W and the UT matrix."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, last = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < L
-    rows = bos + o_t
-    last = bos + tl.minimum(i_t * BT + BT, L) - 1
     o_k = i_k * BK + tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     p_tk = (rows[:, None] * H + i_h) * K + o_k[None, :]

@@ -21,6 +21,8 @@ from seqlab.ops.triton.chunk import (
     chunk_fwd_h,
     chunk_fwd_o,
     chunk_position,
+    chunk_rows,
+    load_tile,
 )
 
 
@@ -49,17 +51,15 @@ def wy_fwd_kernel(
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, _ = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < L
-    rows = bos + i_t * BT + o_i
     dt = k.dtype.element_ty
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0).to(tl.float32)
 
     KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_k = load_tile(k, rows, m_t, i_h, H, K, o_k)
         KK += tl.dot(b_k, tl.trans(b_k), input_precision=DOT)
     strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
     k_scale = b_beta
@@ -129,11 +129,10 @@ def wy_bwd_kernel(
     results to dK and dL/db from chunk_bwd_dqk and turns dL/db into dL/dg."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, _ = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < L
-    rows = bos + i_t * BT + o_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0).to(tl.float32)
-    b_X = tl.load(X + (rows[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0)
+    b_X = load_tile(X, rows, m_t, i_h, H, BT, o_i)
     XT = tl.trans(b_X)
     strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
     k_scale = b_beta

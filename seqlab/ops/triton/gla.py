@@ -22,6 +22,9 @@ from seqlab.ops.triton.chunk import (
     chunk_fwd_h,
     chunk_fwd_o,
     chunk_position,
+    chunk_rows,
+    load_tile,
+    load_tile_t,
 )
 
 
@@ -105,22 +108,13 @@ def gla_bwd_dA_kernel(
     """dA = scale · dO Vᵀ on j ≤ i, [B·T, H, BT] float32."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = chunk_position(i_c, cu_seqlens, chunk_index, T, NT, IS_VARLEN)
+    rows, m_t, _ = chunk_rows(bos, L, i_t, BT)
     o_i = tl.arange(0, BT)
-    m_t = i_t * BT + o_i < L
-    rows = bos + i_t * BT + o_i
     acc = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        b_do = tl.load(
-            do + (rows[:, None] * H + i_h) * V + o_v[None, :],
-            mask=m_t[:, None] & (o_v < V)[None, :],
-            other=0,
-        )
-        vT = tl.load(
-            v + (rows[None, :] * H + i_h) * V + o_v[:, None],
-            mask=(o_v < V)[:, None] & m_t[None, :],
-            other=0,
-        )
+        b_do = load_tile(do, rows, m_t, i_h, H, V, o_v)
+        vT = load_tile_t(v, rows, m_t, i_h, H, V, o_v)
         acc += tl.dot(b_do, vT, input_precision=DOT)
     acc = tl.where((o_i[:, None] >= o_i[None, :]) & m_t[:, None], acc * scale, 0)
     tl.store(dA + (rows[:, None] * H + i_h) * BT + o_i[None, :], acc, mask=m_t[:, None])
