@@ -177,8 +177,9 @@ def attention(
     if initial_state is None:
         k_all, v_all = k, v
     elif window is None:
-        tensors = (k, v, *initial_state)
-        in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        # in place only outside any graph: a cache made under autograd is concatenated even in
+        # no_grad mode, so no tensor a graph holds changes underneath it
+        in_place = not any(t.requires_grad for t in (k, v, *initial_state))
         k_all = _extend(initial_state.k, k, in_place)
         v_all = _extend(initial_state.v, v, in_place)
     else:  # the window bounds the cache: concatenate, then trim below
