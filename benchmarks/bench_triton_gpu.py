@@ -28,22 +28,26 @@ times anyway). Then, with q, k, v in --dtype, float32 gates and β, H = --heads,
   * decode: one fused recurrent step (T = 1 with a state) at each of --contexts (1K and 32K) and
     --decode-batches vs SDPA over a KV cache of that length (append one token, attend to all);
     the recurrent state is [K, V] per head whatever the context, so its step costs the same at
-    every context.
+    every context;
+  * profile: each op's kernels under torch.profiler at --profile-shape (2x8192), µs per call and
+    share of the op (fla's too with --profile-fla, after its autotuning): where the time goes.
 
 Output: triton_gpu.json and triton_gpu.md in --out, rewritten (atomically) after every finished
 row, so a run killed midway keeps what it measured; "complete" is false (the markdown starts with
 "(partial run)") until the script ends on its own, and "stopped" says why sections are missing
 when --time-limit or a failed check ended it early. The markdown is printed at the end.
 
-Choosing the work: --sections (check, training, decode), --ops (simple_gla, gla, gated_delta;
-the check and decode take the same subset), --passes (fwd, fwd+bwd; training), --no-fla.
+Choosing the work: --sections (check, training, decode, profile; they run in the order check,
+training, profile, decode), --ops (simple_gla, gla, gated_delta; every section takes the same
+subset), --passes (fwd, fwd+bwd; training and profile), --no-fla.
 --time-limit S starts no new row once S seconds have passed since the script's start (after its
 imports); a row already started runs to its end, compilation and fla's autotuning included. The
 files are then completed as usual, with "stopped" saying where, and the exit status is 0. A
 failed check exits 1 after writing its rows. The check guards only the timings of its own
 process, so a call that times also checks. benchmarks/gpu_bench.sh runs this script in steps
-sized for one 10-minute call of a lent GPU machine (`kernels`: --sections check,decode after the
-compiled tests; `kernel-speed`: --sections check,training), each with --time-limit.
+sized for one 10-minute call of a lent GPU machine (`kernels`: --sections check,decode,profile
+after the compiled tests; `kernel-speed`: --sections check,training,profile --profile-fla), each
+with --time-limit.
 
 Smoke test on a CPU: Triton's interpreter runs the kernels on CPU tensors (slowly; it computes
 tl.dot on bfloat16 wrongly, so fp32 or fp16); timings come from time.perf_counter and mean
@@ -74,6 +78,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from seqlab.files import write_text_atomic
 from seqlab.ops import delta_rule, gated_linear
 
 # Defaults of the command-line options.
@@ -86,7 +91,10 @@ DECODE_BATCHES = (1, 8)
 OPS = ("simple_gla", "gla", "gated_delta")
 DECODE_OPS = ("simple_gla", "gated_delta")  # the ops fla has a fused recurrent step for
 PASSES = ("fwd", "fwd+bwd")
-SECTIONS = ("check", "training", "decode")
+SECTIONS = ("check", "training", "decode", "profile")
+PROFILE_SHAPE = (2, 8192)
+PROFILE_CALLS = 5
+PROFILE_TOP = 8  # kernels listed per (op, pass, implementation)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Triton vs the PyTorch chunk form (which accumulates in float32), x max |reference|: the kernel
 # tests' tolerances against float64 (tests/ops/triton/conftest.py), float32 loosened for the
@@ -362,6 +370,7 @@ class Report:
     def __init__(self, out: Path, meta: dict, log: CompileLog, deadline: float | None):
         self.out, self.log, self.deadline = out, log, deadline  # deadline: perf_counter seconds
         self.data = {"complete": False, "meta": meta, "checks": [], "training": [], "decode": []}
+        self.data["profile"] = []
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, section: str, row: dict):
@@ -384,18 +393,8 @@ class Report:
     def save(self, complete: bool = False):
         self.data["complete"] = complete
         self.data["compile"] = self.log.table()
-        write_atomic(self.out / "triton_gpu.json", json.dumps(self.data, indent=1))
-        write_atomic(self.out / "triton_gpu.md", markdown(self.data))
-
-
-def write_atomic(path: Path, text: str):
-    """A reader (or a kill) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_text_atomic(self.out / "triton_gpu.json", json.dumps(self.data, indent=1))
+        write_text_atomic(self.out / "triton_gpu.md", markdown(self.data))
 
 
 def run_checks(su: Setup, fla, report: Report, ops, shape: tuple[int, int]):
@@ -498,6 +497,51 @@ def bench_decode(su: Setup, fla, report: Report, batches, contexts, ops, repeats
             del cache
 
 
+def kernel_times(su: Setup, fn, calls: int) -> list[dict]:
+    """torch.profiler over `calls` calls of fn (after two unprofiled ones): each kernel's µs per
+    call (GPU kernels on CUDA; on a CPU, where the interpreter launches none, the aten ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if su.cuda else lambda: None
+    fn()
+    fn()
+    sync()
+    activity = ProfilerActivity.CUDA if su.cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if su.cuda else e.self_cpu_time_total) / calls
+        if us > 0:
+            rows.append({"kernel": e.key, "launches": e.count / calls, "us": round(us, 1)})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def profile_kernels(su: Setup, fla, report: Report, ops, passes, shape, calls: int):
+    """Where each op's time goes, kernel by kernel, at one shape (beside fla's when given)."""
+    B, T = shape
+    for op in ops:
+        for pass_ in passes:
+            impls = {"seqlab": partial(seqlab_op, op)}
+            if fla is not None:
+                impls["fla"] = fla[op]
+            for impl, fn in impls.items():
+                if report.stopped(f"profile {impl} {op} {pass_}"):
+                    return
+                row = {"op": op, "impl": impl, "B": B, "T": T, "pass": pass_}
+                try:
+                    x = make_inputs(su, op, B, T, grad=pass_ != "fwd")
+                    kernels = kernel_times(su, runner(fn, x, pass_), calls)
+                    row["total_us"] = round(sum(k["us"] for k in kernels), 1)
+                    row["kernels"] = kernels[:PROFILE_TOP]
+                except Exception as e:
+                    traceback.print_exc()
+                    row["error"] = error_text(e)
+                report.add("profile", row)
+
+
 def fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
@@ -548,6 +592,20 @@ def markdown(data: dict) -> str:
         lines += ["Triton compile time per kernel (all variants; fla's includes autotuning):", ""]
         lines += ["| kernel | variants | compile s |", "|---|---|---|"]
         lines += [f"| {c['kernel']} | {c['variants']} | {c['compile_s']:.2f} |" for c in compiles]
+        lines += [""]
+    if profile := data["profile"]:
+        B, T = profile[0]["B"], profile[0]["T"]
+        lines += [f"Kernels (torch.profiler, B={B}, T={T}; µs per call, share of the op's):", ""]
+        lines += ["| op | pass | impl | total µs | kernels |", "|---|---|---|---|---|"]
+        for r in profile:
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['pass']} | {r['impl']} | – | {r['error']} |")
+                continue
+            total = r["total_us"]
+            parts = "; ".join(
+                f"{k['kernel']} {k['us']:.0f} ({k['us'] / total:.0%})" for k in r["kernels"]
+            )
+            lines.append(f"| {r['op']} | {r['pass']} | {r['impl']} | {total:.0f} | {parts} |")
         lines += [""]
     if decode := data["decode"]:
         lines += ["Decode (one token, state or KV cache of `context` tokens):", ""]
@@ -607,6 +665,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--check-shape", type=parse_shape, default=CHECK_SHAPE, help="BxT")
     ap.add_argument("--contexts", type=comma_list(int), default=CONTEXTS, help="decode")
+    ap.add_argument("--profile-shape", type=parse_shape, default=PROFILE_SHAPE, help="BxT")
+    ap.add_argument("--profile-calls", type=int, default=PROFILE_CALLS, help="profiled calls")
+    ap.add_argument(
+        "--profile-fla",
+        action="store_true",
+        help="profile fla's kernels too (its first call autotunes: 40-100 s per op)",
+    )
     ap.add_argument("--decode-batches", type=comma_list(int), default=DECODE_BATCHES)
     ap.add_argument(
         "--sections", type=comma_list(SECTIONS), default=SECTIONS, help=",".join(SECTIONS)
@@ -667,6 +732,7 @@ def main(argv=None):
         "shapes": [list(s) for s in args.shapes],
         "check_shape": list(args.check_shape),
         "contexts": list(args.contexts),
+        "profile_shape": list(args.profile_shape),
         "decode_batches": list(args.decode_batches),
         "repeats": args.repeats,
         "bw": args.bw,
@@ -686,6 +752,10 @@ def main(argv=None):
             raise SystemExit(why)
     if "training" in args.sections:
         bench_training(su, fla, report, args.shapes, args.ops, args.passes, args.repeats)
+    if "profile" in args.sections:
+        peer = fla if args.profile_fla else None
+        args_ = (args.ops, args.passes, args.profile_shape, args.profile_calls)
+        profile_kernels(su, peer, report, *args_)
     if "decode" in args.sections:
         ops = [op for op in args.ops if op in DECODE_OPS]
         batches, contexts = args.decode_batches, args.contexts

@@ -2,8 +2,9 @@
 # The GPU runs of seqlab in three steps, each sized for one 10-minute call of a lent GPU machine:
 #
 #   kernels       the Triton tests compiled on the GPU (bfloat16 added), then
-#                 bench_triton_gpu.py's correctness check (Triton vs the PyTorch chunk form, bf16)
-#                 and its decode section (fused recurrent step vs SDPA over a KV cache, 1K / 32K)
+#                 bench_triton_gpu.py's correctness check (Triton vs the PyTorch chunk form, bf16),
+#                 its per-kernel profile (2x8192) and its decode section (fused recurrent step vs
+#                 SDPA over a KV cache, 1K / 32K)
 #   kernel-speed  bench_triton_gpu.py's training section: the Triton chunk kernels vs fla 0.6.0 and
 #                 SDPA, forward and forward+backward, bf16, H = 16, K = V = 128, T = 2K … 32K
 #   bench         `seqlab bench` (its ops against SDPA and fla, then whole --preset large models:
@@ -81,11 +82,12 @@ for step in "${STEPS[@]}"; do
             elif [ "$rc" != 0 ]; then
                 exit "$rc"
             fi
-            "${KERNELS[@]}" --sections check,decode --time-limit $((LIMIT - (SECONDS - start))) \
-                --out "$DEST/$step"
+            "${KERNELS[@]}" --sections check,decode,profile \
+                --time-limit $((LIMIT - (SECONDS - start))) --out "$DEST/$step"
             ;;
         kernel-speed)
-            "${KERNELS[@]}" --sections check,training --time-limit "$LIMIT" --out "$DEST/$step"
+            "${KERNELS[@]}" --sections check,training,profile --profile-fla --time-limit "$LIMIT" \
+                --out "$DEST/$step"
             ;;
         bench)
             # the ops get a third of the time; the models, the slower part, the rest

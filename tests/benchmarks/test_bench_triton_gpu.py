@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_triton_gpu.py"
 TINY = ["--device", "cpu", "--dtype", "fp32", "--heads", "2", "--head-dim", "16"]
 TINY += ["--shapes", "1x64", "--check-shape", "1x40", "--contexts", "16,64"]
+TINY += ["--profile-shape", "1x32", "--profile-calls", "1"]
 TINY += ["--decode-batches", "1", "--repeats", "1", "--no-fla"]
 TRAINING_HEADER = "| op | B | T | pass | seqlab ms | fla ms | seqlab / fla | SDPA ms |"
 
@@ -96,6 +97,13 @@ def test_every_section_end_to_end(tmp_path):
                 assert decode[op, ctx, impl]["ms"] > 0, decode[op, ctx, impl]
         assert decode["attention", ctx, "sdpa kv-cache"]["ms"] > 0
     assert len(decode) == len(data["decode"]) == 10
+    profile = {(p["op"], p["pass"], p["impl"]): p for p in data["profile"]}
+    assert len(profile) == len(data["profile"]) == 6  # seqlab only: --no-fla
+    for p in profile.values():
+        assert (p["B"], p["T"]) == (1, 32) and not p.get("error"), p
+        us = [k["us"] for k in p["kernels"]]
+        assert us == sorted(us, reverse=True) and 0 < sum(us) <= p["total_us"] + 1e-6, p
+    assert "Kernels (torch.profiler, B=1, T=32" in md
     assert not md.startswith("(partial run)")
     assert TRAINING_HEADER in md and "| op | B | context | impl | µs | BW |" in md
     assert "| gated_delta | 1 | 64 | fwd+bwd |" in md
@@ -108,7 +116,7 @@ def test_time_limit_ends_the_run_normally(tmp_path):
     data, md = results(tmp_path)
     assert data["complete"] is True
     assert data["stopped"] == "time limit 0 s reached before check simple_gla"
-    assert data["checks"] == data["training"] == data["decode"] == []
+    assert data["checks"] == data["training"] == data["decode"] == data["profile"] == []
     assert not md.startswith("(partial run)") and "Stopped: time limit 0 s" in md
 
 
