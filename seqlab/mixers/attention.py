@@ -24,7 +24,9 @@ class AttentionConfig(MixerConfig):
 
 class Attention(TokenMixer):
     """State: the KV cache k, v [B, Tc, Hkv, D] (RoPE already applied; Tc ≤ window − 1 when
-    windowed) and pos [B], the position of the next token."""
+    windowed) and pos [B], the position of the next token. State bytes count the Tc tokens held;
+    while decoding, an unwindowed cache's buffer also keeps room for up to a quarter more (at
+    least 64 tokens) so that a step need not copy it (seqlab.ops.attention)."""
 
     Config = AttentionConfig
 
