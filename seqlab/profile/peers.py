@@ -143,9 +143,11 @@ def _seqlab(spec: OpSpec) -> Callable[[Inputs], Tensor]:
         if spec.kind == "attn":
             return attention(x["q"], x["k"], x["v"])[0]
         q, k, v, g, C = x["q"], x["k"], x["v"], x.get("g"), spec.chunk_size
+        # as the mixers call it: no value checks (they read g and β back to the host)
+        opts = {"form": "chunk", "chunk_size": C, "check_values": False}
         if spec.kind in ("deltanet", "gdn"):
-            return delta_rule(q, k, v, x["beta"], g, form="chunk", chunk_size=C)[0]
-        return gated_linear(q, k, v, g, form="chunk", chunk_size=C)[0]
+            return delta_rule(q, k, v, x["beta"], g, **opts)[0]
+        return gated_linear(q, k, v, g, **opts)[0]
 
     return run
 
