@@ -38,6 +38,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 LIMIT=${LIMIT:-480}
+case $LIMIT in
+    '' | *[!0-9]*) echo "LIMIT must be whole seconds, got '$LIMIT'" >&2; exit 2 ;;
+esac
+[ "$LIMIT" -ge 60 ] || { echo "LIMIT must be at least 60 s, got $LIMIT" >&2; exit 2; }
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(kernels kernel-speed bench)
 for step in "${STEPS[@]}"; do

@@ -3,7 +3,9 @@
 On a GPU such a read (`.item()`, `bool(t)`, `if t:`, data-dependent output sizes) makes the host
 wait until the device has run everything queued before it; one per decode step serialises the
 launches of the whole model. The spy sees them on CPU tensors too, as the aten calls they
-dispatch to, so CI can check that a code path has none.
+dispatch to, so CI can check that a code path has none. It cannot see `Tensor.tolist()`,
+`.numpy()` or a copy to the CPU (on CPU tensors these dispatch nothing it could tell apart), so
+code that needs those is checked by other means (the MoE tests spy on which path ran).
 """
 
 from __future__ import annotations

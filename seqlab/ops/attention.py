@@ -9,13 +9,16 @@ A full (unwindowed) cache is a view of a buffer with room to grow, so a decode s
 token after the others instead of copying the whole cache (which would cost O(T) per token, more
 memory traffic than the attention itself). A buffer that is full grows to GROWTH times its tokens
 (at least MIN_ROOM more), so tokens are copied O(1) times each on average. The ops stay
-functional: a cache's tokens are never changed, and a cache extended twice (two continuations of
-one prefix) gets its room used by the first and a copy for the second. Under autograd, where an
-in-place write would invalidate saved tensors, a step concatenates instead.
+functional: a cache's tokens are never changed. Only the very tensors a call returned can grow in
+place (a slice, copy or detached view of them is a new tensor, and is copied), the room after a
+cache's tokens is claimed under a lock by the first continuation (a second one, in any thread,
+gets a copy), and with grad mode on, or any input requiring grad, a step concatenates instead,
+since an in-place write could invalidate tensors autograd saved.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -26,7 +29,9 @@ from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_s
 
 GROWTH = 1.25
 MIN_ROOM = 64  # tokens
+_BUFFER = "_seqlab_buffer"  # attribute of a returned cache tensor: the buffer it views
 _FILLED = "_seqlab_filled"  # attribute of a cache buffer: how many of its tokens are claimed
+_CLAIM = threading.Lock()  # makes "is the room after these tokens free? take it" one step
 
 
 class KVCache(NamedTuple):
@@ -110,6 +115,13 @@ def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> 
     return visible
 
 
+def _view(buf: Tensor, n: int) -> Tensor:
+    """The first n tokens of `buf`, as a cache tensor that knows its buffer."""
+    kv = buf[:, :n]
+    setattr(kv, _BUFFER, buf)
+    return kv
+
+
 def _buffer(parts: list[Tensor], capacity: int) -> Tensor:
     """The tokens of `parts` (concatenated along T) as a view of a new [B, capacity, H, D]
     buffer that records how many of its tokens are taken."""
@@ -120,7 +132,25 @@ def _buffer(parts: list[Tensor], capacity: int) -> Tensor:
         buf[:, n : n + p.shape[1]] = p
         n += p.shape[1]
     setattr(buf, _FILLED, n)
-    return buf[:, :n]
+    return _view(buf, n)
+
+
+def _claim(old: Tensor, T: int) -> Tensor | None:
+    """old's buffer, with the room for T tokens after old's claimed, if old is a cache tensor
+    this module returned (not a slice or copy of one) and that room is there and unclaimed."""
+    buf = getattr(old, _BUFFER, None)
+    n = old.shape[1]
+    if buf is None or buf.shape[1] < n + T:
+        return None
+    if buf.data_ptr() != old.data_ptr() or buf.stride() != old.stride():
+        return None
+    if buf.shape[0] != old.shape[0] or buf.shape[2:] != old.shape[2:]:
+        return None
+    with _CLAIM:
+        if getattr(buf, _FILLED) != n:  # another continuation of old took the room first
+            return None
+        setattr(buf, _FILLED, n + T)
+    return buf
 
 
 def _extend(old: Tensor, new: Tensor, in_place: bool) -> Tensor:
@@ -130,18 +160,11 @@ def _extend(old: Tensor, new: Tensor, in_place: bool) -> Tensor:
     if not in_place:
         return torch.cat([old, new], dim=1)
     n, T = old.shape[1], new.shape[1]
-    buf = old._base
-    if (
-        buf is not None
-        and getattr(buf, _FILLED, None) == n  # nobody has written after old's tokens
-        and buf.shape[1] >= n + T
-        and buf.data_ptr() == old.data_ptr()
-        and buf.stride() == old.stride()
-    ):
-        buf[:, n : n + T] = new
-        setattr(buf, _FILLED, n + T)
-        return buf[:, : n + T]
-    return _buffer([old, new], max(int(GROWTH * (n + T)), n + T + MIN_ROOM))
+    buf = _claim(old, T)
+    if buf is None:
+        return _buffer([old, new], max(int(GROWTH * (n + T)), n + T + MIN_ROOM))
+    buf[:, n : n + T] = new
+    return _view(buf, n + T)
 
 
 def _cache(kv: Tensor, keep: int, fresh: bool) -> Tensor:
@@ -177,9 +200,10 @@ def attention(
     if initial_state is None:
         k_all, v_all = k, v
     elif window is None:
-        # in place only outside any graph: a cache made under autograd is concatenated even in
-        # no_grad mode, so no tensor a graph holds changes underneath it
-        in_place = not any(t.requires_grad for t in (k, v, *initial_state))
+        # in place only outside autograd: with grad mode on a graph may hold the cache (SDPA
+        # saves it when q requires grad), and a cache made under autograd stays concatenated
+        inputs = (q, k, v, *initial_state)
+        in_place = not torch.is_grad_enabled() and not any(t.requires_grad for t in inputs)
         k_all = _extend(initial_state.k, k, in_place)
         v_all = _extend(initial_state.v, v, in_place)
     else:  # the window bounds the cache: concatenate, then trim below

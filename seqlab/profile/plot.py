@@ -222,6 +222,9 @@ def plot_ops(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+PLOT_FILES = ("time.png", "decode.png", "state.png", "ops.png")
+
+
 def plot_results(result: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = []
     if result["models"]:

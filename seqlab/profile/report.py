@@ -15,7 +15,7 @@ from rich.table import Table
 
 from seqlab.files import write_text_atomic
 from seqlab.profile.bench import MODEL_PASSES, OP_PASSES, titles
-from seqlab.profile.plot import plot_results
+from seqlab.profile.plot import PLOT_FILES, plot_results
 
 Rows = tuple[list[str], list[list[str]], list[str]]  # headers, rows, notes
 
@@ -187,7 +187,8 @@ def write_results(
     result: dict, out_dir: str | Path, command: str | None = None, plots: bool = True
 ) -> list[Path]:
     """bench.json, results.md (machine, command, tables) and, with `plots`, the PNG plots, each
-    written atomically; returns the paths."""
+    written atomically; returns the paths. Without `plots` (a partial result), plots an earlier
+    run left in `out_dir` are removed, so none sits beside results it does not show."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if command is not None:
@@ -196,4 +197,8 @@ def write_results(
         write_text_atomic(out / "bench.json", json.dumps(result, indent=1) + "\n"),
         write_text_atomic(out / "results.md", markdown_report(result)),
     ]
-    return paths + (plot_results(result, out) if plots else [])
+    if not plots:
+        for name in PLOT_FILES:
+            (out / name).unlink(missing_ok=True)
+        return paths
+    return paths + plot_results(result, out)

@@ -3,8 +3,8 @@ session (scarce, 10-minute commands) does not find the script's bugs: every sect
 the time limit, the partial files a killed run leaves, and a check that fails when Triton and
 PyTorch disagree. Nothing asserts on speed.
 
-The script runs in subprocesses with TRITON_INTERPRET=1: Triton must not be imported into this
-process (tests/ops/triton/conftest.py sets the interpreter mode at its own first import).
+The script runs in subprocesses, each with its own Triton: with TRITON_INTERPRET=1, or without
+it to see the script refuse.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """attention (SDPA) against naive_attention (explicit scores), the KV cache, packing and errors."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -191,15 +192,17 @@ def decode(q, k, v, cache, start, window=None):
     return torch.cat(outs, 1), cache
 
 
-def test_decode_copies_each_token_a_bounded_number_of_times():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_decode_copies_each_token_a_bounded_number_of_times(mode):
     """The cache grows into room it keeps (× GROWTH, at least MIN_ROOM tokens more) instead of
     being copied whole at every step: 100 steps after a prefill of 11 write 12 + 77 tokens into
     new buffers (each with the token of its step) and the other 98 tokens in place: 187 tokens,
     1.7× the final cache of 111; a copy of the cache per step would write 6,150, 55×."""
     q, k, v = make_qkv(2, 111, 2, 2, 4, 4)
-    _, cache = attention(q[:, :11], k[:, :11], v[:, :11], output_final_state=True)
-    with CopiedBytes() as spy:
-        _, cache = decode_steps(q, k, v, cache, 11)
+    with mode():
+        _, cache = attention(q[:, :11], k[:, :11], v[:, :11], output_final_state=True)
+        with CopiedBytes() as spy:
+            _, cache = decode_steps(q, k, v, cache, 11)
     per_token = cache.nbytes // 111
     assert spy.nbytes == (12 + 77 + 98) * per_token
     assert cache.k.untyped_storage().nbytes() < 1.6 * cache.k.nbytes  # room: 141 tokens
@@ -222,12 +225,15 @@ def test_two_continuations_of_one_cache_do_not_mix():
     copy, and each sees only its own tokens (the ops are functional)."""
     q, k, v = make_qkv(1, 9, 2, 2, 4, 4)
     q2, k2, v2 = make_qkv(1, 9, 2, 2, 4, 4, seed=1)
-    _, cache = attention(q[:, :6], k[:, :6], v[:, :6], output_final_state=True)
-    _, cache = decode(q[:, :7], k[:, :7], v[:, :7], cache, 6)  # 7 tokens, room after them
-    held = cache.k.clone()
-    o_a, cache_a = decode(q, k, v, cache, 7)
-    o_b, cache_b = decode(q2, k2, v2, cache, 7)
-    o_a2, cache_a2 = decode(q, k, v, cache, 7)  # the first continuation again
+    with torch.no_grad():
+        _, cache = attention(q[:, :6], k[:, :6], v[:, :6], output_final_state=True)
+        _, cache = decode(q[:, :7], k[:, :7], v[:, :7], cache, 6)  # 7 tokens, room after them
+        held = cache.k.clone()
+        o_a, cache_a = decode(q, k, v, cache, 7)
+        o_b, cache_b = decode(q2, k2, v2, cache, 7)
+        o_a2, cache_a2 = decode(q, k, v, cache, 7)  # the first continuation again
+    assert cache_a.k.data_ptr() == cache.k.data_ptr()  # the first grew in place
+    assert cache_b.k.data_ptr() != cache.k.data_ptr() != cache_a2.k.data_ptr()
     assert torch.equal(cache.k, held)
     k_b = torch.cat([k[:, :7], k2[:, 7:]], 1)
     v_b = torch.cat([v[:, :7], v2[:, 7:]], 1)
@@ -236,6 +242,75 @@ def test_two_continuations_of_one_cache_do_not_mix():
     torch.testing.assert_close(cache_b.v, v_b, **TIGHT)
     torch.testing.assert_close(o_a2, o_a, rtol=0, atol=0)
     torch.testing.assert_close(o_b, naive_attention(q2, k_b, v_b)[:, 7:], **TIGHT)
+
+
+@pytest.mark.parametrize("part", ["batch", "heads"])
+def test_a_slice_of_a_cache_is_a_cache_of_its_own(part):
+    """Decoding from part of a batched cache (one sequence, or some kv heads) must not write into
+    the buffer the whole cache views."""
+    q, k, v = make_qkv(2, 9, 4, 4, 4, 4)
+    with torch.no_grad():
+        _, cache = attention(q[:, :6], k[:, :6], v[:, :6], output_final_state=True)
+        _, cache = decode(q[:, :7], k[:, :7], v[:, :7], cache, 6)  # room after 7 tokens
+        held = cache.k.clone()
+        cut = (slice(0, 1),) if part == "batch" else (slice(None), slice(None), slice(0, 2))
+        small = KVCache(cache.k[cut], cache.v[cut])
+        qs, ks, vs = (x[cut] for x in (q, k, v))
+        o, small = decode(qs, ks, vs, small, 7)
+        o_full, _ = decode(q, k, v, cache, 7)
+    assert torch.equal(cache.k, held)
+    torch.testing.assert_close(o, naive_attention(qs, ks, vs)[:, 7:], **TIGHT)
+    torch.testing.assert_close(small.k, ks, **TIGHT)
+    torch.testing.assert_close(o_full, naive_attention(q, k, v)[:, 7:], **TIGHT)
+
+
+def test_continuations_in_threads_get_their_own_tokens():
+    """The room after a cache is claimed under a lock: threads continuing one shared prefix
+    (a server with a prompt cache) never write into each other's caches. Each appends 512 tokens
+    at once, so the copies (which release the GIL) overlap."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 4098, 8, 64, generator=g)
+    with torch.no_grad():
+        _, prefix = attention(q[:, :-1], k[:, :-1], v[:, :-1], output_final_state=True)
+        _, prefix = attention(  # a decode step: the cache moves to a buffer with room
+            q[:, -1:], k[:, -1:], v[:, -1:], initial_state=prefix, output_final_state=True
+        )
+    assert prefix.k.shape[1] == 4098 and prefix.k._seqlab_buffer.shape[1] >= 4098 + 512
+    tails = [torch.randn(3, 1, 512, 8, 64, generator=g) for _ in range(4)]
+    start = threading.Barrier(len(tails))
+    results = [None] * len(tails)
+
+    def run(i):
+        qt, kt, vt = tails[i]
+        start.wait()
+        with torch.no_grad():
+            results[i] = attention(qt, kt, vt, initial_state=prefix, output_final_state=True)[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tails))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shared = [c for c in results if c.k.data_ptr() == prefix.k.data_ptr()]
+    assert len(shared) == 1  # one continuation took the room, the others were copied
+    assert len({c.k.data_ptr() for c in results}) == len(tails)
+    for (_, kt, vt), cache in zip(tails, results, strict=True):
+        assert torch.equal(cache.k[:, 4098:], kt) and torch.equal(cache.v[:, 4098:], vt)
+        assert torch.equal(cache.k[:, :4098], prefix.k)
+
+
+def test_a_query_that_needs_grad_keeps_its_graph():
+    """SDPA saves the cache when only q requires grad: a later step must not write over it."""
+    q, k, v = make_qkv(1, 9, 2, 2, 4, 4)
+    with torch.no_grad():
+        _, cache = attention(q[:, :6], k[:, :6], v[:, :6], output_final_state=True)
+        _, cache = decode(q[:, :7], k[:, :7], v[:, :7], cache, 6)
+    qg = q.clone().requires_grad_(True)
+    o_a, cache_a = decode(qg[:, :8], k[:, :8], v[:, :8], cache, 7)
+    o_b, _ = decode(qg, k, v, cache_a, 8)
+    (g,) = torch.autograd.grad(o_a.sum() + o_b.sum(), qg)
+    want = torch.autograd.grad(naive_attention(qg, k, v)[:, 7:].sum(), qg)[0]
+    torch.testing.assert_close(g, want, **TIGHT)
 
 
 def test_decode_under_autograd_concatenates_and_differentiates():

@@ -244,6 +244,7 @@ def test_a_run_that_dies_keeps_what_it_measured(tmp_path, monkeypatch):
         raise RuntimeError("killed")
 
     monkeypatch.setattr("seqlab.profile.bench._bench_op", boom)
+    (tmp_path / "time.png").write_bytes(b"an earlier run's plot")
     args = ["bench", "--arch", "attn", "--seq-lens", "8,16", *TINY, "--d-model", "16"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
     assert isinstance(result.exception, RuntimeError)
@@ -253,3 +254,4 @@ def test_a_run_that_dies_keeps_what_it_measured(tmp_path, monkeypatch):
     assert "median_s" in data["models"][0]["points"][1]["forward"]
     assert "**partial results**" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    assert not (tmp_path / "time.png").exists()  # no stale plot beside the partial results

@@ -1,18 +1,15 @@
 """Helpers for the Triton backend tests: where the kernels run, and how runs are compared.
 
-Without a GPU the kernels run in Triton's CPU interpreter. Triton picks interpreter or compiler
-when a function is decorated, its own library functions included, so TRITON_INTERPRET=1 is set
-while Triton and seqlab.ops.triton.api are first imported here (pytest imports every test module
-before running any, and nothing else imports Triton) and, by an autouse fixture, during each
-test of this directory; the other tests run without it. The interpreter computes tl.dot on
-bfloat16 wrongly, so on CPU the tests take float32 and float16; on a GPU bfloat16 is added.
+Without a GPU the kernels run in Triton's CPU interpreter: tests/conftest.py imports Triton and
+seqlab's kernels with TRITON_INTERPRET=1 before anything else can import Triton, and an autouse
+fixture sets it during each test of this directory; the other tests run without it. The
+interpreter computes tl.dot on bfloat16 wrongly, so on CPU the tests take float32 and float16; on
+a GPU bfloat16 is added.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
@@ -24,28 +21,6 @@ DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]
 
 if not HAVE_TRITON:
     collect_ignore_glob = ["test_*.py"]  # Triton ships for Linux only (the test extra)
-
-
-def _import_kernels():
-    if INTERPRET and "triton" in sys.modules:
-        raise RuntimeError(
-            "Triton was imported before tests/ops/triton/conftest.py could set "
-            "TRITON_INTERPRET=1; run these tests in their own pytest process"
-        )
-    before = os.environ.get("TRITON_INTERPRET")
-    if INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import seqlab.ops.triton.api  # noqa: F401
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-if HAVE_TRITON:
-    _import_kernels()
 
 
 @pytest.fixture(autouse=True)
