@@ -222,15 +222,15 @@ def plot_ops(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-PLOT_FILES = ("time.png", "decode.png", "state.png", "ops.png")
+# file → what draws it, and from which part of the result
+PLOTS = {
+    "time.png": ("models", plot_time),
+    "decode.png": ("models", plot_decode),
+    "state.png": ("models", plot_state),
+    "ops.png": ("ops", plot_ops),
+}
+PLOT_FILES = tuple(PLOTS)
 
 
 def plot_results(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    paths = []
-    if result["models"]:
-        paths.append(plot_time(result, out_dir / "time.png"))
-        paths.append(plot_decode(result, out_dir / "decode.png"))
-        paths.append(plot_state(result, out_dir / "state.png"))
-    if result["ops"]:
-        paths.append(plot_ops(result, out_dir / "ops.png"))
-    return paths
+    return [plot(result, out_dir / name) for name, (part, plot) in PLOTS.items() if result[part]]

@@ -9,13 +9,11 @@ a GPU bfloat16 is added.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = not torch.cuda.is_available()
+from tests.conftest import HAVE_TRITON, INTERPRET
+
 DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
 
