@@ -4,6 +4,7 @@
     chunk form      gated_linear (no gate, g [B, T, H], g [B, T, H, K]) and delta_rule
                     (no gate, g [B, T, H]): forward and backward, chunk size 16, 32 or 64
     recurrent form  one fused launch over time for both families: forward only (decode)
+`seqlab.ops.triton.aot.compile_only` compiles them for a GPU target without one (resource report).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 _DEFAULT = contextvars.ContextVar("seqlab_ops_backend", default="auto")
+# True inside seqlab.ops.triton.aot.compile_only: CPU tensors go to kernels that only compile
+COMPILE_ONLY = contextvars.ContextVar("seqlab_triton_compile_only", default=False)
 _WARNED: set[str] = set()  # fallback reasons already reported
 CHUNK_SIZES = (16, 32, 64)
 # The delta rule's state pass and the fused recurrent step hold all K rows of a state tile in
@@ -50,7 +53,7 @@ def unsupported(form: str, chunk_size: int, q: torch.Tensor, v: torch.Tensor, ne
         return f"the key head dim K must be at most {MAX_KEY_DIM}, got {q.shape[-1]}"
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not (_interpreting() or COMPILE_ONLY.get()):
         return "it needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     return None
 
