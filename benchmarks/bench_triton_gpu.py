@@ -30,7 +30,9 @@ times anyway). Then, with q, k, v in --dtype, float32 gates and β, H = --heads,
     the recurrent state is [K, V] per head whatever the context, so its step costs the same at
     every context;
   * profile: each op's kernels under torch.profiler at --profile-shape (2x8192), µs per call and
-    share of the op (fla's too with --profile-fla, after its autotuning): where the time goes.
+    share of the op (fla's too with --profile-fla, after its autotuning): where the time goes;
+    and per Triton kernel the bytes its tensor arguments hold over its time, as a fraction of
+    --bw: a floor on the bandwidth it achieves (a kernel re-reading an input moves more).
 
 Output: triton_gpu.json and triton_gpu.md in --out, rewritten (atomically) after every finished
 row, so a run killed midway keeps what it measured; "complete" is false (the markdown starts with
@@ -61,6 +63,7 @@ nothing, peak memory is not recorded (tests/benchmarks/test_bench_triton_gpu.py 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -499,9 +502,46 @@ def bench_decode(su: Setup, fla, report: Report, batches, contexts, ops, repeats
             del cache
 
 
-def kernel_times(su: Setup, fn, calls: int) -> list[dict]:
+@contextlib.contextmanager
+def launch_bytes():
+    """While active, {kernel name: bytes its tensor arguments hold, summed over launches} for
+    every Triton launch (compiled or interpreted, seqlab's or fla's, the kernel runs as usual).
+    That is the traffic of a kernel reading or writing each argument once: a floor on what it
+    moves, so bytes / time is a floor on the bandwidth it achieves."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen: dict[str, int] = {}
+    runs = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def recording(run):
+        def record(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                tensors = {
+                    a.data_ptr(): a.numel() * a.element_size()
+                    for a in (*args, *kwargs.values())
+                    if isinstance(a, torch.Tensor)
+                }
+                name = self.fn.__name__
+                seen[name] = seen.get(name, 0) + sum(tensors.values())
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        return record
+
+    for cls, run in runs.items():
+        cls.run = recording(run)
+    try:
+        yield seen
+    finally:
+        for cls, run in runs.items():
+            cls.run = run
+
+
+def kernel_times(su: Setup, fn, calls: int) -> tuple[list[dict], dict[str, float]]:
     """torch.profiler over `calls` calls of fn (after two unprofiled ones): each kernel's µs per
-    call (GPU kernels on CUDA; on a CPU, where the interpreter launches none, the aten ops)."""
+    call (GPU kernels on CUDA; on a CPU, where the interpreter launches none, the aten ops), and
+    each Triton kernel's argument bytes per call (launch_bytes). A kernel the profiler lists
+    under its Triton name gets its bandwidth floor: `gbps` and `bw_frac` (of su.bw)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync = torch.cuda.synchronize if su.cuda else lambda: None
@@ -509,16 +549,28 @@ def kernel_times(su: Setup, fn, calls: int) -> list[dict]:
     fn()
     sync()
     activity = ProfilerActivity.CUDA if su.cuda else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    with launch_bytes() as moved, profile(activities=[activity]) as prof:
         for _ in range(calls):
             fn()
         sync()
+    per_call = {name: b / calls for name, b in moved.items()}
     rows = []
     for e in prof.key_averages():
         us = (e.self_device_time_total if su.cuda else e.self_cpu_time_total) / calls
         if us > 0:
             rows.append({"kernel": e.key, "launches": e.count / calls, "us": round(us, 1)})
-    return sorted(rows, key=lambda r: -r["us"])
+    return with_bandwidth(sorted(rows, key=lambda r: -r["us"]), per_call, su.bw), per_call
+
+
+def with_bandwidth(rows: list[dict], per_call: dict[str, float], bw: float) -> list[dict]:
+    """Each profiler row whose kernel has argument bytes gets `gbps` and `bw_frac` (of bw)."""
+    out = []
+    for r in rows:
+        if r["kernel"] in per_call:
+            b = per_call[r["kernel"]]
+            r = r | {"gbps": round(b / r["us"] / 1e3, 1), "bw_frac": b / (r["us"] * 1e-6) / bw}
+        out.append(r)
+    return out
 
 
 def profile_kernels(su: Setup, fla, report: Report, ops, passes, shape, calls: int):
@@ -535,9 +587,10 @@ def profile_kernels(su: Setup, fla, report: Report, ops, passes, shape, calls: i
                 row = {"op": op, "impl": impl, "B": B, "T": T, "pass": pass_}
                 try:
                     x = make_inputs(su, op, B, T, grad=pass_ != "fwd")
-                    kernels = kernel_times(su, runner(fn, x, pass_), calls)
+                    kernels, moved = kernel_times(su, runner(fn, x, pass_), calls)
                     row["total_us"] = round(sum(k["us"] for k in kernels), 1)
                     row["kernels"] = kernels[:PROFILE_TOP]
+                    row["launch_bytes"] = moved
                 except Exception as e:
                     traceback.print_exc()
                     row["error"] = error_text(e)
@@ -597,7 +650,12 @@ def markdown(data: dict) -> str:
         lines += [""]
     if profile := data["profile"]:
         B, T = profile[0]["B"], profile[0]["T"]
-        lines += [f"Kernels (torch.profiler, B={B}, T={T}; µs per call, share of the op's):", ""]
+        lines += [
+            f"Kernels (torch.profiler, B={B}, T={T}; µs per call, share of the op's, and for "
+            "Triton kernels the bandwidth floor: argument bytes / time, as a fraction of "
+            f"{data['meta']['bw'] / 1e12:.2f} TB/s):",
+            "",
+        ]
         lines += ["| op | pass | impl | total µs | kernels |", "|---|---|---|---|---|"]
         for r in profile:
             if "error" in r:
@@ -605,7 +663,9 @@ def markdown(data: dict) -> str:
                 continue
             total = r["total_us"]
             parts = "; ".join(
-                f"{k['kernel']} {k['us']:.0f} ({k['us'] / total:.0%})" for k in r["kernels"]
+                f"{k['kernel']} {k['us']:.0f} ({k['us'] / total:.0%}"
+                + (f", BW ≥ {k['bw_frac']:.0%})" if "bw_frac" in k else ")")
+                for k in r["kernels"]
             )
             lines.append(f"| {r['op']} | {r['pass']} | {r['impl']} | {total:.0f} | {parts} |")
         lines += [""]

@@ -103,6 +103,13 @@ def test_every_section_end_to_end(tmp_path):
         assert (p["B"], p["T"]) == (1, 32) and not p.get("error"), p
         us = [k["us"] for k in p["kernels"]]
         assert us == sorted(us, reverse=True) and 0 < sum(us) <= p["total_us"] + 1e-6, p
+        # every launch's tensor arguments, per call: the output kernel reads q, k, v and writes o
+        moved = p["launch_bytes"]
+        assert moved["chunk_fwd_o_kernel"] >= 4 * 1 * 32 * 2 * 16 * 4, moved  # fp32 [1, 32, 2, 16]
+        if p["op"] == "gated_delta":
+            assert {"wy_fwd_kernel", "chunk_fwd_h_kernel"} <= moved.keys(), moved
+        if p["pass"] == "fwd+bwd":
+            assert "chunk_bwd_dqk_kernel" in moved, moved
     assert "Kernels (torch.profiler, B=1, T=32" in md
     assert not md.startswith("(partial run)")
     assert TRAINING_HEADER in md and "| op | B | context | impl | µs | BW |" in md
@@ -208,3 +215,12 @@ def test_arguments():
     assert args.ops == ["gla", "gated_delta"] and args.sections == ["check", "decode"]
     assert args.shapes == [(1, 64)] and args.check_shape == (1, 40) and args.contexts == [16, 64]
     assert args.passes == ("fwd", "fwd+bwd") and args.time_limit is None
+
+
+def test_bandwidth_joins_a_kernels_bytes_to_its_time():
+    bench = load_bench()
+    rows = [{"kernel": "chunk_fwd_h_kernel", "us": 100.0}, {"kernel": "aten::copy_", "us": 5.0}]
+    # 335 MB in 100 µs is 3.35 TB/s: the whole of an H100's bandwidth
+    out = bench.with_bandwidth(rows, {"chunk_fwd_h_kernel": 335e6}, bw=3.35e12)
+    assert out[0]["gbps"] == 3350.0 and abs(out[0]["bw_frac"] - 1.0) < 1e-12
+    assert "bw_frac" not in out[1] and "bw_frac" not in rows[0]  # rows themselves untouched
