@@ -24,10 +24,11 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #         -d .whl fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection \
-#         typing-extensions
-# (3.8 MB; checked 2026-11-22: fla-core 0.6.0 needs only einops; pydantic 2.14 needs
-# typing-extensions ≥ 4.16, carried in case the image's is older. The GPU image has torch,
-# triton, einops, matplotlib, rich, typer, pytest and hypothesis.)
+#         typing-extensions pytest-xdist execnet
+# (3.9 MB; checked 2026-11-22: fla-core 0.6.0 needs only einops; pydantic 2.14 needs
+# typing-extensions ≥ 4.16, carried in case the image's is older; pytest-xdist compiles the
+# tests' kernels in parallel. The GPU image has torch, triton, einops, matplotlib, rich, typer,
+# pytest and hypothesis.)
 # With the device tool of this workplace: one call per step, carrying .whl (ignored through
 # .git/info/exclude) and packing the results into its $OUT, which returns at most 8 files:
 #     DEST=/tmp/r LIMIT=480 bash benchmarks/gpu_bench.sh kernels; tar czf $OUT/kernels.tgz -C /tmp r
@@ -76,11 +77,16 @@ for step in "${STEPS[@]}"; do
     start=$SECONDS
     case $step in
         kernels)
-            # at most half the time for the tests (many kernel variants compile); a failing test
-            # ends the step, a cut one leaves the check below to guard the decode timings
+            # at most half the time for the tests; a failing test ends the step, a cut one leaves
+            # the check below to guard the decode timings. They compile about 600 kernel variants
+            # (counted in the interpreter, float32/float16; bf16 adds more) at 0.5-2 s each on one
+            # core, so with pytest-xdist they run in $WORKERS processes (default 8).
             rc=0
+            PARALLEL=()
+            if "$PYTHON" -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${WORKERS:-8}"); fi
             timeout $((LIMIT / 2)) "$PYTHON" -m pytest -q -x -p no:cacheprovider --durations 10 \
-                tests/ops/triton 2>&1 | tee "$DEST/$step/tests.log" || rc=${PIPESTATUS[0]}
+                "${PARALLEL[@]}" tests/ops/triton 2>&1 | tee "$DEST/$step/tests.log" ||
+                rc=${PIPESTATUS[0]}
             if [ "$rc" = 124 ]; then
                 echo "tests cut after $((LIMIT / 2)) s" | tee -a "$DEST/$step/tests.log"
             elif [ "$rc" != 0 ]; then
