@@ -23,6 +23,7 @@ the per-block limit) or, with --fail-on-spill, spills registers to local memory.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -53,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--fail-on-spill", action="store_true")
+    p.add_argument(
+        "--fla",
+        action="store_true",
+        help="also compile fla 0.6.0's chunk ops (simple_gla, gla, gated_delta among --families)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     try:
@@ -65,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
         p.error(f"unknown --families {unknown}; choose from {', '.join(FAMILIES)}")
+    if args.fla and importlib.util.find_spec("fla") is None:
+        p.error("--fla needs fla-core 0.6.0 (pip install fla-core==0.6.0 --no-deps)")
     return args
 
 
@@ -82,20 +90,93 @@ def compile_all(args) -> list[dict]:
                         family, call, DTYPES[args.dtype], B, T, args.heads, K, V, args.chunk_size
                     )
             for k in log.kernels:
-                rows.append({"family": family, "K": K, "V": V} | k.as_dict())
+                rows.append({"impl": "seqlab", "family": family, "K": K, "V": V} | k.as_dict())
             print(f"K={K} V={V} {family}: {len(log.kernels)} kernels", file=sys.stderr)
     return rows
 
 
+FLA_OPS = {
+    "simple_gla": "chunk_simple_gla",
+    "gla": "chunk_gla",
+    "gated_delta": "chunk_gated_delta_rule",
+}
+
+
+def import_fla_as_on(arch: int):
+    """fla.ops, imported as on that GPU: fla chooses its autotune configs at import from the
+    device it sees (Hopper or not, shared memory), so torch.cuda answers as an H100 and Triton's
+    driver is compile_only's, for good in this process."""
+    import types
+
+    from seqlab.ops.triton.aot import SM_LIMITS, SMS, compile_only
+
+    if "fla" in sys.modules:
+        raise RuntimeError("fla was imported before import_fla_as_on could set up the GPU")
+    name = {90: "NVIDIA H100 80GB HBM3"}[arch]
+    capability = (arch // 10, arch % 10)
+    props = types.SimpleNamespace(
+        name=name, major=capability[0], minor=capability[1], multi_processor_count=SMS[arch],
+        shared_memory_per_block_optin=SM_LIMITS[arch]["smem_block"],
+        shared_memory_per_block=48 * 1024, total_memory=80 * 2**30,
+    )  # fmt: skip
+    torch.cuda.get_device_name = lambda *a, **k: name
+    torch.cuda.get_device_capability = lambda *a, **k: capability
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.device_count = lambda: 1
+    with compile_only(arch):
+        import fla.ops
+    return fla.ops
+
+
+def fla_inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype) -> dict:
+    """As benchmarks/bench_triton_gpu.py gives them: q, k, v in dtype, gates and β float32."""
+    x = {"q": torch.zeros(B, T, H, K, dtype=dtype), "k": torch.zeros(B, T, H, K, dtype=dtype)}
+    x["v"] = torch.zeros(B, T, H, V, dtype=dtype)
+    x["g"] = torch.zeros(B, T, H, K) if family == "gla" else torch.zeros(B, T, H)
+    if family == "gated_delta":
+        x["beta"] = torch.zeros(B, T, H)
+    return {n: t.requires_grad_() for n, t in x.items()}
+
+
+def compile_fla(args) -> tuple[list[dict], list[dict]]:
+    """fla's training call (forward and backward) per family it has: every autotune config
+    compiles, as its first call on a GPU does before it can time them. An exception fla raises
+    (it refuses some calls on some GPUs) is recorded with the kernels compiled before it."""
+    from seqlab.ops.triton.aot import compile_only
+
+    ops = import_fla_as_on(args.arch)
+    B, T = args.shape
+    rows, errors = [], []
+    for K, V in args.head_dims:
+        for family in [f for f in args.families if f in FLA_OPS]:
+            with tempfile.TemporaryDirectory() as cache, compile_only(args.arch, cache) as log:
+                log.call = "training"
+                x = fla_inputs(family, B, T, args.heads, K, V, DTYPES[args.dtype])
+                try:
+                    o = getattr(ops, FLA_OPS[family])(**x)[0]
+                    log.call = "training (backward)"
+                    o.float().sum().backward()
+                except Exception as e:
+                    where = "backward" if log.call.endswith("(backward)") else "forward"
+                    error = f"{type(e).__name__}: {e}"
+                    errors.append({"family": family, "K": K, "V": V, "pass": where, "error": error})
+            for k in log.kernels:
+                row = {"impl": "fla", "family": family, "K": K, "V": V} | k.as_dict()
+                rows.append(row | {"call": "training"})
+            print(f"K={K} V={V} fla {family}: {len(log.kernels)} kernels", file=sys.stderr)
+    return rows, errors
+
+
 def summary(rows: list[dict]) -> list[dict]:
     out = []
-    for key in dict.fromkeys((r["K"], r["V"], r["family"]) for r in rows):
-        rs = [r for r in rows if (r["K"], r["V"], r["family"]) == key]
+    for key in dict.fromkeys((r["K"], r["V"], r["family"], r["impl"]) for r in rows):
+        rs = [r for r in rows if (r["K"], r["V"], r["family"], r["impl"]) == key]
         out.append(
             {
                 "K": key[0],
                 "V": key[1],
                 "family": key[2],
+                "impl": key[3],
                 "kernels": len(rs),
                 "training_compile_s": sum(r["compile_s"] for r in rs if r["call"] == "training"),
                 "all_compile_s": sum(r["compile_s"] for r in rs),
@@ -126,13 +207,13 @@ def markdown(data: dict) -> str:
         "",
         "## Per family",
         "",
-        "| K×V | family | kernels | training first call, compile s | all calls, s | slowest "
-        "kernel (s) | max regs | spill B | max shared KiB | min blocks/SM |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| K×V | family | impl | kernels | training first call, compile s | all calls, s | "
+        "slowest kernel (s) | max regs | spill B | max shared KiB | min blocks/SM |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for s in data["summary"]:
         lines.append(
-            f"| {s['K']}×{s['V']} | {s['family']} | {s['kernels']} | "
+            f"| {s['K']}×{s['V']} | {s['family']} | {s['impl']} | {s['kernels']} | "
             f"{s['training_compile_s']:.1f} | {s['all_compile_s']:.1f} | {s['slowest']} "
             f"({s['slowest_s']:.2f}) | {s['max_registers']} | {s['spill']} | "
             f"{s['max_shared'] / 1024:.1f} | {s['min_blocks_per_sm']} |"
@@ -145,7 +226,7 @@ def markdown(data: dict) -> str:
         "regs | spill B | mma | blocks/SM | limited by | compile s |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
-    for r in data["kernels"]:
+    for r in (r for r in data["kernels"] if r["impl"] == "seqlab"):
         shown = " ".join(f"{k}={r['constants'][k]}" for k in SHOWN if k in r["constants"])
         lines.append(
             f"| {r['K']}×{r['V']} | {r['family']} | {r['call']} | {r['name']} | {shown} | "
@@ -153,6 +234,39 @@ def markdown(data: dict) -> str:
             f"{r['registers']} | {r['spill']} | {r['mma']} | {r['blocks_per_sm']} | "
             f"{r['limited_by']} | {r['compile_s']:.2f} |"
         )
+    if fla := [r for r in data["kernels"] if r["impl"] == "fla"]:
+        lines += [
+            "",
+            "## fla's kernels",
+            "",
+            "Its training call (forward and backward) compiles every config its autotuner lists "
+            "for the GPU (fla imported as on an H100); on a GPU it then times them all, which "
+            "this leaves out. Per kernel: the configs (variants), their compile time in all, "
+            "and the range of registers, shared memory and resident blocks per SM.",
+            "",
+            "| K×V | family | kernel | variants | compile s | regs | shared KiB | blocks/SM | "
+            "spills |",
+            "|---|---|---|---:|---:|---|---|---|---:|",
+        ]
+        for key in dict.fromkeys((r["K"], r["V"], r["family"], r["name"]) for r in fla):
+            rs = [r for r in fla if (r["K"], r["V"], r["family"], r["name"]) == key]
+
+            def span(field, scale=1, rs=rs):
+                lo, hi = min(r[field] for r in rs) / scale, max(r[field] for r in rs) / scale
+                return f"{lo:.0f}" if lo == hi else f"{lo:.0f}–{hi:.0f}"
+
+            lines.append(
+                f"| {key[0]}×{key[1]} | {key[2]} | {key[3]} | {len(rs)} | "
+                f"{sum(r['compile_s'] for r in rs):.1f} | {span('registers')} | "
+                f"{span('shared', 1024)} | {span('blocks_per_sm')} | "
+                f"{sum(r['spill'] > 0 for r in rs)} |"
+            )
+    if data.get("fla_errors"):
+        lines += ["", "fla raised (its kernels compiled up to there are listed above):", ""]
+        lines += [
+            f"- {e['family']} K×V {e['K']}×{e['V']}, {e['pass']}: {e['error']}"
+            for e in data["fla_errors"]
+        ]
     if data["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in data["problems"]]
     return "\n".join(lines) + "\n"
@@ -164,6 +278,12 @@ def problems(rows: list[dict], fail_on_spill: bool) -> tuple[list[str], bool]:
         where = f"{r['name']} ({r['family']}, {r['call']}, K={r['K']} V={r['V']})"
         if r["blocks_per_sm"] == 0:
             found.append(f"{where} needs {r['shared']} B of shared memory: it cannot launch")
+            fatal = True
+        if r["mma_transposes"]:
+            found.append(
+                f"{where} transposes a tl.dot result in its accumulator layout "
+                f"({r['mma_transposes']}x): Triton 3.4-3.7.0 miscompiles that on Hopper"
+            )
             fatal = True
         if r["spill"]:
             found.append(f"{where} spills {r['spill']} B per thread to local memory")
@@ -182,6 +302,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = compile_all(args)
     found, fatal = problems(rows, args.fail_on_spill)
+    fla_errors = []
+    if args.fla:
+        fla_rows, fla_errors = compile_fla(args)
+        rows += fla_rows
     data = {
         "arch": args.arch,
         "dtype": args.dtype,
@@ -201,6 +325,7 @@ def main(argv=None) -> int:
         "summary": summary(rows),
         "kernels": rows,
         "problems": found,
+        "fla_errors": fla_errors,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "compile.json", json.dumps(data, indent=1) + "\n")

@@ -51,7 +51,7 @@ WGMMA |= {"wy_fwd", "wy_bwd"}
 
 def kernel(**kw) -> CompiledKernel:
     base = dict(name="k", constants={}, dtypes="bf16", num_warps=4, num_stages=2, shared=0)
-    base |= dict(registers=32, spill=0, mma="none", compile_s=0.0, arch=90)
+    base |= dict(registers=32, spill=0, mma="none", mma_transposes=0, compile_s=0.0, arch=90)
     return CompiledKernel(**(base | kw))
 
 
@@ -92,6 +92,31 @@ def test_problems_name_the_kernel_and_fail_the_run_where_they_should():
     over = row | kernel(name="x", call="training", shared=300_000).as_dict()
     found, fatal = script.problems([over], fail_on_spill=False)
     assert fatal and "needs 300000 B of shared memory: it cannot launch" in found[0]
+
+
+def test_transposed_accumulators_are_found_in_the_ir():
+    from seqlab.ops.triton.aot import mma_transposes
+
+    # lines of TTGIR that Triton 3.6 wrote for sm_90 (the first two from chunk_bwd_dqk_kernel
+    # before it stored dA and loaded it back transposed)
+    hazard = (
+        "%b_dk = tt.trans %b_dA_134 {order = array<i32: 1, 0>} : "
+        "tensor<64x64xbf16, #mma> -> tensor<64x64xbf16, #linear> loc(#loc240)"
+    )
+    second = (
+        "%x = tt.trans %y {order = array<i32: 1, 0>} : "
+        "tensor<64x64xf32, #mma1> -> tensor<64x64xf32, #linear>"
+    )
+    loaded = (
+        "%b_k_174 = tt.trans %b_k_173 {order = array<i32: 0, 3, 2, 1>} : "
+        "tensor<64x2x2x16xbf16, #linear1> -> tensor<64x16x2x2xbf16, #linear2> loc(#loc172)"
+    )
+    assert mma_transposes("\n".join([hazard, loaded, second])) == 2
+    assert mma_transposes(loaded) == 0
+    script = load_script()
+    row = kernel(name="x", call="training", mma_transposes=1).as_dict()
+    found, fatal = script.problems([row | dict(family="gla", K=64, V=64)], fail_on_spill=False)
+    assert fatal and "transposes a tl.dot result" in found[0]
 
 
 def test_bad_arguments_are_named():
@@ -135,7 +160,33 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
             assert "fused_recurrent" in names, (K, V, family)
             for r in mine:
                 assert r["arch"] == 90 and r["spill"] == 0 and r["blocks_per_sm"] >= 1, r
+                assert r["mma_transposes"] == 0, r
                 if r["name"].removesuffix("_kernel") in WGMMA:
                     assert r["mma"] == "wgmma" and "bf16" in r["dtypes"].split(","), r
     text = (tmp_path / "compile.md").read_text()
     assert "| 256×512 | gated_delta | training | wy_fwd_kernel |" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="fla-core is not installed")
+def test_fla_compiles_as_on_an_h100_and_its_hopper_guard_is_reported(tmp_path):
+    """fla imported as on an H100 chooses its Hopper configs; its gated backward then refuses
+    Triton 3.4-3.7.0 on Hopper, as it does on the GPU machine (Triton 3.6.0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    args = ["--fla", "--families", "simple_gla", "--head-dims", "64x64", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((tmp_path / "compile.json").read_text())
+    fla = [r for r in data["kernels"] if r["impl"] == "fla"]
+    # its autotuner compiles every config it lists, several per kernel
+    assert len(fla) > len({r["name"] for r in fla}) >= 2
+    [error] = data["fla_errors"]
+    assert error["pass"] == "backward" and "Hopper" in error["error"], error
+    assert "fla raised" in (tmp_path / "compile.md").read_text()

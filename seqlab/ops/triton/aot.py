@@ -27,6 +27,7 @@ import re
 import subprocess
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 SM_LIMITS = {
     90: dict(regs=65536, smem=233472, smem_block=232448, warps=64, blocks=32, reserved=1024),
 }
+SMS = {90: 132}  # SMs of the GPU taken for each target (H100 SXM)
 
 
 @dataclasses.dataclass
@@ -52,6 +54,7 @@ class CompiledKernel:
     registers: int  # per thread
     spill: int  # bytes of local memory per thread (register spills, arrays ptxas put there)
     mma: str  # "wgmma" (Hopper), "mma" (Ampere-style), "none"
+    mma_transposes: int  # tl.trans of a matmul result in its accumulator layout (see below)
     compile_s: float
     arch: int
     call: str = ""  # what the caller was doing (CompileLog.call when it compiled)
@@ -117,6 +120,24 @@ class _CompileOnlyDriver:
     def get_active_torch_device(self):
         return torch.device("cpu")
 
+    def get_benchmarker(self):
+        """For triton.autotune: runs (so compiles) each config and reports the same time for
+        all, so every config compiles, as on a GPU's first call, and the first one is kept."""
+
+        def bench(fn, quantiles=None, **kwargs):
+            fn()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        return bench
+
+    @property
+    def utils(self):
+        """Device properties as Triton's CUDA driver reports them, for the target's GPU."""
+        lim, sms = SM_LIMITS[self.target.arch], SMS[self.target.arch]
+        props = dict(max_shared_mem=lim["smem_block"], multiprocessor_count=sms)
+        props |= dict(max_num_regs=lim["regs"], warpSize=32)
+        return types.SimpleNamespace(get_device_properties=lambda device=None: dict(props))
+
 
 def _tool(name: str) -> str:
     import triton
@@ -141,6 +162,18 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)(?:\[\d+\])?:(\d+)", line)}
 
 
+# `tt.trans` whose operand is still in a tensor-core accumulator layout (#mma, #mma1, ...):
+# transposing a tl.dot result in registers. Triton 3.4 to 3.7.0 miscompiles a later tl.dot on
+# such a tensor on Hopper (flash-linear-attention #640/#826 and #984; triton #6124 is the same
+# pattern in 3.2), and the GPU image pins 3.6.0; the kernels go through memory instead.
+MMA_TRANSPOSE = re.compile(r"tt\.trans\b[^\n]*?:\s*tensor<[^>\n]*,\s*#mma\d*>\s*->")
+
+
+def mma_transposes(ttgir: str) -> int:
+    """How many transposes of a tl.dot result in its accumulator layout `ttgir` holds."""
+    return len(MMA_TRANSPOSE.findall(ttgir))
+
+
 def _mma_kind(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -163,6 +196,7 @@ def _describe(fn, constexprs, signature, kernel, seconds: float, arch: int) -> C
         registers=use["REG"],
         spill=use.get("LOCAL", 0),
         mma=_mma_kind(kernel.asm["ptx"]),
+        mma_transposes=mma_transposes(kernel.asm["ttgir"]),
         compile_s=seconds,
         arch=arch,
     )

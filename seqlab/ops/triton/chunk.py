@@ -75,6 +75,22 @@ def load_tile_t(x, rows, m_t, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
     return tl.load(p, mask=(o_d < D)[:, None] & m_t[None, :], other=0)
 
 
+@triton.jit
+def transpose_tile(x, scratch, BT: tl.constexpr):
+    """xᵀ for a [BT, BT] tile that holds a tl.dot result, through this program's [BT, BT] slot of
+    `scratch` (one per program of the grid, x's dtype): stored, a barrier, loaded transposed.
+    Transposing it in registers (tl.trans) leaves it in the accumulator's layout, and a tl.dot
+    on that is miscompiled on Hopper by Triton 3.4 to 3.7.0 (the GPU image has 3.6.0); the
+    round trip stays in L2 (flash-linear-attention fixed its kernels the same way)."""
+    pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    pid = pid * tl.num_programs(2) + tl.program_id(2)
+    o = tl.arange(0, BT)
+    slot = scratch + pid * BT * BT
+    tl.store(slot + o[:, None] * BT + o[None, :], x)
+    tl.debug_barrier()
+    return tl.load(slot + o[None, :] * BT + o[:, None])
+
+
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_cumsum_kernel(
     g,
@@ -410,6 +426,7 @@ def chunk_bwd_dqk_kernel(
     dk,
     dw,
     db,
+    scratch,
     cu_seqlens,
     chunk_index,
     scale,
@@ -476,7 +493,7 @@ def chunk_bwd_dqk_kernel(
     if GATE == 0:
         b_dA = tl.where(causal, b_dA * scale, 0).to(dt)
         b_dq = dq_acc * scale + tl.dot(b_dA, b_k, input_precision=DOT)
-        b_dk = dk_acc + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT)
+        b_dk = dk_acc + tl.dot(transpose_tile(b_dA, scratch, BT), b_q, input_precision=DOT)
     if GATE == 1:
         b_t = tl.load(b + rows * H + i_h, mask=m_t, other=0)
         b_l = tl.load(b + last * H + i_h)
@@ -484,7 +501,8 @@ def chunk_bwd_dqk_kernel(
         b_dA = (b_dA * D * scale).to(dt)
         b_dq = dq_acc * (tl.exp(b_t) * scale)[:, None] + tl.dot(b_dA, b_k, input_precision=DOT)
         dk_state = dk_acc * tl.exp(tl.where(m_t, b_l - b_t, float("-inf")))[:, None]
-        b_dk = dk_state + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT)
+        b_dA_t = transpose_tile(b_dA, scratch, BT)
+        b_dk = dk_state + tl.dot(b_dA_t, b_q, input_precision=DOT)
         state = tl.exp(b_l) * tl.sum(hdh, 0) + tl.sum(tl.sum(b_k * dk_state, 1), 0)
         b_db = tl.sum(b_q * b_dq - b_k * b_dk, 1) + tl.where(o_i == n_last, state, 0)
     if GATE == 2:
@@ -614,8 +632,10 @@ def chunk_bwd_dqk(q, k, v, b, h, do, dh, scale, ch: Chunks, du=None, dq_intra=No
         db = q.new_empty(NK, *b.shape, dtype=torch.float32)
     elif gate == 2:
         db = torch.empty_like(b)
+    # dA's transpose goes through memory (transpose_tile); GATE 2 has no dA
+    scratch = None if gate == 2 else q.new_empty(NK * ch.NC * H * ch.BT * ch.BT)
     chunk_bwd_dqk_kernel[(NK, ch.NC, H)](
-        q, k, v, b, h, do, dh, du, dq_intra, dk_intra, dq, dk, dw, db, ch.cu_seqlens,
+        q, k, v, b, h, do, dh, du, dq_intra, dk_intra, dq, dk, dw, db, scratch, ch.cu_seqlens,
         ch.chunk_index, scale, ch.T, ch.NT, TT, H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=block(V),
         GATE=gate, DELTA=delta, IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype), num_warps=4,
         num_stages=2,

@@ -23,6 +23,7 @@ from seqlab.ops.triton.chunk import (
     chunk_position,
     chunk_rows,
     load_tile,
+    transpose_tile,
 )
 
 
@@ -111,6 +112,7 @@ def wy_bwd_kernel(
     dv,
     dbeta,
     dg,
+    scratch,
     cu_seqlens,
     chunk_index,
     T,
@@ -181,7 +183,7 @@ def wy_bwd_kernel(
         P = dKK * KK  # dL ⊙ L: the gradient of each entry's exponent b_i − b_j
         b_db += tl.sum(P, 1) - tl.sum(P, 0)
         tl.store(dg + rows * H + i_h, tl.cumsum(b_db, 0, reverse=True), mask=m_t)
-    dKKs = dKK + tl.trans(dKK)
+    dKKs = dKK + transpose_tile(dKK, scratch, BT)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
@@ -216,8 +218,9 @@ def wy_bwd(k, v, beta, b, X, dw, du, dk_part, db_part, ch: Chunks):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dbeta = beta.new_empty(beta.shape, dtype=torch.float32)
     dg = None if b is None else torch.empty_like(b)
+    scratch = k.new_empty(ch.NC * H * ch.BT * ch.BT, dtype=torch.float32)  # transpose_tile
     wy_bwd_kernel[(ch.NC, H)](
-        k, v, beta, b, X, dw, du, dk_part, db_part, dk, dv, dbeta, dg, ch.cu_seqlens,
+        k, v, beta, b, X, dw, du, dk_part, db_part, dk, dv, dbeta, dg, scratch, ch.cu_seqlens,
         ch.chunk_index, ch.T, ch.NT, H=H, K=K, V=V, BT=ch.BT, BK=block(K), BV=block(V),
         GATE=0 if b is None else 1, IS_VARLEN=ch.varlen, DOT=dot_precision(k.dtype),
         num_warps=8, num_stages=2,  # five [C, C] float32 tiles live at once
