@@ -136,11 +136,12 @@ def test_compile_only_refuses_the_interpreter():
             pass
 
 
-def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+def run_script(args: list[str], out: Path) -> dict:
+    """The script in a process of its own, with Triton's compiler; its compile.json."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--fail-on-spill", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -148,7 +149,11 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
         timeout=1200,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    data = json.loads((tmp_path / "compile.json").read_text())
+    return json.loads((out / "compile.json").read_text())
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    data = run_script(["--fail-on-spill"], tmp_path)
     assert data["problems"] == []
     rows = data["kernels"]
     for K, V in [(128, 128), (256, 512)]:
@@ -171,19 +176,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
 def test_fla_compiles_as_on_an_h100_and_its_hopper_guard_is_reported(tmp_path):
     """fla imported as on an H100 chooses its Hopper configs; its gated backward then refuses
     Triton 3.4-3.7.0 on Hopper, as it does on the GPU machine (Triton 3.6.0)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    args = ["--fla", "--families", "simple_gla", "--head-dims", "64x64", "--out", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    data = json.loads((tmp_path / "compile.json").read_text())
+    data = run_script(["--fla", "--families", "simple_gla", "--head-dims", "64x64"], tmp_path)
     fla = [r for r in data["kernels"] if r["impl"] == "fla"]
     # its autotuner compiles every config it lists, several per kernel
     assert len(fla) > len({r["name"] for r in fla}) >= 2
