@@ -34,6 +34,11 @@
 #     DEST=/tmp/r LIMIT=480 bash benchmarks/gpu_bench.sh kernels; tar czf $OUT/kernels.tgz -C /tmp r
 # The 30 minutes of device time a session gets fit the three steps (about 9 minutes each with
 # the machine's start) and little else: run `kernels` first, since the others need its check.
+# If a compiled test fails for one kernel, Triton may have miscompiled it at that warp count
+# (fla found such cases on Hopper: fla #984, #988); SEQLAB_TRITON_WARPS=wy_bwd=4 (any of the
+# kernels, comma-separated) reruns it at another without editing code, e.g. in the same call:
+#     SEQLAB_TRITON_WARPS=wy_bwd=4 python3 -m pytest -q -x tests/ops/triton -k delta
+# and benchmarks/compile_triton.py, on any machine, shows its registers and spills there first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

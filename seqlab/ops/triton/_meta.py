@@ -9,6 +9,8 @@ it is read from `chunk_index` [NC, 2].
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +64,34 @@ def block(d: int, cap: int = 64) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact float32 products; half inputs already round at the input."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+WARPS_ENV = "SEQLAB_TRITON_WARPS"
+KERNELS = (  # every kernel's name without "_kernel", for WARPS_ENV
+    "chunk_cumsum", "chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh", "chunk_bwd_dv",
+    "chunk_bwd_dqk", "wy_fwd", "wy_bwd", "gla_intra_A", "gla_bwd_dA", "gla_intra_dqk",
+    "fused_recurrent",
+)  # fmt: skip
+
+
+def warps(kernel: str, default: int) -> int:
+    """num_warps for `kernel` (its name without "_kernel"): `default`, unless the environment's
+    SEQLAB_TRITON_WARPS names it ("wy_bwd=4,chunk_bwd_dqk=8"). Triton has miscompiled kernels
+    on Hopper at one warp count and not another; this tells whether a kernel whose compiled
+    result is wrong is such a case, on the GPU, without editing code (the tests and
+    benchmarks/compile_triton.py launch with it too)."""
+    return _warp_overrides(os.environ.get(WARPS_ENV, "")).get(kernel, default)
+
+
+@functools.cache
+def _warp_overrides(spec: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in KERNELS or value not in ("1", "2", "4", "8", "16"):
+            raise ValueError(
+                f"{WARPS_ENV} takes kernel=warps pairs separated by commas, a kernel among "
+                f"{', '.join(KERNELS)} and warps among 1, 2, 4, 8, 16; got {item!r}"
+            )
+        out[name] = int(value)
+    return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton._meta import Chunks, block, dot_precision
+from seqlab.ops.triton._meta import Chunks, block, dot_precision, warps
 
 
 @triton.jit
@@ -535,7 +535,7 @@ def chunk_cumsum(g: torch.Tensor, ch: Chunks) -> torch.Tensor:
     grid = (ch.NC, H, triton.cdiv(K, BK)) if per_channel else (ch.NC, H)
     chunk_cumsum_kernel[grid](
         g, b, ch.cu_seqlens, ch.chunk_index, ch.T, ch.NT, H=H, K=K, BT=ch.BT, BK=BK,
-        PER_CHANNEL=per_channel, IS_VARLEN=ch.varlen,
+        PER_CHANNEL=per_channel, IS_VARLEN=ch.varlen, num_warps=warps("chunk_cumsum", 4),
     )  # fmt: skip
     return b
 
@@ -560,7 +560,7 @@ def chunk_fwd_h(k, v, b, h0, ch: Chunks, output_final_state: bool, w=None):
         k, v, w, b, h, h0, ht, v_new, ch.cu_seqlens, ch.chunk_offsets, ch.T, ch.NT,
         H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate_kind(b), DELTA=delta,
         USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=ch.varlen,
-        DOT=dot_precision(k.dtype), num_warps=4, num_stages=2,
+        DOT=dot_precision(k.dtype), num_warps=warps("chunk_fwd_h", 4), num_stages=2,
     )  # fmt: skip
     return h, ht, v_new
 
@@ -573,7 +573,7 @@ def chunk_fwd_o(q, k, v, b, A, h, scale, ch: Chunks):
     chunk_fwd_o_kernel[(triton.cdiv(V, BV), ch.NC, H)](
         q, k, v, b, A, h, o, ch.cu_seqlens, ch.chunk_index, scale, ch.T, ch.NT,
         H=H, K=K, V=V, BT=ch.BT, BK=block(K), BV=BV, GATE=gate_kind(b), IS_VARLEN=ch.varlen,
-        DOT=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        DOT=dot_precision(q.dtype), num_warps=warps("chunk_fwd_o", 4), num_stages=2,
     )  # fmt: skip
     return o
 
@@ -594,7 +594,7 @@ def chunk_bwd_dh(q, b, do, dht, scale, ch: Chunks, want_dh0: bool, k=None, w=Non
         q, k, w, b, do, dv, dh, dht, dh0, du, ch.cu_seqlens, ch.chunk_offsets, scale, ch.T,
         ch.NT, H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate_kind(b), DELTA=delta,
         USE_DHT=dht is not None, STORE_DH0=want_dh0, IS_VARLEN=ch.varlen,
-        DOT=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        DOT=dot_precision(q.dtype), num_warps=warps("chunk_bwd_dh", 4), num_stages=2,
     )  # fmt: skip
     return dh, dh0, du
 
@@ -609,7 +609,8 @@ def chunk_bwd_dv(q, k, b, A, do, dh, scale, ch: Chunks):
     chunk_bwd_dv_kernel[(triton.cdiv(V, BV), ch.NC, H)](
         q, k, b, A, do, dh, dv, ch.cu_seqlens, ch.chunk_index, scale, ch.T, ch.NT,
         H=H, K=K, V=V, BT=ch.BT, BK=block(K), BV=BV, GATE=gate_kind(b), USE_DH=dh is not None,
-        IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype), num_warps=warps("chunk_bwd_dv", 4),
+        num_stages=2,
     )  # fmt: skip
     return dv
 
@@ -637,8 +638,8 @@ def chunk_bwd_dqk(q, k, v, b, h, do, dh, scale, ch: Chunks, du=None, dq_intra=No
     chunk_bwd_dqk_kernel[(NK, ch.NC, H)](
         q, k, v, b, h, do, dh, du, dq_intra, dk_intra, dq, dk, dw, db, scratch, ch.cu_seqlens,
         ch.chunk_index, scale, ch.T, ch.NT, TT, H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=block(V),
-        GATE=gate, DELTA=delta, IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype), num_warps=4,
-        num_stages=2,
+        GATE=gate, DELTA=delta, IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype),
+        num_warps=warps("chunk_bwd_dqk", 4), num_stages=2,
     )  # fmt: skip
     if gate == 1:
         db = db.sum(0)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton._meta import Chunks, block, dot_precision
+from seqlab.ops.triton._meta import Chunks, block, dot_precision, warps
 from seqlab.ops.triton.chunk import (
     chunk_bwd_dh,
     chunk_bwd_dqk,
@@ -206,7 +206,7 @@ def wy_fwd(k, v, beta, b, ch: Chunks):
     wy_fwd_kernel[(ch.NC, H)](
         k, v, beta, b, X, w, u, ch.cu_seqlens, ch.chunk_index, ch.T, ch.NT, H=H, K=K, V=V,
         BT=ch.BT, BK=block(K), BV=block(V), GATE=0 if b is None else 1, IS_VARLEN=ch.varlen,
-        DOT=dot_precision(k.dtype), num_warps=4, num_stages=2,
+        DOT=dot_precision(k.dtype), num_warps=warps("wy_fwd", 4), num_stages=2,
     )  # fmt: skip
     return X, w, u
 
@@ -223,7 +223,7 @@ def wy_bwd(k, v, beta, b, X, dw, du, dk_part, db_part, ch: Chunks):
         k, v, beta, b, X, dw, du, dk_part, db_part, dk, dv, dbeta, dg, scratch, ch.cu_seqlens,
         ch.chunk_index, ch.T, ch.NT, H=H, K=K, V=V, BT=ch.BT, BK=block(K), BV=block(V),
         GATE=0 if b is None else 1, IS_VARLEN=ch.varlen, DOT=dot_precision(k.dtype),
-        num_warps=8, num_stages=2,  # five [C, C] float32 tiles live at once
+        num_warps=warps("wy_bwd", 8), num_stages=2,  # five [C, C] float32 tiles live at once
     )  # fmt: skip
     return dk, dv, dbeta, dg
 

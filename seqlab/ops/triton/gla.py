@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton._meta import SUB_CHUNK, Chunks, block, dot_precision
+from seqlab.ops.triton._meta import SUB_CHUNK, Chunks, block, dot_precision, warps
 from seqlab.ops.triton.chunk import (
     chunk_bwd_dh,
     chunk_bwd_dqk,
@@ -207,7 +207,7 @@ def gla_intra_A(q, k, b, ch: Chunks) -> torch.Tensor:
     gla_intra_A_kernel[(ch.NC * (ch.BT // SUB_CHUNK), H)](
         q, k, b, A, ch.cu_seqlens, ch.chunk_index, ch.T, ch.NT, H=H, K=K, BT=ch.BT,
         BC=SUB_CHUNK, BK=block(K), IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=warps("gla_intra_A", 4), num_stages=2,
     )  # fmt: skip
     return A
 
@@ -219,7 +219,8 @@ def gla_bwd_intra(q, k, v, b, do, scale, ch: Chunks):
     dA = q.new_empty(*q.shape[:3], ch.BT, dtype=torch.float32)
     gla_bwd_dA_kernel[(ch.NC, H)](
         v, do, dA, ch.cu_seqlens, ch.chunk_index, scale, ch.T, ch.NT, H=H, V=V, BT=ch.BT,
-        BV=block(V), IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        BV=block(V), IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype),
+        num_warps=warps("gla_bwd_dA", 4), num_stages=2,
     )  # fmt: skip
     dq = torch.empty_like(q, dtype=torch.float32)
     dk = torch.empty_like(k, dtype=torch.float32)
@@ -227,7 +228,7 @@ def gla_bwd_intra(q, k, v, b, do, scale, ch: Chunks):
     gla_intra_dqk_kernel[(triton.cdiv(K, BK), ch.NC * (ch.BT // SUB_CHUNK), H)](
         q, k, b, dA, dq, dk, ch.cu_seqlens, ch.chunk_index, ch.T, ch.NT, H=H, K=K, BT=ch.BT,
         BC=SUB_CHUNK, BK=BK, IS_VARLEN=ch.varlen, DOT=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=warps("gla_intra_dqk", 4), num_stages=2,
     )  # fmt: skip
     return dq, dk
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton._meta import block
+from seqlab.ops.triton._meta import block, warps
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -86,6 +86,6 @@ def fused_recurrent(q, k, v, g, beta, scale, h0, output_final_state, cu, N):
     fused_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, g, beta, o, h0, ht, cu, scale, T, H=H, K=K, V=V, BK=block(K, 256), BV=BV,
         GATE=gate, DELTA=beta is not None, USE_H0=h0 is not None, STORE_HT=output_final_state,
-        IS_VARLEN=cu is not None, num_warps=4 if K * BV >= 4096 else 1,
+        IS_VARLEN=cu is not None, num_warps=warps("fused_recurrent", 4 if K * BV >= 4096 else 1),
     )  # fmt: skip
     return o, ht

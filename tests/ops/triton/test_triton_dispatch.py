@@ -187,3 +187,52 @@ def test_describe_backend_names_the_choice(monkeypatch):
         "torch (because chunk_size must be one of (16, 32, 64), got 128)"
     )
     assert backend.describe_backend("chunk", 64, tensors, backend="torch") == "torch"
+
+
+def launches(monkeypatch, fn) -> dict[str, set[int]]:
+    """num_warps of each kernel fn launches: {name without "_kernel": {warps}}."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen: dict[str, set[int]] = {}
+    for cls in (JITFunction, InterpretedFunction):
+        run = cls.run
+
+        def spy(self, *args, _run=run, **kwargs):
+            name = self.fn.__name__.removesuffix("_kernel")
+            seen.setdefault(name, set()).add(kwargs.get("num_warps"))
+            return _run(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", spy)
+    fn()
+    return seen
+
+
+def test_warps_can_be_set_per_kernel_from_the_environment(monkeypatch):
+    from seqlab.ops.triton import _meta, chunk, delta, gla, recurrent
+
+    # every name the variable takes is a kernel
+    modules = (chunk, delta, gla, recurrent)
+    for name in _meta.KERNELS:
+        assert any(hasattr(m, f"{name}_kernel") for m in modules), name
+
+    def step():
+        x = {n: t.requires_grad_() for n, t in dr_inputs().items()}
+        o, _ = delta_rule(**x, backend="triton", chunk_size=16)
+        o.sum().backward()
+
+    default = launches(monkeypatch, step)
+    assert default["wy_bwd"] == {8} and default["chunk_bwd_dqk"] == {4}, default
+    monkeypatch.setenv(_meta.WARPS_ENV, "wy_bwd=2, chunk_bwd_dqk=8")
+    changed = launches(monkeypatch, step)
+    assert changed["wy_bwd"] == {2} and changed["chunk_bwd_dqk"] == {8}, changed
+    assert changed["wy_fwd"] == default["wy_fwd"] == {4}
+
+
+@pytest.mark.parametrize("spec", ["wy_bwd=3", "wy_bwd", "nope=4", "wy_bwd=4;chunk_fwd_h=2"])
+def test_bad_warps_settings_are_named(monkeypatch, spec):
+    from seqlab.ops.triton import _meta
+
+    monkeypatch.setenv(_meta.WARPS_ENV, spec)
+    with pytest.raises(ValueError, match="SEQLAB_TRITON_WARPS takes kernel=warps pairs"):
+        _meta.warps("wy_bwd", 8)
