@@ -15,9 +15,19 @@ forward and backward, the others what they add after it. Compilation runs on thi
 little. B x T (--shape) only needs to be divisible as real shapes are (T a multiple of 16, as
 every benchmark shape is): the kernels specialise on that, not on the sizes.
 
+With --fla (fla-core 0.6.0 installed), fla's chunk ops get the same training call, imported as
+on an H100 (it picks its autotune configs from the GPU it sees at import): its first call on a
+GPU compiles every config its autotuner lists, then times them; the compiling is what this
+measures. Where fla refuses a call (its gated backward on Hopper with Triton 3.4-3.7.0) the
+error is recorded beside the kernels compiled before it.
+
 Output: compile.json and compile.md in --out (written atomically at the end), the markdown
-printed too. Exit status 1 if a kernel cannot launch on the target (its shared memory is over
-the per-block limit) or, with --fail-on-spill, spills registers to local memory.
+printed too. Exit status 1 if a seqlab kernel cannot launch on the target (its shared memory is
+over the per-block limit), transposes a tl.dot result in registers (seqlab.ops.triton.aot's
+MMA_TRANSPOSE: Triton 3.4-3.7.0 miscompiles a tl.dot on it on Hopper) or, with --fail-on-spill,
+spills registers to local memory.
+
+    PYTHONPATH=. python benchmarks/compile_triton.py --fla --out benchmarks/results/compile-sm90
 """
 
 from __future__ import annotations
