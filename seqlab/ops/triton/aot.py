@@ -52,7 +52,7 @@ class CompiledKernel:
     num_stages: int
     shared: int  # bytes of shared memory per block
     registers: int  # per thread
-    spill: int  # bytes of local memory per thread (register spills, arrays ptxas put there)
+    spill: int  # bytes per thread of local memory and stack frame (register spills go there)
     mma: str  # "wgmma" (Hopper), "mma" (Ampere-style), "none"
     mma_transposes: int  # tl.trans of a matmul result in its accumulator layout (see below)
     compile_s: float
@@ -194,7 +194,7 @@ def _describe(fn, constexprs, signature, kernel, seconds: float, arch: int) -> C
         num_stages=md.num_stages,
         shared=md.shared,
         registers=use["REG"],
-        spill=use.get("LOCAL", 0),
+        spill=use.get("LOCAL", 0) + use.get("STACK", 0),
         mma=_mma_kind(kernel.asm["ptx"]),
         mma_transposes=mma_transposes(kernel.asm["ttgir"]),
         compile_s=seconds,
