@@ -138,21 +138,11 @@ def import_fla_as_on(arch: int):
     return fla.ops
 
 
-def fla_inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype) -> dict:
-    """As benchmarks/bench_triton_gpu.py gives them: q, k, v in dtype, gates and β float32."""
-    x = {"q": torch.zeros(B, T, H, K, dtype=dtype), "k": torch.zeros(B, T, H, K, dtype=dtype)}
-    x["v"] = torch.zeros(B, T, H, V, dtype=dtype)
-    x["g"] = torch.zeros(B, T, H, K) if family == "gla" else torch.zeros(B, T, H)
-    if family == "gated_delta":
-        x["beta"] = torch.zeros(B, T, H)
-    return {n: t.requires_grad_() for n, t in x.items()}
-
-
 def compile_fla(args) -> tuple[list[dict], list[dict]]:
     """fla's training call (forward and backward) per family it has: every autotune config
     compiles, as its first call on a GPU does before it can time them. An exception fla raises
     (it refuses some calls on some GPUs) is recorded with the kernels compiled before it."""
-    from seqlab.ops.triton.aot import compile_only
+    from seqlab.ops.triton.aot import compile_only, inputs
 
     ops = import_fla_as_on(args.arch)
     B, T = args.shape
@@ -161,18 +151,19 @@ def compile_fla(args) -> tuple[list[dict], list[dict]]:
         for family in [f for f in args.families if f in FLA_OPS]:
             with tempfile.TemporaryDirectory() as cache, compile_only(args.arch, cache) as log:
                 log.call = "training"
-                x = fla_inputs(family, B, T, args.heads, K, V, DTYPES[args.dtype])
+                # as benchmarks/bench_triton_gpu.py gives them: gates and β float32
+                x = inputs(family, B, T, args.heads, K, V, DTYPES[args.dtype], grad=True,
+                           beta_dtype=torch.float32)  # fmt: skip
+                where = "forward"
                 try:
                     o = getattr(ops, FLA_OPS[family])(**x)[0]
-                    log.call = "training (backward)"
+                    where = "backward"
                     o.float().sum().backward()
                 except Exception as e:
-                    where = "backward" if log.call.endswith("(backward)") else "forward"
                     error = f"{type(e).__name__}: {e}"
                     errors.append({"family": family, "K": K, "V": V, "pass": where, "error": error})
             for k in log.kernels:
-                row = {"impl": "fla", "family": family, "K": K, "V": V} | k.as_dict()
-                rows.append(row | {"call": "training"})
+                rows.append({"impl": "fla", "family": family, "K": K, "V": V} | k.as_dict())
             print(f"K={K} V={V} fla {family}: {len(log.kernels)} kernels", file=sys.stderr)
     return rows, errors
 
@@ -181,6 +172,7 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for key in dict.fromkeys((r["K"], r["V"], r["family"], r["impl"]) for r in rows):
         rs = [r for r in rows if (r["K"], r["V"], r["family"], r["impl"]) == key]
+        slowest = max(rs, key=lambda r: r["compile_s"])
         out.append(
             {
                 "K": key[0],
@@ -190,8 +182,8 @@ def summary(rows: list[dict]) -> list[dict]:
                 "kernels": len(rs),
                 "training_compile_s": sum(r["compile_s"] for r in rs if r["call"] == "training"),
                 "all_compile_s": sum(r["compile_s"] for r in rs),
-                "slowest": max(rs, key=lambda r: r["compile_s"])["name"],
-                "slowest_s": max(r["compile_s"] for r in rs),
+                "slowest": slowest["name"],
+                "slowest_s": slowest["compile_s"],
                 "max_registers": max(r["registers"] for r in rs),
                 "spill": max(r["spill"] for r in rs),
                 "max_shared": max(r["shared"] for r in rs),

@@ -9,7 +9,7 @@ how long compilation takes (most of a kernel's first call).
 
     with compile_only(arch=90) as log:
         gated_linear(q, k, v, g, backend="triton")   # CPU tensors: compiled, never launched
-    for kernel in log.kernels: print(kernel.row())
+    for kernel in log.kernels: print(kernel.as_dict())
 
 Inside the block every `kernel[grid](...)` compiles (once per specialisation, as on a GPU) and
 returns without launching, so outputs hold whatever torch.empty gave; only shapes flow on,
@@ -142,7 +142,7 @@ class _CompileOnlyDriver:
 def _tool(name: str) -> str:
     import triton
 
-    return triton.knobs.nvidia.__getattribute__(name).path
+    return getattr(triton.knobs.nvidia, name).path
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -256,8 +256,11 @@ def compile_only(arch: int = 90, cache_dir: str | None = None) -> Iterator[Compi
 FAMILIES = ("linear", "simple_gla", "gla", "delta", "gated_delta")
 
 
-def _inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype, grad: bool) -> dict:
-    """Shapes and dtypes as the mixers pass them (values do not matter: nothing runs)."""
+def inputs(
+    family: str, B: int, T: int, H: int, K: int, V: int, dtype, grad: bool, beta_dtype=None
+) -> dict:
+    """Shapes and dtypes as the mixers pass them: q, k, v and β in dtype (β in beta_dtype if
+    given), gates float32. Values do not matter: nothing runs."""
     x = {
         "q": torch.zeros(B, T, H, K, dtype=dtype),
         "k": torch.zeros(B, T, H, K, dtype=dtype),
@@ -268,7 +271,7 @@ def _inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype, grad: bo
     if family == "gla":
         x["g"] = torch.zeros(B, T, H, K)
     if family in ("delta", "gated_delta"):
-        x["beta"] = torch.zeros(B, T, H, dtype=dtype)
+        x["beta"] = torch.zeros(B, T, H, dtype=beta_dtype or dtype)
     return {n: t.requires_grad_(grad) for n, t in x.items()}
 
 
@@ -295,11 +298,11 @@ def compile_call(
     if call not in CALLS:
         raise ValueError(f"call must be one of {CALLS}, got {call!r}")
     if call == "training":
-        x = _inputs(family, B, T, H, K, V, dtype, grad=True)
+        x = inputs(family, B, T, H, K, V, dtype, grad=True)
         o, _ = _call(family, x, chunk_size=chunk_size)
         o.float().sum().backward()
     elif call == "packed":
-        x = _inputs(family, 1, B * T, H, K, V, dtype, grad=True)
+        x = inputs(family, 1, B * T, H, K, V, dtype, grad=True)
         h0 = torch.zeros(B, H, K, V, requires_grad=True)
         o, s = _call(
             family, x, chunk_size=chunk_size, cu_seqlens=torch.arange(0, B * T + 1, T),
@@ -309,9 +312,9 @@ def compile_call(
     else:
         with torch.no_grad():
             if call == "prefill":
-                x = _inputs(family, B, T, H, K, V, dtype, grad=False)
+                x = inputs(family, B, T, H, K, V, dtype, grad=False)
                 _call(family, x, chunk_size=chunk_size, output_final_state=True)
             else:
-                x = _inputs(family, B, 1, H, K, V, dtype, grad=False)
+                x = inputs(family, B, 1, H, K, V, dtype, grad=False)
                 h = torch.zeros(B, H, K, V)
                 _call(family, x, form="recurrent", initial_state=h, output_final_state=True)
