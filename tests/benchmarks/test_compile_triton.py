@@ -139,7 +139,9 @@ def test_compile_only_refuses_the_interpreter():
 def run_script(args: list[str], out: Path) -> dict:
     """The script in a process of its own, with Triton's compiler; its compile.json."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    # the repo first, then whatever path this process found its packages on (fla through
+    # PYTHONPATH, as gpu_bench.sh and check_gpu_image.sh install it)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     run = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out)],
         cwd=ROOT,
