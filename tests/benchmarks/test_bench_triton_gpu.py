@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.benchmarks.scripts import ROOT, script_env
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton ships for Linux only (the test extra)", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_triton_gpu.py"
 TINY = ["--device", "cpu", "--dtype", "fp32", "--heads", "2", "--head-dim", "16"]
 TINY += ["--shapes", "1x64", "--check-shape", "1x40", "--contexts", "16,64"]
@@ -55,13 +55,7 @@ def load_bench():
 
 
 def run(args, interpret=True, code=None) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
+    env = script_env(interpret)
     cmd = [sys.executable, str(SCRIPT)] if code is None else [sys.executable, "-c", code]
     return subprocess.run(
         [*cmd, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600

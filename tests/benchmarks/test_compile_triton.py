@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from seqlab.ops.triton.aot import CompiledKernel
+from tests.benchmarks.scripts import ROOT, script_env
 from tests.conftest import INTERPRET
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton ships for Linux only (the test extra)", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "compile_triton.py"
 
 TRAINING = {  # kernels one forward and backward launches, by family
@@ -138,10 +137,7 @@ def test_compile_only_refuses_the_interpreter():
 
 def run_script(args: list[str], out: Path) -> dict:
     """The script in a process of its own, with Triton's compiler; its compile.json."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # the repo first, then whatever path this process found its packages on (fla through
-    # PYTHONPATH, as gpu_bench.sh and check_gpu_image.sh install it)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = script_env(interpret=False)
     run = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out)],
         cwd=ROOT,
