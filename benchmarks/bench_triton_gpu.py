@@ -599,7 +599,7 @@ def run_checks(su: Setup, report: Report, ops, shape: tuple[int, int], dtypes, s
 
 
 def run_fla_checks(su: Setup, fla, report: Report, ops, shape: tuple[int, int], seed: int):
-    for op in ops:
+    for op in [op for op in ops if op in fla]:
         if report.stopped(f"check fla {op}"):
             return
         row = check_fla(su, fla, op, *shape, seed)
@@ -712,6 +712,8 @@ def job_command(args, su: Setup, seed: int, out: Path, extra: list[str]) -> list
     cmd += ["--out", str(out), *extra]
     if args.fla_past_guard:
         cmd.append("--fla-past-guard")
+    if args.fla_ops is not None:
+        cmd += ["--fla-ops", ",".join(args.fla_ops)]
     return cmd
 
 
@@ -731,9 +733,10 @@ def start_background(args, su: Setup, fla, seed: int, limit: float | None) -> Ba
                 f"check {dtype}", cmd, bg.dir / f"check-{dtype}.log", out / "triton_gpu.json", env
             )
     if "first" in args.sections and fla is not None:
-        # fla's autotuning results stay in its process: this one tunes afresh, uncontended
-        fla_env = env | {"FLA_CACHE_RESULTS": "0"}
-        for op in args.ops:
+        # fla's autotuning results stay in its process, so this one tunes afresh, uncontended,
+        # unless --share-autotuning (then this one loads them: no second tuning)
+        fla_env = env | {"FLA_CACHE_RESULTS": "1" if args.share_autotuning else "0"}
+        for op in [op for op in args.ops if op in fla]:
             out = bg.dir / f"fla-first-{op}"
             extra = ["--sections", "first", "--first-impl", "fla", "--ops", op, *timed]
             cmd = job_command(args, su, seed, out, extra)
@@ -823,7 +826,7 @@ def bench_training(su: Setup, fla, report: Report, shapes, ops, passes, repeats:
                     su, f"seqlab {op}", partial(runner, partial(seqlab_op, op), xs, pass_), repeats
                 )
                 peer = {}
-                if fla is not None:
+                if fla is not None and op in fla:
                     peer = measure(su, f"fla {op}", partial(runner, fla[op], xs, pass_), repeats)
                 row = {
                     "op": op,
@@ -873,7 +876,7 @@ def bench_decode(su: Setup, fla, report: Report, batches, contexts, ops, repeats
                         fused_recurrent, *args, x["initial_state"], True, None, B
                     ),
                 }
-                if fla is not None:
+                if fla is not None and f"step_{op}" in fla:
                     impls["fla"] = partial(fla[f"step_{op}"], x)
                 for impl, fn in impls.items():
                     if report.stopped(f"decode {impl} {op} B={B} context={ctx}"):
@@ -978,7 +981,7 @@ def profile_kernels(su: Setup, fla, report: Report, ops, passes, shape, calls: i
     for op in ops:
         for pass_ in passes:
             impls = {"seqlab": partial(seqlab_op, op)}
-            if fla is not None:
+            if fla is not None and op in fla:
                 impls["fla"] = fla[op]
             for impl, fn in impls.items():
                 if report.stopped(f"profile {impl} {op} {pass_}"):
@@ -1243,10 +1246,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--first-impl",
-        choices=IMPLS,
+        choices=(*IMPLS, "none"),
         default="seqlab",
         help="whose first calls the first section times here (fla's run in background "
-        "processes unless --serial)",
+        "processes unless --serial); none: only fla's, in the background",
+    )
+    ap.add_argument(
+        "--fla-ops",
+        type=comma_list(OPS),
+        help="the ops fla is run for (default: all of --ops); the others time seqlab and SDPA",
+    )
+    ap.add_argument(
+        "--share-autotuning",
+        action="store_true",
+        help="the background processes' fla autotuning results are kept and loaded here (no "
+        "second tuning; tuned beside other processes)",
     )
     ap.add_argument("--ops", type=comma_list(OPS), default=OPS, help=",".join(OPS))
     ap.add_argument("--passes", type=comma_list(PASSES), default=PASSES, help=",".join(PASSES))
@@ -1333,6 +1347,9 @@ def main(argv=None):
     log = CompileLog()
     log.install()
     fla = None if args.no_fla else load_fla(args.fla_past_guard)
+    if fla is not None and args.fla_ops is not None:
+        keep = {"version", *args.fla_ops, *(f"step_{op}" for op in args.fla_ops)}
+        fla = {k: v for k, v in fla.items() if k in keep}
     if su.cuda:
         device = torch.cuda.get_device_name()
     else:
@@ -1369,11 +1386,11 @@ def main(argv=None):
     report = Report(args.out, meta, log, deadline)
     report.save()
     first_shape = args.shapes[0]
-    if "first" in args.sections:
+    if "first" in args.sections and args.first_impl != "none":
         impl = args.first_impl
         first_calls(su, fla, report, args.ops, impl, first_shape)
         if args.serial and impl == "seqlab" and fla is not None:
-            first_calls(su, fla, report, args.ops, "fla", first_shape)
+            first_calls(su, fla, report, [op for op in args.ops if op in fla], "fla", first_shape)
     if args.serial or report.stopped("background processes"):
         bg, here = None, args.check_dtypes
     else:

@@ -2,7 +2,7 @@
 # The GPU run in one command, sized for one call of a lent GPU machine (under 8 minutes on an
 # H200, so a rerun after a fix still fits in a session's 15 minutes of device time):
 #
-#     bash benchmarks/gpu_run.sh
+#     bash benchmarks/gpu_run.sh [bench_triton_gpu.py options, e.g. --sections training]
 #
 # It runs benchmarks/bench_triton_gpu.py with every section (first calls, correctness in bf16
 # and fp32, speed beside fla 0.6.0 and SDPA, decode, per-kernel profile) and, beside its checks,
@@ -84,10 +84,10 @@ if [ "$WORKERS" = 1 ]; then WORKERS=0; fi  # -n 1 would still need xdist; one pr
 DEST=${DEST:-benchmarks/results/$(date +%F)-$GPU}
 mkdir -p "$DEST"
 CMD=("$PYTHON" benchmarks/bench_triton_gpu.py "${ARGS[@]}" --keep-going --time-limit "$LIMIT"
-     --background-limit "$BG_LIMIT" --tests-workers "$WORKERS" --out "$DEST")
+     --background-limit "$BG_LIMIT" --tests-workers "$WORKERS" --out "$DEST" "$@")
 {
     echo "date: $(date -u +%FT%TZ)"
-    echo "command: SMOKE=$SMOKE LIMIT=$LIMIT BG_LIMIT=$BG_LIMIT WORKERS=$WORKERS bash benchmarks/gpu_run.sh"
+    echo "command: SMOKE=$SMOKE LIMIT=$LIMIT BG_LIMIT=$BG_LIMIT HARD=$HARD WORKERS=$WORKERS bash benchmarks/gpu_run.sh $*"
     echo "runs: ${CMD[*]}"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
