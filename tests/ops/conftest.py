@@ -93,10 +93,12 @@ def make_inputs(
 
 
 def weights_like(o: torch.Tensor, state: torch.Tensor, seed: int):
+    """Seeded float64 loss weights on o's device (drawn on the CPU: the same values on any
+    device, so a GPU run and its CPU reference get the same ones)."""
     gen = torch.Generator().manual_seed(seed + 7919)
     wo = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     ws = torch.randn(state.shape, generator=gen, dtype=torch.float64)
-    return wo, ws
+    return wo.to(o.device), ws.to(state.device)
 
 
 def run_grads(fn, x: dict[str, torch.Tensor], seed: int = 0, **kwargs):

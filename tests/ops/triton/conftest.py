@@ -45,7 +45,7 @@ def assert_run_close(run, ref, tol: dict[str, float], label: str = "", grad_scal
     o_ref, s_ref, grads_ref = ref
 
     def close(a, b, t, what, scale=None):
-        a = a.detach().cpu().double()
+        a, b = a.detach().cpu().double(), b.detach().cpu().double()
         assert torch.isfinite(a).all(), f"{label} {what} is not finite"
         err = (a - b).abs().max().item()
         scale = b.abs().max().item() if scale is None else scale
