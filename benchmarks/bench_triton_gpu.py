@@ -546,45 +546,51 @@ def reference(op: str, x: dict, kw: dict, grad: bool, seed: int, dtype: torch.dt
     return run_case(op, x64, "torch", kw64, grad, w), w
 
 
-def check_case(su: Setup, case: Case, B: int, T: int, seed: int) -> dict:
-    """One row: seqlab's Triton op (poisoned outputs) vs the float64 PyTorch chunk form."""
-    name = DTYPE_NAMES[su.dtype]
-    row = {"case": case.name, "impl": "seqlab", "dtype": name}
+def checked(row: dict, run, tol: float) -> dict:
+    """row with each tensor's error and "ok": run() returns (ours, reference); an exception fails
+    the row, with its message."""
     try:
-        x, kw = case_inputs(su, case, B, T, seed)
-        row |= {"B": x["q"].shape[0], "T": x["q"].shape[1]}
-        ref, w = reference(case.op, x, kw, case.grad, seed, su.dtype)
-        with poisoned():
-            ours = run_case(case.op, x, "triton", kw, case.grad, w)
-            su.sync()
-        errs, ok = compare(ours, ref, TOL[su.dtype])
+        ours, ref = run()
+        errs, ok = compare(ours, ref, tol)
         row |= {n: f"{e:.1e}" for n, e in errs.items()}
     except Exception as e:
         traceback.print_exc()
         ok = f"NO: {error_text(e)}"
-    return {**row, "tol": TOL[su.dtype], "ok": ok}
+    return {**row, "tol": tol, "ok": ok}
+
+
+def check_case(su: Setup, case: Case, B: int, T: int, seed: int) -> dict:
+    """One row: seqlab's Triton op (poisoned outputs) vs the float64 PyTorch chunk form."""
+    row = {"case": case.name, "impl": "seqlab", "dtype": DTYPE_NAMES[su.dtype]}
+
+    def run():
+        x, kw = case_inputs(su, case, B, T, seed)
+        row.update(B=x["q"].shape[0], T=x["q"].shape[1])
+        ref, w = reference(case.op, x, kw, case.grad, seed, su.dtype)
+        with poisoned():
+            ours = run_case(case.op, x, "triton", kw, case.grad, w)
+            su.sync()
+        return ours, ref
+
+    return checked(row, run, TOL[su.dtype])
 
 
 def check_fla(su: Setup, fla, op: str, B: int, T: int, seed: int) -> dict:
     """fla's op (forward and backward; no initial or final state, as timed) vs the same float64
     reference as seqlab's rows."""
     row = {"case": op, "impl": "fla", "dtype": DTYPE_NAMES[su.dtype], "B": B, "T": T}
-    try:
+
+    def run():
         x = make_inputs(su, op, B, T, False, seed)
-        kw = {"output_final_state": False}
-        ref, w = reference(op, x, kw, True, seed, su.dtype)
+        ref, w = reference(op, x, {"output_final_state": False}, True, seed, su.dtype)
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
         with poisoned():
             o = fla[op](leaves)
             (o.double() * w["o"]).sum().backward()
             su.sync()
-        ours = {"o": o, **{f"d{n}": t.grad for n, t in leaves.items()}}
-        errs, ok = compare(ours, ref, TOL[su.dtype])
-        row |= {n: f"{e:.1e}" for n, e in errs.items()}
-    except Exception as e:
-        traceback.print_exc()
-        ok = f"NO: {error_text(e)}"
-    return {**row, "tol": TOL[su.dtype], "ok": ok}
+        return {"o": o, **{f"d{n}": t.grad for n, t in leaves.items()}}, ref
+
+    return checked(row, run, TOL[su.dtype])
 
 
 def run_checks(su: Setup, report: Report, ops, shape: tuple[int, int], dtypes, seed: int):
