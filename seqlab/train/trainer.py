@@ -170,14 +170,13 @@ def progress_bar(show: bool) -> Progress:
 
 def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     """The best value of each metric over the evaluations: the lowest bits per byte, the highest
-    accuracy."""
+    accuracy. NaN and Inf are never best; a metric that was never finite is left out."""
     best: dict[str, float] = {}
     for record in history:
         for k, v in record["metrics"].items():
-            if k == "bits_per_byte":
-                best[k] = min(best.get(k, math.inf), v)
-            elif not math.isnan(v):
-                best[k] = max(best.get(k, -math.inf), v)
+            if math.isfinite(v):
+                pick = min if k == "bits_per_byte" else max
+                best[k] = pick(best[k], v) if k in best else v
     return best
 
 
