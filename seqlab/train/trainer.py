@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
@@ -47,7 +47,13 @@ LATEST = "latest.json"
 RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
 
 
+class Diverged(Exception):
+    """The run cannot go on: a non-finite parameter or optimizer state, or an overflow."""
+
+
 class TrainConfig(Config):
+    model_config = ConfigDict(allow_inf_nan=False)  # an Inf lr or NaN decay fails here, not later
+
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -168,6 +174,20 @@ def progress_bar(show: bool) -> Progress:
     )
 
 
+def first_non_finite(named: Iterator[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or Inf, or None; one device
+    sync however many tensors there are."""
+    named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    largest = torch.stack([torch.linalg.vector_norm(t, ord=math.inf).float() for _, t in named])
+    if bool(torch.isfinite(largest).all()):
+        return None
+    return next(
+        n for (n, _), m in zip(named, largest.tolist(), strict=True) if not math.isfinite(m)
+    )
+
+
 def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     """The best value of each metric over the evaluations: the lowest bits per byte, the highest
     accuracy. NaN and Inf are never best; a metric that was never finite is left out."""
@@ -225,7 +245,8 @@ class Trainer:
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> tuple[float, float]:
         """One update; returns (loss, grad norm before clipping). Skips the update, leaving the
-        weights untouched, when either is not finite."""
+        weights untouched, when either is not finite. Raises Diverged when the update itself
+        overflows or leaves a parameter that is not finite."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(inputs.to(self.device))
@@ -235,7 +256,21 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         loss_value, norm_value = loss.item(), norm.item()
         if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            try:
+                self.optimizer.step()
+            except RuntimeError as e:  # "value cannot be converted to type float without overflow"
+                if "overflow" not in str(e):
+                    raise
+                raise Diverged(
+                    f"overflow in the optimizer update at step {self.step + 1} (lr {lr:g}: {e}); "
+                    "the weights in memory may be partly updated"
+                ) from None
+            if bad := first_non_finite(self.model.named_parameters()):
+                raise Diverged(
+                    f"non-finite parameter {bad} after the update at step {self.step + 1} "
+                    f"(lr {lr:g})"
+                )
             self.scheduler.step()
         return loss_value, norm_value
 
@@ -285,9 +320,25 @@ class Trainer:
             "task": task_signature(self.task),
         }
 
+    def optimizer_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    yield f"optimizer {key} of {names.get(id(p), '?')}", value
+
     def save(self) -> Path:
         """Write the checkpoint of this step into its own folder, then point LATEST at it. A kill
-        at any moment leaves LATEST naming a complete checkpoint; older folders are removed."""
+        at any moment leaves LATEST naming a complete checkpoint; older folders are removed.
+        Raises Diverged, writing nothing, if a weight or optimizer state is not finite: every
+        checkpoint is a good one."""
+        bad = first_non_finite(
+            itertools.chain(self.model.named_parameters(), self.optimizer_tensors())
+        )
+        if bad:
+            raise Diverged(
+                f"{bad} is not finite at step {self.step}; the checkpoint is not written"
+            )
         out = Path(self.config.out_dir)
         folder = out / f"step-{self.step:08d}"
         if folder.exists():
@@ -354,17 +405,19 @@ class Trainer:
             while stop_reason == "steps" and self.step < c.steps:
                 inputs, targets = next(batches)
                 t0 = time.perf_counter()
-                loss, norm = self.train_step(inputs, targets)
+                try:
+                    loss, norm = self.train_step(inputs, targets)
+                except Diverged as e:
+                    stop_reason, message = "non_finite", self.stopped(f"{e}; stopped")
+                    break
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
                     value = loss if what == "loss" else norm
-                    kept = latest_checkpoint(c.out_dir) if c.out_dir is not None else None
                     stop_reason = "non_finite"
-                    message = (
+                    message = self.stopped(
                         f"non-finite {what} ({value}) at step {self.step + 1}; stopped before "
-                        f"updating. Last good checkpoint: {kept or 'none (no out_dir)'}"
+                        "updating"
                     )
-                    log.warning(message)
                     break
                 self.train_time_s += time.perf_counter() - t0
                 self.step += 1
@@ -376,7 +429,11 @@ class Trainer:
                     metrics = self.log_eval(losses, norms)
                     losses, norms = [], []
                     if c.out_dir is not None:
-                        self.save()
+                        try:
+                            self.save()
+                        except Diverged as e:
+                            stop_reason, message = "non_finite", self.stopped(f"{e}; stopped")
+                            break
                     if self.reached_target(metrics):
                         stop_reason = "target_accuracy"
                         message = (
@@ -396,6 +453,13 @@ class Trainer:
             tokens=self.tokens,
             resumed_from=self.resumed_from,
         )
+
+    def stopped(self, why: str) -> str:
+        """`why`, naming the last good checkpoint, logged as a warning."""
+        kept = latest_checkpoint(self.config.out_dir) if self.config.out_dir is not None else None
+        message = f"{why}. Last good checkpoint: {kept or 'none (no out_dir)'}"
+        log.warning(message)
+        return message
 
     def log_eval(self, losses: list[float], norms: list[float]) -> dict[str, float]:
         metrics = self.evaluate()

@@ -3,12 +3,21 @@ import math
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from seqlab.cli import app
 from seqlab.model.checkpoint import load_checkpoint
 from seqlab.tasks import build_task
 from seqlab.train import trainer as trainer_module
-from seqlab.train.trainer import TrainConfig, Trainer, WarmupCosine, latest_checkpoint, train
-from tests.train.conftest import tiny_model, tiny_task, tiny_train
+from seqlab.train.trainer import (
+    Diverged,
+    TrainConfig,
+    Trainer,
+    WarmupCosine,
+    latest_checkpoint,
+    train,
+)
+from tests.train.conftest import TINY_MQAR_ARGS, tiny_model, tiny_task, tiny_train
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -220,3 +229,79 @@ def test_moe_aux_loss_is_trained_on():
     assert out.aux_loss > 0
     loss, _ = trainer.train_step(inputs, targets)
     assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"lr": math.inf},
+        {"lr": math.nan},
+        {"weight_decay": math.inf},
+        {"betas": (math.nan, 0.95)},
+        {"grad_clip": math.inf},
+        {"min_lr_ratio": math.nan},
+        {"target_accuracy": math.nan},
+    ],
+)
+def test_non_finite_hyperparameters_are_refused(option):
+    [name] = option
+    with pytest.raises(ValueError, match=rf"TrainConfig: {name}.*finite"):
+        TrainConfig.make(**option)
+
+
+def test_train_command_refuses_an_infinite_lr(tmp_path):
+    task_options = [arg for option in TINY_MQAR_ARGS for arg in ("--task-option", option)]
+    args = ["train", "--task", "mqar", *task_options, "--lr", "inf", "--no-record"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "lr" in result.output and "finite" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_overflow_in_the_optimizer_is_a_clear_stop(tmp_path):
+    # An lr this large is finite as a Python float but overflows float32 inside AdamW's update.
+    config = tiny_train(lr=1e39, warmup_steps=0, out_dir=str(tmp_path))
+    result = train(tiny_model(), tiny_task(), config)
+    assert result.stop_reason == "non_finite"
+    assert "overflow in the optimizer update at step 1" in result.message
+    assert "lr 1e+39" in result.message and "none" in result.message
+    assert latest_checkpoint(tmp_path) is None
+
+
+def poison_update(monkeypatch, at_update: int) -> None:
+    """Make optimizer update number `at_update` (1-based) leave an Inf in the embedding."""
+    calls = 0
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        out = step(self, *args, **kwargs)
+        if calls == at_update:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+
+
+def test_a_non_finite_parameter_after_an_update_stops_the_run(tmp_path, monkeypatch):
+    poison_update(monkeypatch, at_update=13)
+    result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    assert result.stop_reason == "non_finite"
+    assert "non-finite parameter embed.weight after the update at step 13" in result.message
+    assert "step-00000010" in result.message
+    assert result.step == 12
+    folder = latest_checkpoint(tmp_path)
+    assert folder.name == "step-00000010"
+    saved = load_checkpoint(folder / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_written(tmp_path):
+    trainer = Trainer(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    with torch.no_grad():
+        trainer.model.embed.weight[1, 2] = math.nan
+    with pytest.raises(Diverged, match=r"embed\.weight.*not finite.*not written"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path) is None
+    assert not list(tmp_path.glob("step-*"))
