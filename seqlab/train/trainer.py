@@ -8,16 +8,22 @@ early stop, NaN guard, and checkpoints that a killed run resumes from.
 Run it again with the same `out_dir` and it resumes from the last checkpoint. Batch `i` of a run is
 batch `i` of the task's training stream for `seed`, so a resumed run sees the same data and ends
 with the same weights as one that was never interrupted.
+
+`out_dir` holds `latest.json` (naming the newest checkpoint), `step-NNNNNNNN/` folders (the model,
+`trainer.pt`, and `checkpoint.json` with each file's size and SHA-256, written last) and `.lock`,
+held by the one process training there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -35,14 +41,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from seqlab.config import Config
-from seqlab.files import fsync_dir, write_atomic
-from seqlab.model.checkpoint import load_checkpoint, save_checkpoint
+from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, write_atomic
+from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
+MODEL, TRAINER = "model.safetensors", "trainer.pt"
+MANIFEST = "checkpoint.json"  # written last: a step folder with a manifest is complete
+STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
 RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
 
@@ -150,12 +159,75 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+        }
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check each file of a step folder against the size and SHA-256 its manifest records; a
+    CheckpointError names the file and what is wrong (missing, empty, truncated, bad digest)."""
+    manifest = folder / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: missing or damaged ({type(e).__name__} {e})") from None
+    if not isinstance(files, dict) or set(files) != {MODEL, TRAINER}:
+        raise CheckpointError(f"{manifest}: damaged (files {files!r})")
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file (0 of {want['bytes']} bytes)")
+        if size != want["bytes"]:
+            what = "truncated" if size < want["bytes"] else "wrong size"
+            raise CheckpointError(f"{path}: {what} ({size} of {want['bytes']} bytes)")
+        if file_record(path)["sha256"] != want["sha256"]:
+            raise CheckpointError(
+                f"{path}: SHA-256 digest does not match the one in {MANIFEST} (corrupt file)"
+            )
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The folder of the last complete checkpoint in `out_dir`, or None."""
-    pointer = Path(out_dir) / LATEST
-    if not pointer.exists():
-        return None
-    return Path(out_dir) / json.loads(pointer.read_text())["dir"]
+    """The folder of the checkpoint a run in `out_dir` resumes from, or None if it holds none.
+    LATEST names it; without a usable LATEST (missing, damaged, or naming a folder outside
+    `out_dir`), the newest step folder whose files verify. Never None beside a checkpoint it
+    cannot verify: then a CheckpointError names the folder, so that no run starts over there."""
+    out = Path(out_dir)
+    pointer = out / LATEST
+    problem = f"{pointer} is missing"
+    if pointer.exists():
+        try:
+            name = json.loads(pointer.read_text())["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            name = None
+        if isinstance(name, str) and STEP_DIR.fullmatch(name) and (out / name).is_dir():
+            return out / name
+        problem = f"{pointer} is damaged or names no step folder of this run"
+    folders = sorted((p for p in out.glob("step-*") if STEP_DIR.fullmatch(p.name)), reverse=True)
+    for folder in folders:
+        if (folder / MANIFEST).exists():
+            try:
+                verify_checkpoint(folder)
+            except CheckpointError as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                continue
+            log.warning("%s; resuming from %s, the newest complete checkpoint", problem, folder)
+            return folder
+    # Folders without a manifest whose trainer state was written: an older seqlab's, unverifiable.
+    held = [f.name for f in folders if (f / MANIFEST).exists() or (f / TRAINER).exists()]
+    if held or pointer.exists():
+        raise CheckpointError(
+            f"{out}: {problem}, and no step folder holds a complete, verified checkpoint "
+            f"(found: {', '.join(held) or 'none'}); move them away to start over, or use another "
+            "out_dir"
+        )
+    return None  # at most folders whose first write was killed: they hold nothing to resume
 
 
 def task_signature(task: Task) -> dict[str, Any]:
@@ -344,9 +416,14 @@ class Trainer:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        save_checkpoint(self.model, folder / "model.safetensors")
+        save_checkpoint(self.model, folder / MODEL)
         state = self.trainer_state()
-        write_atomic(folder / "trainer.pt", lambda tmp: torch.save(state, tmp))
+        write_atomic(folder / TRAINER, lambda tmp: torch.save(state, tmp))
+        manifest = {
+            "step": self.step,
+            "files": {n: file_record(folder / n) for n in (MODEL, TRAINER)},
+        }
+        write_atomic(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
         fsync_dir(folder)
         pointer = json.dumps({"dir": folder.name, "step": self.step})
         write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
@@ -357,9 +434,23 @@ class Trainer:
         return folder
 
     def restore(self, folder: Path) -> None:
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        if (folder / MANIFEST).exists():
+            verify_checkpoint(folder)
+        else:
+            log.warning(
+                "%s has no %s (an older seqlab wrote it): its files are not verified",
+                folder,
+                MANIFEST,
+            )
+        path = folder / TRAINER
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file from outside: any failure to read it is its fault
+            raise CheckpointError(
+                f"{path}: unreadable trainer state ({type(e).__name__}: {e})"
+            ) from None
         self.check_resumable(state)
-        model = load_checkpoint(folder / "model.safetensors", config=self.model_config)
+        model = load_checkpoint(folder / MODEL, config=self.model_config)
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -390,6 +481,18 @@ class Trainer:
             )
 
     def run(self, resume: bool = True) -> TrainResult:
+        """Train from the latest checkpoint in `out_dir` (if `resume`) to the end; while it runs,
+        `out_dir` is locked against other runs, and temporary files left there by a killed write
+        are removed first."""
+        if self.config.out_dir is None:
+            return self.train_to_end(resume)
+        with exclusive_folder(self.config.out_dir) as out:
+            for folder in (out, *out.glob("step-*")):
+                for path in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by a killed write", path)
+            return self.train_to_end(resume)
+
+    def train_to_end(self, resume: bool) -> TrainResult:
         c = self.config
         self.started = time.perf_counter()
         if resume and c.out_dir is not None and (folder := latest_checkpoint(c.out_dir)):

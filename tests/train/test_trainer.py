@@ -1,12 +1,14 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from seqlab.cli import app
-from seqlab.model.checkpoint import load_checkpoint
+from seqlab.model.checkpoint import CheckpointError, load_checkpoint
 from seqlab.tasks import build_task
 from seqlab.train import trainer as trainer_module
 from seqlab.train.trainer import (
@@ -121,7 +123,12 @@ def test_rejects_autoencode_tasks_and_small_vocabularies():
 
 def test_checkpoints_every_evaluation_keep_only_the_latest(tmp_path):
     result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000030"]
+    assert sorted(p.name for p in (tmp_path / "step-00000030").iterdir()) == [
+        "checkpoint.json",
+        "model.safetensors",
+        "trainer.pt",
+    ]
     assert json.loads((tmp_path / "latest.json").read_text()) == {
         "dir": "step-00000030",
         "step": 30,
@@ -305,3 +312,96 @@ def test_a_checkpoint_with_non_finite_weights_is_not_written(tmp_path):
         trainer.save()
     assert latest_checkpoint(tmp_path) is None
     assert not list(tmp_path.glob("step-*"))
+
+
+def checkpointed_run(out, steps=10):
+    return train(tiny_model(), tiny_task(), tiny_train(steps=steps, out_dir=str(out)))
+
+
+def interrupted_run(out, monkeypatch) -> None:
+    """A 30-step run that crashed after its checkpoint at step 20."""
+    crash_at(monkeypatch, 25)
+    with pytest.raises(Crash):
+        checkpointed_run(out, steps=30)
+    monkeypatch.undo()
+
+
+def test_a_damaged_trainer_state_is_refused_naming_the_file(tmp_path):
+    checkpointed_run(tmp_path)
+    path = tmp_path / "step-00000010" / "trainer.pt"
+    good = path.read_bytes()
+    # Flip one byte inside an optimizer moment: torch.load alone would read the changed number.
+    state = torch.load(path, weights_only=True)
+    moment = state["optimizer"]["state"][0]["exp_avg"].numpy().tobytes()
+    at = good.index(moment) + len(moment) // 2
+    cases = {
+        "digest": good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1 :],
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+    }
+    for problem, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{path}.*{problem}"):
+            checkpointed_run(tmp_path)
+        assert path.exists()
+    path.write_bytes(good)
+    assert checkpointed_run(tmp_path).resumed_from == 10
+
+
+def test_a_lost_latest_json_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    interrupted_run(tmp_path, monkeypatch)
+    (tmp_path / "latest.json").unlink()
+    (tmp_path / "step-00000030").mkdir()  # a checkpoint whose writing was killed
+    (tmp_path / "step-00000030" / "model.safetensors").write_bytes(b"partial")
+    result = checkpointed_run(tmp_path, steps=30)
+    assert result.resumed_from == 20 and result.step == 30
+
+
+@pytest.mark.parametrize("pointer", ["{not json", '{"dir": "../elsewhere", "step": 10}'])
+def test_a_damaged_latest_json_never_restarts_from_zero(tmp_path, monkeypatch, pointer):
+    out = tmp_path / "run"
+    checkpointed_run(tmp_path / "elsewhere")
+    interrupted_run(out, monkeypatch)
+    (out / "latest.json").write_text(pointer)
+    assert checkpointed_run(out, steps=30).resumed_from == 20  # never the folder outside
+
+    for folder in out.glob("step-*"):
+        (folder / "checkpoint.json").unlink()  # as a folder an older seqlab wrote: unverifiable
+    (out / "latest.json").write_text(pointer)
+    with pytest.raises(CheckpointError, match=rf"{out}.*latest\.json.*step-00000030"):
+        checkpointed_run(out, steps=30)
+    assert (out / "step-00000030" / "trainer.pt").exists()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(ValueError, match=rf"{tmp_path} is in use.*pid {holder.pid}"):
+            checkpointed_run(tmp_path)
+        assert not list(tmp_path.glob("step-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    checkpointed_run(tmp_path)  # the lock went with its holder
+
+
+def test_stale_temporary_files_are_removed_on_start(tmp_path):
+    checkpointed_run(tmp_path)
+    stale = [tmp_path / ".latest.json.x1.tmp", tmp_path / "step-00000010" / ".trainer.pt.x2.tmp"]
+    for path in stale:
+        path.write_bytes(b"left by a killed write")
+    checkpointed_run(tmp_path)
+    assert not any(path.exists() for path in stale)
