@@ -78,7 +78,8 @@ class TrainConfig(Config):
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
     out_dir: str | None = None  # checkpoints; None: keep nothing on disk
-    progress: bool = True  # a progress bar, shown only on a terminal
+    # On a terminal a progress bar; elsewhere (nohup, CI) one line on stderr per evaluation.
+    progress: bool = True
 
 
 @dataclass
@@ -260,6 +261,24 @@ def first_non_finite(named: Iterator[tuple[str, Tensor]]) -> str | None:
     )
 
 
+def duration(seconds: float) -> str:
+    """3.24 → "3.2s", 125 → "2m05s", 7300 → "2h01m"."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m{int(seconds % 60):02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The metrics a person follows: accuracy over all slices, bits per byte if there are any."""
+    parts = [f"all {100 * metrics['all']:.1f}%"] if "all" in metrics else []
+    if "bits_per_byte" in metrics:
+        parts.append(f"bits_per_byte {metrics['bits_per_byte']:.4g}")
+    return " · ".join(parts)
+
+
 def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     """The best value of each metric over the evaluations: the lowest bits per byte, the highest
     accuracy. NaN and Inf are never best; a metric that was never finite is left out."""
@@ -308,6 +327,8 @@ class Trainer:
         self.train_time_s = 0.0
         self.tokens = 0
         self.resumed_from: int | None = None
+        self.start_step = 0  # the step this process began at
+        self.log_lines = False  # a line per evaluation on stderr (set by run)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The training stream from the current step on: the task's stream for `seed`, skipped
@@ -502,8 +523,12 @@ class Trainer:
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
         losses, norms = [], []
-        with progress_bar(c.progress and sys.stderr.isatty()) as progress:
-            bar = progress.add_task("train", total=c.steps, completed=self.step)
+        terminal = sys.stderr.isatty()
+        self.log_lines = c.progress and not terminal
+        self.start_step, label = self.step, self.model_config.pattern
+        held_out = f" · held-out {headline(self.history[-1]['metrics'])}" if self.history else ""
+        with progress_bar(c.progress and terminal) as progress:
+            bar = progress.add_task(label, total=c.steps, completed=self.step)
             batches = self.batches()
             while stop_reason == "steps" and self.step < c.steps:
                 inputs, targets = next(batches)
@@ -527,10 +552,12 @@ class Trainer:
                 self.tokens += inputs.numel()
                 losses.append(loss)
                 norms.append(norm)
-                progress.update(bar, advance=1, description=f"train loss {loss:.3f}")
+                progress.update(bar, advance=1, description=f"{label} loss {loss:.3f}{held_out}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     metrics = self.log_eval(losses, norms)
                     losses, norms = [], []
+                    held_out = f" · held-out {headline(metrics)}"
+                    progress.update(bar, description=f"{label} loss {loss:.3f}{held_out}")
                     if c.out_dir is not None:
                         try:
                             self.save()
@@ -575,7 +602,24 @@ class Trainer:
                 "metrics": metrics,
             }
         )
+        if self.log_lines:
+            self.print_log_line()
         return metrics
+
+    def print_log_line(self) -> None:
+        """One line for a log file: step, training loss, held-out metrics, elapsed time, ETA
+        (from this process's pace), flushed at once."""
+        record, c = self.history[-1], self.config
+        spent = time.perf_counter() - self.started
+        eta = spent / max(1, self.step - self.start_step) * (c.steps - self.step)
+        parts = [
+            f"[{self.model_config.pattern}] step {self.step}/{c.steps}",
+            f"loss {record['train_loss']:.4f}",
+            headline(record["metrics"]),
+            f"elapsed {duration(self.wall_time_s)}",
+            f"ETA {duration(eta)}",
+        ]
+        print(" · ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
     def reached_target(self, metrics: dict[str, float]) -> bool:
         target = self.config.target_accuracy

@@ -1,5 +1,7 @@
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -405,3 +407,35 @@ def test_stale_temporary_files_are_removed_on_start(tmp_path):
         path.write_bytes(b"left by a killed write")
     checkpointed_run(tmp_path)
     assert not any(path.exists() for path in stale)
+
+
+LOG_LINE = (
+    r"\[gla\] step {step}/30 · loss \d+\.\d+ · all \d+\.\d% · elapsed [\dms.]+ · ETA [\dms.]+"
+)
+
+
+def test_without_a_terminal_every_evaluation_prints_a_log_line(capsys):
+    train(tiny_model(), tiny_task(), tiny_train(progress=True))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    for line, step in zip(lines, (10, 20, 30), strict=True):
+        assert re.fullmatch(LOG_LINE.format(step=step), line), line
+    assert lines[-1].endswith("ETA 0.0s")
+    train(tiny_model(), tiny_task(), tiny_train(progress=False))
+    assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_bar_shows_the_held_out_metric(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "200")
+    result = train(tiny_model(), tiny_task(), tiny_train(progress=True, eval_every=5))
+    shown = terminal.getvalue()
+    assert "step 10/30" not in shown  # the bar, not log lines
+    # Frames are drawn a few times a second; the last, drawn as the bar closes, shows the last.
+    assert f"held-out all {100 * result.final['all']:.1f}%" in shown, shown
