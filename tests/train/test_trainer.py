@@ -347,6 +347,12 @@ def test_a_damaged_trainer_state_is_refused_naming_the_file(tmp_path):
             checkpointed_run(tmp_path)
         assert path.exists()
     path.write_bytes(good)
+    weights_path = tmp_path / "step-00000010" / "model.safetensors"
+    weights_bytes = weights_path.read_bytes()
+    weights_path.write_bytes(weights_bytes[:-7])
+    with pytest.raises(CheckpointError, match=rf"{weights_path}: truncated"):
+        checkpointed_run(tmp_path)
+    weights_path.write_bytes(weights_bytes)
     assert checkpointed_run(tmp_path).resumed_from == 10
 
 
