@@ -10,8 +10,9 @@ batch `i` of the task's training stream for `seed`, so a resumed run sees the sa
 with the same weights as one that was never interrupted.
 
 `out_dir` holds `latest.json` (naming the newest checkpoint), `step-NNNNNNNN/` folders (the model,
-`trainer.pt`, and `checkpoint.json` with each file's size and SHA-256, written last) and `.lock`,
-held by the one process training there.
+`trainer.pt`, and `checkpoint.json` with each file's size and SHA-256) and `.lock`, held by the one
+process training there. A step folder is written as `.step-NNNNNNNN.partial` and renamed when
+whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 MODEL, TRAINER = "model.safetensors", "trainer.pt"
-MANIFEST = "checkpoint.json"  # written last: a step folder with a manifest is complete
+MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
 RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
@@ -220,7 +221,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
                 continue
             log.warning("%s; resuming from %s, the newest complete checkpoint", problem, folder)
             return folder
-    # Folders without a manifest whose trainer state was written: an older seqlab's, unverifiable.
+    # Step folders without a manifest but with a trainer state: an older seqlab's, unverifiable.
     held = [f.name for f in folders if (f / MANIFEST).exists() or (f / TRAINER).exists()]
     if held or pointer.exists():
         raise CheckpointError(
@@ -228,7 +229,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
             f"(found: {', '.join(held) or 'none'}); move them away to start over, or use another "
             "out_dir"
         )
-    return None  # at most folders whose first write was killed: they hold nothing to resume
+    return None  # at most a folder an older seqlab began and never finished: nothing to resume
 
 
 def task_signature(task: Task) -> dict[str, Any]:
@@ -434,18 +435,22 @@ class Trainer:
             )
         out = Path(self.config.out_dir)
         folder = out / f"step-{self.step:08d}"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        save_checkpoint(self.model, folder / MODEL)
+        partial = out / f".{folder.name}.partial"
+        for path in (partial, folder):
+            if path.exists():
+                shutil.rmtree(path)
+        partial.mkdir(parents=True)
+        save_checkpoint(self.model, partial / MODEL)
         state = self.trainer_state()
-        write_atomic(folder / TRAINER, lambda tmp: torch.save(state, tmp))
+        write_atomic(partial / TRAINER, lambda tmp: torch.save(state, tmp))
         manifest = {
             "step": self.step,
-            "files": {n: file_record(folder / n) for n in (MODEL, TRAINER)},
+            "files": {n: file_record(partial / n) for n in (MODEL, TRAINER)},
         }
-        write_atomic(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
-        fsync_dir(folder)
+        write_atomic(partial / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+        fsync_dir(partial)
+        partial.rename(folder)
+        fsync_dir(out)
         pointer = json.dumps({"dir": folder.name, "step": self.step})
         write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
         fsync_dir(out)
@@ -511,6 +516,9 @@ class Trainer:
             for folder in (out, *out.glob("step-*")):
                 for path in remove_stale_temporaries(folder):
                     log.info("removed %s, left by a killed write", path)
+            for partial in out.glob(".step-*.partial"):
+                shutil.rmtree(partial)
+                log.info("removed %s, a checkpoint whose writing was killed", partial)
             return self.train_to_end(resume)
 
     def train_to_end(self, resume: bool) -> TrainResult:

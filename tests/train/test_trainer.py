@@ -359,10 +359,12 @@ def test_a_damaged_trainer_state_is_refused_naming_the_file(tmp_path):
 def test_a_lost_latest_json_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch):
     interrupted_run(tmp_path, monkeypatch)
     (tmp_path / "latest.json").unlink()
-    (tmp_path / "step-00000030").mkdir()  # a checkpoint whose writing was killed
-    (tmp_path / "step-00000030" / "model.safetensors").write_bytes(b"partial")
+    partial = tmp_path / ".step-00000030.partial"  # a checkpoint whose writing was killed
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
     result = checkpointed_run(tmp_path, steps=30)
     assert result.resumed_from == 20 and result.step == 30
+    assert not partial.exists()
 
 
 @pytest.mark.parametrize("pointer", ["{not json", '{"dir": "../elsewhere", "step": 10}'])
