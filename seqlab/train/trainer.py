@@ -439,21 +439,29 @@ class Trainer:
         for path in (partial, folder):
             if path.exists():
                 shutil.rmtree(path)
-        partial.mkdir(parents=True)
-        save_checkpoint(self.model, partial / MODEL)
-        state = self.trainer_state()
-        write_atomic(partial / TRAINER, lambda tmp: torch.save(state, tmp))
-        manifest = {
-            "step": self.step,
-            "files": {n: file_record(partial / n) for n in (MODEL, TRAINER)},
-        }
-        write_atomic(partial / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
-        fsync_dir(partial)
-        partial.rename(folder)
-        fsync_dir(out)
-        pointer = json.dumps({"dir": folder.name, "step": self.step})
-        write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
-        fsync_dir(out)
+        try:
+            partial.mkdir(parents=True)
+            save_checkpoint(self.model, partial / MODEL)
+            state = self.trainer_state()
+            write_atomic(partial / TRAINER, lambda tmp: torch.save(state, tmp))
+            manifest = {
+                "step": self.step,
+                "files": {n: file_record(partial / n) for n in (MODEL, TRAINER)},
+            }
+            text = json.dumps(manifest)
+            write_atomic(partial / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+            fsync_dir(partial)
+            partial.rename(folder)
+            fsync_dir(out)
+            pointer = json.dumps({"dir": folder.name, "step": self.step})
+            write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
+            fsync_dir(out)
+        except OSError as e:  # a full disk, a quota: the run cannot keep its work, so it stops
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(
+                f"{folder}: could not write the checkpoint of step {self.step} "
+                f"({e.strerror or e}); {out / LATEST} still names the last complete one"
+            ) from None
         for old in out.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)

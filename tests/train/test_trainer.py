@@ -1,3 +1,4 @@
+import errno
 import io
 import json
 import math
@@ -447,3 +448,19 @@ def test_on_a_terminal_the_bar_shows_the_held_out_metric(monkeypatch):
     assert "step 10/30" not in shown  # the bar, not log lines
     # Frames are drawn a few times a second; the last, drawn as the bar closes, shows the last.
     assert f"held-out all {100 * result.final['all']:.1f}%" in shown, shown
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step-00000020.*No space left on device"):
+        checkpointed_run(tmp_path, steps=30)
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000010"]
