@@ -1,11 +1,14 @@
 """Files that are whole or absent: every result, checkpoint and table seqlab writes goes through
-`write_atomic`, so a crash or a kill mid-write leaves the old file or the new one, never half."""
+`write_atomic`, so a crash or a kill mid-write leaves the old file or the new one, never half.
+A folder one process writes in at a time (a run's checkpoints) is held with `exclusive_folder`."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,3 +42,40 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FolderInUse(ValueError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, lock_name: str = ".lock") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (made if needed) while inside: an flock on
+    folder/lock_name, which holds the holder's pid. The lock goes with its process, even on
+    SIGKILL; a second holder gets FolderInUse naming the folder and the first holder's pid."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderInUse(
+                f"{folder} is in use by another process (pid {holder}, holding "
+                f"{folder / lock_name}); wait for it to end or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete what `write_atomic` leaves when its process is killed mid-write (only safe while
+    no one else writes in `folder`: hold its lock). Returns the files removed."""
+    stale = [p for p in Path(folder).glob(pattern) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -5,15 +5,19 @@
     store.runs(task="mqar", arch="gdn", since="2d", where={"train.lr": 0.001})
     store.to_csv(store.runs(), "runs.csv")
 
-A record is a JSON object: id, created (UTC, ISO 8601), task {name, config}, model, train, env,
-metrics {final, best, steps, stop_reason, ...} and cost {params, state_bytes, wall_time_s, ...}.
-Each is also written, atomically, to runs/<id>.json next to the database.
+A record is a JSON object: id, created (UTC, ISO 8601), status ("completed" or "diverged"),
+task {name, config}, model, train, env, metrics {final, best, steps, stop_reason, ...} and cost
+{params, state_bytes, wall_time_s, ...}. Each is also written, atomically, to runs/<id>.json next to
+the database. Records are standard JSON: a NaN or Inf number is stored as null, and its dotted path
+and value ("nan", "inf", "-inf") are listed under "non_finite".
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 import platform
 import re
@@ -33,6 +37,8 @@ from seqlab.files import write_atomic
 from seqlab.model.lm import ModelConfig
 from seqlab.tasks import TASKS, Task
 from seqlab.train.trainer import TrainConfig, TrainResult, resolve_device
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "SEQLAB_RESULTS"
 DEFAULT_PATH = Path("seqlab-results") / "results.db"
@@ -133,7 +139,9 @@ def run_record(
 ) -> dict[str, Any]:
     """The record of one finished (or stopped) run, ready for `ResultsStore.add`."""
     losses = [h["train_loss"] for h in result.history]
+    finite = all(math.isfinite(v) for v in result.final.values())
     return {
+        "status": "completed" if result.stop_reason != "non_finite" and finite else "diverged",
         "task": {
             "name": task_name,
             "preset": preset,
@@ -178,6 +186,41 @@ def lookup(record: dict[str, Any], path: str) -> Any:
             return None
         value = value[key]
     return value
+
+
+def finite_json(value: Any, path: str = "", non_finite: dict[str, str] | None = None) -> Any:
+    """`value` with every NaN or Inf float replaced by None (tuples become lists);
+    non_finite[dotted path] = "nan", "inf" or "-inf" for each one replaced."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if non_finite is not None:
+            non_finite[path] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}".lstrip("."), non_finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v, f"{path}.{i}", non_finite) for i, v in enumerate(value)]
+    return value
+
+
+# A non-finite number at one of these paths means the run itself diverged.
+_DIVERGED = ("metrics.final.", "metrics.best.", "metrics.loss.last")
+
+
+def standard_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as standard JSON (see the module docstring); a NaN or Inf final metric, best
+    metric or last loss marks it "diverged"."""
+    non_finite: dict[str, str] = {}
+    record = finite_json(record, non_finite=non_finite)
+    if non_finite:
+        record["non_finite"] = {**record.get("non_finite", {}), **non_finite}
+        if any(p.startswith(_DIVERGED) for p in non_finite):
+            record["status"] = "diverged"
+    return record
+
+
+def _matches(record: dict[str, Any], where: dict[str, Any]) -> bool:
+    """`where` as SQL's `json_extract(record, path) IS value` reads it, in Python."""
+    return all(lookup(record, key) == value for key, value in where.items())
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -239,7 +282,8 @@ class ResultsStore:
         run_id = f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
         # Microseconds always, so that text order is time order.
         record = {"id": run_id, "created": now.isoformat(timespec="microseconds"), **record}
-        text = json.dumps(record, default=str)
+        record = standard_record(json.loads(json.dumps(record, default=str)))
+        text = json.dumps(record, allow_nan=False)
         self.json_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.json_dir / f"{run_id}.json", lambda tmp: Path(tmp).write_text(text))
         row = (
@@ -290,12 +334,17 @@ class ResultsStore:
             path = "$" + "".join(f'."{part}"' for part in key.split("."))
             if isinstance(value, bool):
                 value = int(value)  # json_extract gives JSON true/false as 1/0
-            clauses.append("json_extract(record, ?) IS ?")
+            # Records older versions wrote with NaN or Infinity are not JSON to SQLite, and one
+            # would fail the whole query: they pass here and are filtered in Python below.
+            clauses.append(
+                "CASE WHEN json_valid(record) THEN json_extract(record, ?) IS ? ELSE 1 END"
+            )
             params += [path, value]
-        sql = "SELECT record, created, id FROM runs"
+        sql = "SELECT record, created, id, json_valid(record) FROM runs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        if limit is None:
+        if limit is None or where:
+            # With `where`, SQL cannot tell which old records match: the limit is applied below.
             sql += " ORDER BY created, id"
         else:
             # The newest `limit` runs, still listed oldest first.
@@ -308,7 +357,19 @@ class ResultsStore:
             rows = db.execute(sql, params).fetchall()
         finally:
             db.close()
-        return [json.loads(r[0]) for r in rows]
+        records = []
+        for text, _, run_id, valid in rows:
+            if valid:
+                records.append(json.loads(text))
+                continue
+            try:
+                record = standard_record(json.loads(text))
+            except json.JSONDecodeError as e:
+                log.warning("%s: run %s is not readable JSON, skipped (%s)", self.path, run_id, e)
+                continue
+            if _matches(record, where or {}):
+                records.append(record)
+        return records if limit is None or not where else records[max(0, len(records) - limit) :]
 
     def count(self) -> int:
         db = self.connect()

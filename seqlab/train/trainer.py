@@ -8,16 +8,23 @@ early stop, NaN guard, and checkpoints that a killed run resumes from.
 Run it again with the same `out_dir` and it resumes from the last checkpoint. Batch `i` of a run is
 batch `i` of the task's training stream for `seed`, so a resumed run sees the same data and ends
 with the same weights as one that was never interrupted.
+
+`out_dir` holds `latest.json` (naming the newest checkpoint), `step-NNNNNNNN/` folders (the model,
+`trainer.pt`, and `checkpoint.json` with each file's size and SHA-256) and `.lock`, held by the one
+process training there. A step folder is written as `.step-NNNNNNNN.partial` and renamed when
+whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -29,25 +36,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from seqlab.config import Config
-from seqlab.files import fsync_dir, write_atomic
-from seqlab.model.checkpoint import load_checkpoint, save_checkpoint
+from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, write_atomic
+from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
+MODEL, TRAINER = "model.safetensors", "trainer.pt"
+MANIFEST = "checkpoint.json"
+STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
 RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
 
 
+class Diverged(Exception):
+    """The run cannot go on: a non-finite parameter or optimizer state, or an overflow."""
+
+
 class TrainConfig(Config):
+    model_config = ConfigDict(allow_inf_nan=False)  # an Inf lr or NaN decay fails here, not later
+
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -63,7 +79,8 @@ class TrainConfig(Config):
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
     out_dir: str | None = None  # checkpoints; None: keep nothing on disk
-    progress: bool = True  # a progress bar, shown only on a terminal
+    # On a terminal a progress bar; elsewhere (nohup, CI) one line on stderr per evaluation.
+    progress: bool = True
 
 
 @dataclass
@@ -144,12 +161,75 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+        }
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check each file of a step folder against the size and SHA-256 its manifest records; a
+    CheckpointError names the file and what is wrong (missing, empty, truncated, bad digest)."""
+    manifest = folder / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: missing or damaged ({type(e).__name__} {e})") from None
+    if not isinstance(files, dict) or set(files) != {MODEL, TRAINER}:
+        raise CheckpointError(f"{manifest}: damaged (files {files!r})")
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file (0 of {want['bytes']} bytes)")
+        if size != want["bytes"]:
+            what = "truncated" if size < want["bytes"] else "wrong size"
+            raise CheckpointError(f"{path}: {what} ({size} of {want['bytes']} bytes)")
+        if file_record(path)["sha256"] != want["sha256"]:
+            raise CheckpointError(
+                f"{path}: SHA-256 digest does not match the one in {MANIFEST} (corrupt file)"
+            )
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The folder of the last complete checkpoint in `out_dir`, or None."""
-    pointer = Path(out_dir) / LATEST
-    if not pointer.exists():
-        return None
-    return Path(out_dir) / json.loads(pointer.read_text())["dir"]
+    """The folder of the checkpoint a run in `out_dir` resumes from, or None if it holds none.
+    LATEST names it; without a usable LATEST (missing, damaged, or naming a folder outside
+    `out_dir`), the newest step folder whose files verify. Never None beside a checkpoint it
+    cannot verify: then a CheckpointError names the folder, so that no run starts over there."""
+    out = Path(out_dir)
+    pointer = out / LATEST
+    problem = f"{pointer} is missing"
+    if pointer.exists():
+        try:
+            name = json.loads(pointer.read_text())["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            name = None
+        if isinstance(name, str) and STEP_DIR.fullmatch(name) and (out / name).is_dir():
+            return out / name
+        problem = f"{pointer} is damaged or names no step folder of this run"
+    folders = sorted((p for p in out.glob("step-*") if STEP_DIR.fullmatch(p.name)), reverse=True)
+    for folder in folders:
+        if (folder / MANIFEST).exists():
+            try:
+                verify_checkpoint(folder)
+            except CheckpointError as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                continue
+            log.warning("%s; resuming from %s, the newest complete checkpoint", problem, folder)
+            return folder
+    # Step folders without a manifest but with a trainer state: an older seqlab's, unverifiable.
+    held = [f.name for f in folders if (f / MANIFEST).exists() or (f / TRAINER).exists()]
+    if held or pointer.exists():
+        raise CheckpointError(
+            f"{out}: {problem}, and no step folder holds a complete, verified checkpoint "
+            f"(found: {', '.join(held) or 'none'}); move them away to start over, or use another "
+            "out_dir"
+        )
+    return None  # at most a folder an older seqlab began and never finished: nothing to resume
 
 
 def task_signature(task: Task) -> dict[str, Any]:
@@ -168,16 +248,47 @@ def progress_bar(show: bool) -> Progress:
     )
 
 
+def first_non_finite(named: Iterator[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or Inf, or None; one device
+    sync however many tensors there are."""
+    named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    largest = torch.stack([torch.linalg.vector_norm(t, ord=math.inf).float() for _, t in named])
+    if bool(torch.isfinite(largest).all()):
+        return None
+    return next(
+        n for (n, _), m in zip(named, largest.tolist(), strict=True) if not math.isfinite(m)
+    )
+
+
+def duration(seconds: float) -> str:
+    """3.24 → "3.2s", 125 → "2m05s", 7300 → "2h01m"."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m{int(seconds % 60):02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The metrics a person follows: accuracy over all slices, bits per byte if there are any."""
+    parts = [f"all {100 * metrics['all']:.1f}%"] if "all" in metrics else []
+    if "bits_per_byte" in metrics:
+        parts.append(f"bits_per_byte {metrics['bits_per_byte']:.4g}")
+    return " · ".join(parts)
+
+
 def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     """The best value of each metric over the evaluations: the lowest bits per byte, the highest
-    accuracy."""
+    accuracy. NaN and Inf are never best; a metric that was never finite is left out."""
     best: dict[str, float] = {}
     for record in history:
         for k, v in record["metrics"].items():
-            if k == "bits_per_byte":
-                best[k] = min(best.get(k, math.inf), v)
-            elif not math.isnan(v):
-                best[k] = max(best.get(k, -math.inf), v)
+            if math.isfinite(v):
+                pick = min if k == "bits_per_byte" else max
+                best[k] = pick(best[k], v) if k in best else v
     return best
 
 
@@ -217,6 +328,8 @@ class Trainer:
         self.train_time_s = 0.0
         self.tokens = 0
         self.resumed_from: int | None = None
+        self.start_step = 0  # the step this process began at
+        self.log_lines = False  # a line per evaluation on stderr (set by run)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The training stream from the current step on: the task's stream for `seed`, skipped
@@ -226,7 +339,8 @@ class Trainer:
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> tuple[float, float]:
         """One update; returns (loss, grad norm before clipping). Skips the update, leaving the
-        weights untouched, when either is not finite."""
+        weights untouched, when either is not finite. Raises Diverged when the update itself
+        overflows or leaves a parameter that is not finite."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(inputs.to(self.device))
@@ -236,7 +350,21 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         loss_value, norm_value = loss.item(), norm.item()
         if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            try:
+                self.optimizer.step()
+            except RuntimeError as e:  # "value cannot be converted to type float without overflow"
+                if "overflow" not in str(e):
+                    raise
+                raise Diverged(
+                    f"overflow in the optimizer update at step {self.step + 1} (lr {lr:g}: {e}); "
+                    "the weights in memory may be partly updated"
+                ) from None
+            if bad := first_non_finite(self.model.named_parameters()):
+                raise Diverged(
+                    f"non-finite parameter {bad} after the update at step {self.step + 1} "
+                    f"(lr {lr:g})"
+                )
             self.scheduler.step()
         return loss_value, norm_value
 
@@ -286,30 +414,77 @@ class Trainer:
             "task": task_signature(self.task),
         }
 
+    def optimizer_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    yield f"optimizer {key} of {names.get(id(p), '?')}", value
+
     def save(self) -> Path:
         """Write the checkpoint of this step into its own folder, then point LATEST at it. A kill
-        at any moment leaves LATEST naming a complete checkpoint; older folders are removed."""
+        at any moment leaves LATEST naming a complete checkpoint; older folders are removed.
+        Raises Diverged, writing nothing, if a weight or optimizer state is not finite: every
+        checkpoint is a good one."""
+        bad = first_non_finite(
+            itertools.chain(self.model.named_parameters(), self.optimizer_tensors())
+        )
+        if bad:
+            raise Diverged(
+                f"{bad} is not finite at step {self.step}; the checkpoint is not written"
+            )
         out = Path(self.config.out_dir)
         folder = out / f"step-{self.step:08d}"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        save_checkpoint(self.model, folder / "model.safetensors")
-        state = self.trainer_state()
-        write_atomic(folder / "trainer.pt", lambda tmp: torch.save(state, tmp))
-        fsync_dir(folder)
-        pointer = json.dumps({"dir": folder.name, "step": self.step})
-        write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
-        fsync_dir(out)
+        partial = out / f".{folder.name}.partial"
+        for path in (partial, folder):
+            if path.exists():
+                shutil.rmtree(path)
+        try:
+            partial.mkdir(parents=True)
+            save_checkpoint(self.model, partial / MODEL)
+            state = self.trainer_state()
+            write_atomic(partial / TRAINER, lambda tmp: torch.save(state, tmp))
+            manifest = {
+                "step": self.step,
+                "files": {n: file_record(partial / n) for n in (MODEL, TRAINER)},
+            }
+            text = json.dumps(manifest)
+            write_atomic(partial / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+            fsync_dir(partial)
+            partial.rename(folder)
+            fsync_dir(out)
+            pointer = json.dumps({"dir": folder.name, "step": self.step})
+            write_atomic(out / LATEST, lambda tmp: Path(tmp).write_text(pointer))
+            fsync_dir(out)
+        except OSError as e:  # a full disk, a quota: the run cannot keep its work, so it stops
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(
+                f"{folder}: could not write the checkpoint of step {self.step} "
+                f"({e.strerror or e}); {out / LATEST} still names the last complete one"
+            ) from None
         for old in out.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
     def restore(self, folder: Path) -> None:
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        if (folder / MANIFEST).exists():
+            verify_checkpoint(folder)
+        else:
+            log.warning(
+                "%s has no %s (an older seqlab wrote it): its files are not verified",
+                folder,
+                MANIFEST,
+            )
+        path = folder / TRAINER
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file from outside: any failure to read it is its fault
+            raise CheckpointError(
+                f"{path}: unreadable trainer state ({type(e).__name__}: {e})"
+            ) from None
         self.check_resumable(state)
-        model = load_checkpoint(folder / "model.safetensors", config=self.model_config)
+        model = load_checkpoint(folder / MODEL, config=self.model_config)
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -340,6 +515,21 @@ class Trainer:
             )
 
     def run(self, resume: bool = True) -> TrainResult:
+        """Train from the latest checkpoint in `out_dir` (if `resume`) to the end; while it runs,
+        `out_dir` is locked against other runs, and temporary files left there by a killed write
+        are removed first."""
+        if self.config.out_dir is None:
+            return self.train_to_end(resume)
+        with exclusive_folder(self.config.out_dir) as out:
+            for folder in (out, *out.glob("step-*")):
+                for path in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by a killed write", path)
+            for partial in out.glob(".step-*.partial"):
+                shutil.rmtree(partial)
+                log.info("removed %s, a checkpoint whose writing was killed", partial)
+            return self.train_to_end(resume)
+
+    def train_to_end(self, resume: bool) -> TrainResult:
         c = self.config
         self.started = time.perf_counter()
         if resume and c.out_dir is not None and (folder := latest_checkpoint(c.out_dir)):
@@ -349,35 +539,47 @@ class Trainer:
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
         losses, norms = [], []
-        with progress_bar(c.progress and sys.stderr.isatty()) as progress:
-            bar = progress.add_task("train", total=c.steps, completed=self.step)
+        terminal = sys.stderr.isatty()
+        self.log_lines = c.progress and not terminal
+        self.start_step, label = self.step, self.model_config.pattern
+        held_out = f" · held-out {headline(self.history[-1]['metrics'])}" if self.history else ""
+        with progress_bar(c.progress and terminal) as progress:
+            bar = progress.add_task(label, total=c.steps, completed=self.step)
             batches = self.batches()
             while stop_reason == "steps" and self.step < c.steps:
                 inputs, targets = next(batches)
                 t0 = time.perf_counter()
-                loss, norm = self.train_step(inputs, targets)
+                try:
+                    loss, norm = self.train_step(inputs, targets)
+                except Diverged as e:
+                    stop_reason, message = "non_finite", self.stopped(f"{e}; stopped")
+                    break
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
                     value = loss if what == "loss" else norm
-                    kept = latest_checkpoint(c.out_dir) if c.out_dir is not None else None
                     stop_reason = "non_finite"
-                    message = (
+                    message = self.stopped(
                         f"non-finite {what} ({value}) at step {self.step + 1}; stopped before "
-                        f"updating. Last good checkpoint: {kept or 'none (no out_dir)'}"
+                        "updating"
                     )
-                    log.warning(message)
                     break
                 self.train_time_s += time.perf_counter() - t0
                 self.step += 1
                 self.tokens += inputs.numel()
                 losses.append(loss)
                 norms.append(norm)
-                progress.update(bar, advance=1, description=f"train loss {loss:.3f}")
+                progress.update(bar, advance=1, description=f"{label} loss {loss:.3f}{held_out}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     metrics = self.log_eval(losses, norms)
                     losses, norms = [], []
+                    held_out = f" · held-out {headline(metrics)}"
+                    progress.update(bar, description=f"{label} loss {loss:.3f}{held_out}")
                     if c.out_dir is not None:
-                        self.save()
+                        try:
+                            self.save()
+                        except Diverged as e:
+                            stop_reason, message = "non_finite", self.stopped(f"{e}; stopped")
+                            break
                     if self.reached_target(metrics):
                         stop_reason = "target_accuracy"
                         message = (
@@ -398,6 +600,13 @@ class Trainer:
             resumed_from=self.resumed_from,
         )
 
+    def stopped(self, why: str) -> str:
+        """`why`, naming the last good checkpoint, logged as a warning."""
+        kept = latest_checkpoint(self.config.out_dir) if self.config.out_dir is not None else None
+        message = f"{why}. Last good checkpoint: {kept or 'none (no out_dir)'}"
+        log.warning(message)
+        return message
+
     def log_eval(self, losses: list[float], norms: list[float]) -> dict[str, float]:
         metrics = self.evaluate()
         self.history.append(
@@ -409,7 +618,24 @@ class Trainer:
                 "metrics": metrics,
             }
         )
+        if self.log_lines:
+            self.print_log_line()
         return metrics
+
+    def print_log_line(self) -> None:
+        """One line for a log file: step, training loss, held-out metrics, elapsed time, ETA
+        (from this process's pace), flushed at once."""
+        record, c = self.history[-1], self.config
+        spent = time.perf_counter() - self.started
+        eta = spent / max(1, self.step - self.start_step) * (c.steps - self.step)
+        parts = [
+            f"[{self.model_config.pattern}] step {self.step}/{c.steps}",
+            f"loss {record['train_loss']:.4f}",
+            headline(record["metrics"]),
+            f"elapsed {duration(self.wall_time_s)}",
+            f"ETA {duration(eta)}",
+        ]
+        print(" · ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
     def reached_target(self, metrics: dict[str, float]) -> bool:
         target = self.config.target_accuracy

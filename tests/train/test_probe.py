@@ -74,3 +74,16 @@ def test_probe_command_reports_bad_input(tmp_path):
     args = ["probe", "--task", "nope", "--arch", "attn", "--steps", "2", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "unknown task 'nope'" in result.output
+
+
+def test_probe_without_a_terminal_prints_a_line_per_evaluation(capsys):
+    config = tiny_train(steps=4, eval_every=2, progress=True)
+    probe("mqar", ["attn", "gla"], task_options=TINY_MQAR, d_model=16, train_config=config)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" · ")[0] for line in lines] == [
+        "[attn] step 2/4",
+        "[attn] step 4/4",
+        "[gla] step 2/4",
+        "[gla] step 4/4",
+    ]
+    assert all("loss" in line and "all" in line and "ETA" in line for line in lines)

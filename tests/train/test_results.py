@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from typer.testing import CliRunner
 
 from seqlab.cli import app
 from seqlab.train.results import ResultsStore, flatten, parse_since, run_record
-from seqlab.train.trainer import train
+from seqlab.train.trainer import best_metrics, train
 from tests.train.conftest import tiny_model, tiny_task, tiny_train
+from tests.train.test_trainer import poison_loss
 
 
 def record(task="mqar", pattern="gdn", lr=1e-3, accuracy=0.5, **extra) -> dict:
@@ -187,3 +189,88 @@ def test_results_command_uses_the_environment_path(results_path):
     result = CliRunner().invoke(app, ["results"])
     assert result.exit_code == 0 and "1 runs in" in result.output
     assert Path(results_path).exists()
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as SQLite and every other JSON reader do."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def diverged(**extra) -> dict:
+    rec = record(accuracy=math.nan, **extra)
+    rec["metrics"]["stop_reason"] = "non_finite"
+    rec["metrics"]["best"] = {"all": math.inf}
+    rec["metrics"]["loss"] = {"last": math.inf, "curve": [(5, 2.0), (10, -math.inf)]}
+    return rec
+
+
+def test_a_diverged_run_does_not_poison_the_store(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    bad = store.add(diverged())
+    good = store.add(record(lr=3e-3))
+    # Every query still works: SQLite's json_extract reads the whole table.
+    assert [r["id"] for r in store.runs(where={"train.lr": 0.003})] == [good]
+    [stored] = store.runs(where={"train.lr": 0.001})
+    assert stored["id"] == bad
+    assert strict_json((tmp_path / "runs" / f"{bad}.json").read_text()) == stored
+    assert stored["metrics"]["final"]["all"] is None
+    assert stored["metrics"]["loss"]["curve"] == [[5, 2.0], [10, None]]
+    assert stored["non_finite"] == {
+        "metrics.final.all": "nan",
+        "metrics.final.num_kv_pairs=2,seq_len=64": "nan",
+        "metrics.best.all": "inf",
+        "metrics.loss.last": "inf",
+        "metrics.loss.curve.1.1": "-inf",
+    }
+    assert stored["status"] == "diverged"
+    assert [r["id"] for r in store.runs(where={"status": "diverged"})] == [bad]
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT COUNT(*) FROM runs WHERE json_valid(record)").fetchone() == (2,)
+    db.close()
+
+
+def test_an_old_database_with_nan_records_stays_queryable(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    a = store.add(record(lr=1e-3))
+    db = sqlite3.connect(store.path)
+    with db:  # a record as older versions wrote it: NaN and Infinity, not JSON
+        old = {"id": "old", "created": datetime.now(UTC).isoformat(), **diverged()}
+        row = ("old", old["created"], "mqar", "gdn", "non_finite", None, None, 1, 1, 1.0)
+        row += (json.dumps(old),)
+        db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    db.close()
+    c = store.add(record(lr=3e-3))
+    assert [r["id"] for r in store.runs(where={"train.lr": 0.001})] == [a, "old"]
+    assert [r["id"] for r in store.runs(where={"train.lr": 0.003})] == [c]
+    assert [r["id"] for r in store.runs(where={"metrics.final.all": None})] == ["old"]
+    assert [r["id"] for r in store.runs(where={"train.lr": 0.001}, limit=1)] == ["old"]
+    [old] = store.runs(where={"metrics.stop_reason": "non_finite"})
+    assert old["metrics"]["best"]["all"] is None and old["non_finite"]["metrics.best.all"] == "inf"
+    args = ["results", "--db", str(store.path), "--where", "train.lr=0.001"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "2 runs in" in result.output, result.output
+
+
+def test_best_metrics_are_never_infinite():
+    history = [
+        {"metrics": {"all": math.nan, "bits_per_byte": math.nan}},
+        {"metrics": {"all": 0.25, "bits_per_byte": math.inf}},
+    ]
+    assert best_metrics(history) == {"all": 0.25}
+    assert best_metrics(history[:1]) == {}
+
+
+def test_a_diverged_run_is_recorded_as_diverged(tmp_path, monkeypatch):
+    task, model, config = tiny_task(), tiny_model(), tiny_train(steps=10, eval_every=5)
+    ok = run_record("mqar", task, model, config, train(model, task, config))
+    poison_loss(monkeypatch, at_call=7, where="loss")
+    result = train(model, task, config)
+    rec = run_record("mqar", task, model, config, result)
+    assert (ok["status"], rec["status"]) == ("completed", "diverged")
+    store = ResultsStore(tmp_path / "r.db")
+    run_id = store.add(rec)
+    assert store.runs(where={"status": "diverged"})[0]["id"] == run_id

@@ -1,14 +1,28 @@
+import errno
+import io
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from seqlab.model.checkpoint import load_checkpoint
+from seqlab.cli import app
+from seqlab.model.checkpoint import CheckpointError, load_checkpoint
 from seqlab.tasks import build_task
 from seqlab.train import trainer as trainer_module
-from seqlab.train.trainer import TrainConfig, Trainer, WarmupCosine, latest_checkpoint, train
-from tests.train.conftest import tiny_model, tiny_task, tiny_train
+from seqlab.train.trainer import (
+    Diverged,
+    TrainConfig,
+    Trainer,
+    WarmupCosine,
+    latest_checkpoint,
+    train,
+)
+from tests.train.conftest import TINY_MQAR_ARGS, tiny_model, tiny_task, tiny_train
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -112,7 +126,12 @@ def test_rejects_autoencode_tasks_and_small_vocabularies():
 
 def test_checkpoints_every_evaluation_keep_only_the_latest(tmp_path):
     result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000030"]
+    assert sorted(p.name for p in (tmp_path / "step-00000030").iterdir()) == [
+        "checkpoint.json",
+        "model.safetensors",
+        "trainer.pt",
+    ]
     assert json.loads((tmp_path / "latest.json").read_text()) == {
         "dir": "step-00000030",
         "step": 30,
@@ -220,3 +239,228 @@ def test_moe_aux_loss_is_trained_on():
     assert out.aux_loss > 0
     loss, _ = trainer.train_step(inputs, targets)
     assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"lr": math.inf},
+        {"lr": math.nan},
+        {"weight_decay": math.inf},
+        {"betas": (math.nan, 0.95)},
+        {"grad_clip": math.inf},
+        {"min_lr_ratio": math.nan},
+        {"target_accuracy": math.nan},
+    ],
+)
+def test_non_finite_hyperparameters_are_refused(option):
+    [name] = option
+    with pytest.raises(ValueError, match=rf"TrainConfig: {name}.*finite"):
+        TrainConfig.make(**option)
+
+
+def test_train_command_refuses_an_infinite_lr(tmp_path):
+    task_options = [arg for option in TINY_MQAR_ARGS for arg in ("--task-option", option)]
+    args = ["train", "--task", "mqar", *task_options, "--lr", "inf", "--no-record"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "lr" in result.output and "finite" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_overflow_in_the_optimizer_is_a_clear_stop(tmp_path):
+    # An lr this large is finite as a Python float but overflows float32 inside AdamW's update.
+    config = tiny_train(lr=1e39, warmup_steps=0, out_dir=str(tmp_path))
+    result = train(tiny_model(), tiny_task(), config)
+    assert result.stop_reason == "non_finite"
+    assert "overflow in the optimizer update at step 1" in result.message
+    assert "lr 1e+39" in result.message and "none" in result.message
+    assert latest_checkpoint(tmp_path) is None
+
+
+def poison_update(monkeypatch, at_update: int) -> None:
+    """Make optimizer update number `at_update` (1-based) leave an Inf in the embedding."""
+    calls = 0
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        out = step(self, *args, **kwargs)
+        if calls == at_update:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+
+
+def test_a_non_finite_parameter_after_an_update_stops_the_run(tmp_path, monkeypatch):
+    poison_update(monkeypatch, at_update=13)
+    result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    assert result.stop_reason == "non_finite"
+    assert "non-finite parameter embed.weight after the update at step 13" in result.message
+    assert "step-00000010" in result.message
+    assert result.step == 12
+    folder = latest_checkpoint(tmp_path)
+    assert folder.name == "step-00000010"
+    saved = load_checkpoint(folder / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_written(tmp_path):
+    trainer = Trainer(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
+    with torch.no_grad():
+        trainer.model.embed.weight[1, 2] = math.nan
+    with pytest.raises(Diverged, match=r"embed\.weight.*not finite.*not written"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path) is None
+    assert not list(tmp_path.glob("step-*"))
+
+
+def checkpointed_run(out, steps=10):
+    return train(tiny_model(), tiny_task(), tiny_train(steps=steps, out_dir=str(out)))
+
+
+def interrupted_run(out, monkeypatch) -> None:
+    """A 30-step run that crashed after its checkpoint at step 20."""
+    crash_at(monkeypatch, 25)
+    with pytest.raises(Crash):
+        checkpointed_run(out, steps=30)
+    monkeypatch.undo()
+
+
+def test_a_damaged_trainer_state_is_refused_naming_the_file(tmp_path):
+    checkpointed_run(tmp_path)
+    path = tmp_path / "step-00000010" / "trainer.pt"
+    good = path.read_bytes()
+    # Flip one byte inside an optimizer moment: torch.load alone would read the changed number.
+    state = torch.load(path, weights_only=True)
+    moment = state["optimizer"]["state"][0]["exp_avg"].numpy().tobytes()
+    at = good.index(moment) + len(moment) // 2
+    cases = {
+        "digest": good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1 :],
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+    }
+    for problem, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{path}.*{problem}"):
+            checkpointed_run(tmp_path)
+        assert path.exists()
+    path.write_bytes(good)
+    weights_path = tmp_path / "step-00000010" / "model.safetensors"
+    weights_bytes = weights_path.read_bytes()
+    weights_path.write_bytes(weights_bytes[:-7])
+    with pytest.raises(CheckpointError, match=rf"{weights_path}: truncated"):
+        checkpointed_run(tmp_path)
+    weights_path.write_bytes(weights_bytes)
+    assert checkpointed_run(tmp_path).resumed_from == 10
+
+
+def test_a_lost_latest_json_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    interrupted_run(tmp_path, monkeypatch)
+    (tmp_path / "latest.json").unlink()
+    partial = tmp_path / ".step-00000030.partial"  # a checkpoint whose writing was killed
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+    result = checkpointed_run(tmp_path, steps=30)
+    assert result.resumed_from == 20 and result.step == 30
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("pointer", ["{not json", '{"dir": "../elsewhere", "step": 10}'])
+def test_a_damaged_latest_json_never_restarts_from_zero(tmp_path, monkeypatch, pointer):
+    out = tmp_path / "run"
+    checkpointed_run(tmp_path / "elsewhere")
+    interrupted_run(out, monkeypatch)
+    (out / "latest.json").write_text(pointer)
+    assert checkpointed_run(out, steps=30).resumed_from == 20  # never the folder outside
+
+    for folder in out.glob("step-*"):
+        (folder / "checkpoint.json").unlink()  # as a folder an older seqlab wrote: unverifiable
+    (out / "latest.json").write_text(pointer)
+    with pytest.raises(CheckpointError, match=rf"{out}.*latest\.json.*step-00000030"):
+        checkpointed_run(out, steps=30)
+    assert (out / "step-00000030" / "trainer.pt").exists()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(ValueError, match=rf"{tmp_path} is in use.*pid {holder.pid}"):
+            checkpointed_run(tmp_path)
+        assert not list(tmp_path.glob("step-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    checkpointed_run(tmp_path)  # the lock went with its holder
+
+
+def test_stale_temporary_files_are_removed_on_start(tmp_path):
+    checkpointed_run(tmp_path)
+    stale = [tmp_path / ".latest.json.x1.tmp", tmp_path / "step-00000010" / ".trainer.pt.x2.tmp"]
+    for path in stale:
+        path.write_bytes(b"left by a killed write")
+    checkpointed_run(tmp_path)
+    assert not any(path.exists() for path in stale)
+
+
+LOG_LINE = (
+    r"\[gla\] step {step}/30 · loss \d+\.\d+ · all \d+\.\d% · elapsed [\dms.]+ · ETA [\dms.]+"
+)
+
+
+def test_without_a_terminal_every_evaluation_prints_a_log_line(capsys):
+    train(tiny_model(), tiny_task(), tiny_train(progress=True))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    for line, step in zip(lines, (10, 20, 30), strict=True):
+        assert re.fullmatch(LOG_LINE.format(step=step), line), line
+    assert lines[-1].endswith("ETA 0.0s")
+    train(tiny_model(), tiny_task(), tiny_train(progress=False))
+    assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_bar_shows_the_held_out_metric(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "200")
+    result = train(tiny_model(), tiny_task(), tiny_train(progress=True, eval_every=5))
+    shown = terminal.getvalue()
+    assert "step 10/30" not in shown  # the bar, not log lines
+    # Frames are drawn a few times a second; the last, drawn as the bar closes, shows the last.
+    assert f"held-out all {100 * result.final['all']:.1f}%" in shown, shown
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step-00000020.*No space left on device"):
+        checkpointed_run(tmp_path, steps=30)
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000010"]
