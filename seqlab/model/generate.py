@@ -21,8 +21,8 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab]. temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+        raise ValueError(f"temperature must be finite and ≥ 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be ≥ 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -54,6 +54,11 @@ def generate(
     seed: int | None = None,
 ) -> torch.Tensor:
     """prompt [B, T] → [B, T + max_new_tokens]; seeded sampling is reproducible."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    sample(prompt.new_zeros(1, 1, dtype=torch.float), temperature, top_k, top_p)  # checks only
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [B, T] with T ≥ 1, got shape {tuple(prompt.shape)}")
     generator = None
