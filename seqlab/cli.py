@@ -231,6 +231,7 @@ def bench(
         lens = parse_seq_lens(seq_lens)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--seq-lens") from None
+    _device(device, auto=False)
     if preset not in PRESETS:
         raise typer.BadParameter(
             f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param_hint="--preset"
@@ -263,6 +264,7 @@ def bench(
         raise typer.BadParameter(str(e)) from None
     from seqlab.profile.report import rich_tables, write_results  # loads matplotlib
 
+    _out_dir(out)
     command = command_line(config, out)
     result = run_bench(
         config,
@@ -275,6 +277,34 @@ def bench(
         console.print(f"stopped early: {escape(result['stopped'])}", style="yellow")
     for path in write_results(result, out, command):
         console.print(f"wrote {path}")
+
+
+def _device(name: str, auto: bool = True) -> None:
+    from seqlab.config import parse_device
+
+    try:
+        parse_device(name, auto=auto)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device") from None
+
+
+def _out_dir(path: Path) -> None:
+    from seqlab.files import writable_dir
+
+    try:
+        writable_dir(path)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from None
+
+
+def _store(path: Path | None, flag: str, read_only: bool = False):
+    """The results store, opened and checked now, before any work."""
+    from seqlab.train.results import ResultsError, ResultsStore
+
+    try:
+        return ResultsStore(path, read_only=read_only)
+    except ResultsError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
 def _print_table(table) -> None:
@@ -332,9 +362,14 @@ def train(
     from seqlab.model.lm import ModelConfig
     from seqlab.tasks import build_task
     from seqlab.train.report import train_table
-    from seqlab.train.results import ResultsStore, run_record
+    from seqlab.train.results import run_record
     from seqlab.train.trainer import TrainConfig, Trainer
 
+    # everything the run will need, checked before it starts
+    _device(device)
+    if out is not None:
+        _out_dir(out)
+    store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -368,8 +403,7 @@ def train(
     _print_table(train_table(result, f"{task} · {arch} · step {result.step}"))
     style = "red" if result.stop_reason == "non_finite" else "green"
     console.print(f"[{style}]{escape(result.message)}[/{style}]")
-    if record:
-        store = ResultsStore(results)
+    if store is not None:
         record_ = run_record(task, the_task, model_config, config, result, preset or None)
         console.print(f"recorded run {store.add(record_)} in {store.path}")
     if result.stop_reason == "non_finite":
@@ -399,9 +433,8 @@ def results(
 ) -> None:
     """List recorded runs as a table, filtered; optionally export them as CSV."""
     from seqlab.train.report import results_table
-    from seqlab.train.results import ResultsStore
 
-    store = ResultsStore(db)
+    store = _store(db, "--db", read_only=True)
     try:
         runs = store.runs(task, arch, since, _options(where, "--where"), limit)
     except ValueError as e:
@@ -453,9 +486,11 @@ def probe(
     from seqlab.train.probe import plot_probe
     from seqlab.train.probe import probe as run_probe
     from seqlab.train.report import probe_table, write_probe_csv
-    from seqlab.train.results import ResultsStore
     from seqlab.train.trainer import TrainConfig
 
+    _device(device)
+    _out_dir(out)
+    store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
     archs = arch or ["attn", "gdn", "gdn*3,attn"]
@@ -480,7 +515,7 @@ def probe(
             n_layers=n_layers,
             channel=channel or None,
             train_config=config,
-            store=ResultsStore(results) if record else None,
+            store=store,
             on_result=lambda row: console.print(
                 f"{escape(row.arch)}: accuracy {100 * row.accuracy:.1f}% "
                 f"after {row.result.step} steps, {row.result.wall_time_s:.1f} s"

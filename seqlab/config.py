@@ -11,7 +11,28 @@ import types
 import typing
 from typing import Any, Self
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+def parse_device(name: str, auto: bool = False) -> torch.device:
+    """A device that exists here: cpu, cuda or cuda:N (N below the CUDA device count), or, with
+    `auto`, "auto" (cuda if available, else cpu); anything else is a ValueError naming it."""
+    if auto and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        valid = "auto, cpu, cuda or cuda:N" if auto else "cpu, cuda or cuda:N"
+        raise ValueError(f"bad device {name!r}; use {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is visible to torch here")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from seqlab.config import Config
+from seqlab.config import Config, parse_device
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.profile.cost import memory_bytes, meta_model, model_cost
 from seqlab.profile.measure import is_out_of_memory, memory_method, peak_memory, time_call
@@ -89,21 +89,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"bad device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: no CUDA device is visible to torch here")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 class BenchConfig(Config):
