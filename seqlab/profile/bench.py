@@ -432,10 +432,10 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
     for T in config.seq_lens:
         flops = spec.flops(T).total
         point: dict[str, Any] = {"seq_len": T, "flops": flops}
-        memory = spec.memory_bytes(T, B, dtype.itemsize)
+        memory = {impl: spec.memory_bytes(T, B, dtype.itemsize, impl) for impl in impls}
         point["predicted_peak_bytes"] = memory
         keys = [(spec, impl_name, name) for impl_name in impls for name in OP_PASSES]
-        skips = {key: budget.check_memory(key, T, memory[key[2]]) for key in keys}
+        skips = {key: budget.check_memory(key, T, memory[key[1]][key[2]]) for key in keys}
         if all(skips.values()):  # none fits: make no inputs
             for spec_, impl_name, name in keys:
                 point.setdefault(impl_name, {})[name] = {"skipped": skips[spec_, impl_name, name]}
@@ -462,7 +462,7 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
                     config.warmup,
                     config.repeats,
                     peer=impl_name != "seqlab",
-                    predicted_bytes=memory[name],
+                    predicted_bytes=memory[impl_name][name],
                 )
                 log(f"{spec.name} T={T} {impl_name} {name}: {_brief(point[impl_name][name])}")
         point["ratios"] = {

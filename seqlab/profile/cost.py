@@ -291,7 +291,7 @@ def _core_bytes(mixer: TokenMixer, T: int, grad: bool) -> int:
     if isinstance(mixer, Attention):
         if mixer.config.window is None:
             return 0  # causal SDPA: a fused kernel, no T × T tensor
-        return T * T * (1 + 3 * mixer.num_heads)  # the bool mask, the scores (measured)
+        return T * T * (1 + 2 * mixer.num_heads)  # the bool mask, the scores (measured)
     H, C = mixer.num_heads, mixer.config.chunk_size
     per_token = 6 * H * C * 4  # A, decays, the solve's blocks, their float32 copies
     if isinstance(mixer, GLA):
