@@ -50,3 +50,12 @@ def test_the_values_users_give_still_work():
     assert task.config.train_mix == ((64, 4, 10),)
     restored = ModelConfig.model_validate(ModelConfig(vocab_size=8).model_dump(mode="json"))
     assert restored == ModelConfig(vocab_size=8)
+
+
+def test_command_line_options_give_typed_values():
+    from seqlab.train.report import parse_options
+
+    options = parse_options(["random_non_queries=false", "seq_len=64", "a=true", "b=null", "c=x"])
+    assert options == {"random_non_queries": False, "seq_len": 64, "a": True, "b": None, "c": "x"}
+    task = build_task("mqar", **parse_options(["random_non_queries=false"]))
+    assert task.config.random_non_queries is False
