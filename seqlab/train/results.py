@@ -234,7 +234,9 @@ class ResultsStore:
         self._check_header()
         if read_only:
             if not self.path.is_file():
-                raise ResultsError(f"no results database at {str(self.path)!r}")
+                raise ResultsError(
+                    f"no results database at {str(self.path)!r}: no run has been recorded there"
+                )
             self._check(lambda db: db.execute("SELECT COUNT(*) FROM runs").fetchone())
             return
         try:
