@@ -85,17 +85,55 @@ def ops() -> None:
     console.print(table)
 
 
+def _check_bytes(B: int, T: int, H: int, K: int, V: int, C: int) -> dict[str, int]:
+    """Predicted peak bytes (float64) of `check`'s inputs and of each form it runs, the widest
+    case of each (per-channel gates): the parallel form and naive attention hold T × T blocks
+    ([T, T, K] for per-channel gates), the chunk form [C, C] ones, the recurrent form O(T)."""
+    e, rows = 8, B * H
+    inputs = B * T * H * (5 * K + 2 * V + 3) * e + rows * K * V * e
+    copies = 3 * B * T * H * (2 * K + V) * e  # casts, chunked copies, outputs
+    return {
+        "inputs": inputs,
+        "recurrent": inputs + copies,
+        "chunk": inputs + copies + rows * T * (6 * min(C, T) + 2 * 16 * K) * e,
+        "parallel": inputs + copies + rows * T * T * (8 + 3 * K) * e,  # measured: T = 1024
+        "attention": inputs + copies + 3 * rows * T * T * e,
+    }
+
+
 @app.command()
 def check(
     seq_len: int = typer.Option(300, help="sequence length T"),
     chunk_size: int = typer.Option(64, help="chunk size C of the chunk form"),
     seed: int = typer.Option(0, help="random seed"),
+    max_memory_gb: float | None = typer.Option(
+        None, help="skip a form predicted to need more (default: 60 % of the free memory)"
+    ),
 ) -> None:
     """Run every form in float64 on random inputs and print its largest gap to the reference."""
+    from seqlab.profile.bench import memory_limit
+
     if seq_len < 1 or chunk_size < 1:
         raise typer.BadParameter("seq-len and chunk-size must be positive")
-    gen = torch.Generator().manual_seed(seed)
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise typer.BadParameter("must be positive", param_hint="--max-memory-gb")
     B, T, H, K, V = 2, seq_len, 2, 16, 24
+    limit = memory_limit(max_memory_gb, torch.device("cpu"))
+    need = _check_bytes(B, T, H, K, V, chunk_size)
+
+    def too_big(what: str) -> str | None:
+        if limit is None or need[what] <= limit:
+            return None
+        return f"skipped: predicted {need[what] / 2**30:.1f} GiB > max {limit / 2**30:.1f} GiB"
+
+    if too_big("recurrent"):
+        raise typer.BadParameter(
+            f"{seq_len} is too long: the inputs and the reference form alone are predicted to "
+            f"need {need['recurrent'] / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB allowed (--max-memory-gb)",
+            param_hint="--seq-len",
+        )
+    gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -122,6 +160,9 @@ def check(
     for name, (op, inputs) in cases.items():
         ref_o, ref_s = op(**inputs, initial_state=S0, output_final_state=True, form="recurrent")
         for form in ("chunk", "parallel"):
+            if reason := too_big(form):
+                table.add_row(name, form, reason, "–")
+                continue
             extra = {"chunk_size": chunk_size} if form == "chunk" else {}
             o, s = op(**inputs, initial_state=S0, output_final_state=True, form=form, **extra)
             table.add_row(
@@ -130,8 +171,11 @@ def check(
                 f"{(o - ref_o).abs().max().item():.2e}",
                 f"{(s - ref_s).abs().max().item():.2e}",
             )
-    gap = (attention(q, k, v)[0] - naive_attention(q, k, v)).abs().max().item()
-    table.add_row("attention", "sdpa vs naive", f"{gap:.2e}", "–")
+    if reason := too_big("attention"):
+        table.add_row("attention", "sdpa vs naive", reason, "–")
+    else:
+        gap = (attention(q, k, v)[0] - naive_attention(q, k, v)).abs().max().item()
+        table.add_row("attention", "sdpa vs naive", f"{gap:.2e}", "–")
     console.print(table)
 
 
@@ -187,6 +231,7 @@ def bench(
         lens = parse_seq_lens(seq_lens)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--seq-lens") from None
+    _device(device, auto=False)
     if preset not in PRESETS:
         raise typer.BadParameter(
             f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param_hint="--preset"
@@ -219,6 +264,7 @@ def bench(
         raise typer.BadParameter(str(e)) from None
     from seqlab.profile.report import rich_tables, write_results  # loads matplotlib
 
+    _out_dir(out)
     command = command_line(config, out)
     result = run_bench(
         config,
@@ -231,6 +277,34 @@ def bench(
         console.print(f"stopped early: {escape(result['stopped'])}", style="yellow")
     for path in write_results(result, out, command):
         console.print(f"wrote {path}")
+
+
+def _device(name: str, auto: bool = True) -> None:
+    from seqlab.config import parse_device
+
+    try:
+        parse_device(name, auto=auto)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device") from None
+
+
+def _out_dir(path: Path) -> None:
+    from seqlab.files import writable_dir
+
+    try:
+        writable_dir(path)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from None
+
+
+def _store(path: Path | None, flag: str, read_only: bool = False):
+    """The results store, opened and checked now, before any work."""
+    from seqlab.train.results import ResultsError, ResultsStore
+
+    try:
+        return ResultsStore(path, read_only=read_only)
+    except ResultsError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
 def _print_table(table) -> None:
@@ -288,9 +362,14 @@ def train(
     from seqlab.model.lm import ModelConfig
     from seqlab.tasks import build_task
     from seqlab.train.report import train_table
-    from seqlab.train.results import ResultsStore, run_record
+    from seqlab.train.results import run_record
     from seqlab.train.trainer import TrainConfig, Trainer
 
+    # everything the run will need, checked before it starts
+    _device(device)
+    if out is not None:
+        _out_dir(out)
+    store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -324,8 +403,7 @@ def train(
     _print_table(train_table(result, f"{task} · {arch} · step {result.step}"))
     style = "red" if result.stop_reason == "non_finite" else "green"
     console.print(f"[{style}]{escape(result.message)}[/{style}]")
-    if record:
-        store = ResultsStore(results)
+    if store is not None:
         record_ = run_record(task, the_task, model_config, config, result, preset or None)
         console.print(f"recorded run {store.add(record_)} in {store.path}")
     if result.stop_reason == "non_finite":
@@ -355,9 +433,8 @@ def results(
 ) -> None:
     """List recorded runs as a table, filtered; optionally export them as CSV."""
     from seqlab.train.report import results_table
-    from seqlab.train.results import ResultsStore
 
-    store = ResultsStore(db)
+    store = _store(db, "--db", read_only=True)
     try:
         runs = store.runs(task, arch, since, _options(where, "--where"), limit)
     except ValueError as e:
@@ -409,9 +486,11 @@ def probe(
     from seqlab.train.probe import plot_probe
     from seqlab.train.probe import probe as run_probe
     from seqlab.train.report import probe_table, write_probe_csv
-    from seqlab.train.results import ResultsStore
     from seqlab.train.trainer import TrainConfig
 
+    _device(device)
+    _out_dir(out)
+    store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
     archs = arch or ["attn", "gdn", "gdn*3,attn"]
@@ -436,7 +515,7 @@ def probe(
             n_layers=n_layers,
             channel=channel or None,
             train_config=config,
-            store=ResultsStore(results) if record else None,
+            store=store,
             on_result=lambda row: console.print(
                 f"{escape(row.arch)}: accuracy {100 * row.accuracy:.1f}% "
                 f"after {row.result.step} steps, {row.result.wall_time_s:.1f} s"

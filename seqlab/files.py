@@ -31,6 +31,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     return path
 
 
+def writable_dir(path: str | os.PathLike) -> Path:
+    """`path` as a folder this process can write, made (with its parents) if missing; a
+    ValueError saying why not otherwise. Checked by writing a file, not by permission bits."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except FileExistsError:
+        raise ValueError(f"{str(path)!r} is a file, not a folder") from None
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} is not a writable folder: {e.strerror or e}") from None
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 

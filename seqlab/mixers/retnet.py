@@ -90,6 +90,6 @@ class RetNet(RecurrentMixer):
             form=self.form(T),
             chunk_size=self.config.chunk_size,
         )
-        o = self.group_norm(rearrange(o, "b t h d -> (b t) (h d)"))
-        o = F.silu(self.g_proj(x)) * rearrange(o, "(b t) c -> b t c", b=B)
+        o = self.group_norm(o.flatten(0, 1).flatten(1))  # [B·T, H·V]: per-head GroupNorm
+        o = F.silu(self.g_proj(x)) * o.unflatten(0, (B, T))
         return self.o_proj(o), new_state

@@ -13,6 +13,15 @@ import torch
 from seqlab.model.lm import CausalLM
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+        raise ValueError(f"temperature must be finite and ≥ 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -21,12 +30,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab]. temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -54,6 +58,11 @@ def generate(
     seed: int | None = None,
 ) -> torch.Tensor:
     """prompt [B, T] → [B, T + max_new_tokens]; seeded sampling is reproducible."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [B, T] with T ≥ 1, got shape {tuple(prompt.shape)}")
     generator = None

@@ -6,6 +6,7 @@ Checks live here, at the boundary of the public ops; the cores they call trust t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,7 +57,7 @@ def check_qkv(
     Hk = k.shape[2] if kv_heads_may_differ else H
     check_shape("k", k, "BTHK", (B, T, Hk, K))
     check_shape("v", v, "BTHV", (B, T, Hk, None))
-    if kv_heads_may_differ and H % Hk != 0:
+    if kv_heads_may_differ and (H % Hk if Hk else H) != 0:
         raise ValueError(f"q has {H} heads, which is not a multiple of k/v's {Hk} heads")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -64,14 +65,21 @@ def check_qkv(
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if T == 0:
         raise ValueError("the sequence is empty: q has T = 0 time steps")
+    if K == 0:
+        raise ValueError(
+            f"q and k have K = 0 channels (shape {_shape(q)}): a key needs at least one channel"
+        )
     return B, T, H, K, v.shape[-1]
 
 
 def check_scale(scale: float | None, K: int) -> float:
+    """K^-1/2 by default; any finite number, 0 and negative ones included."""
     if scale is None:
         return K**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
 
 
@@ -100,6 +108,21 @@ def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor, values: bool = T
             f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "
             f"in (0, 1]); got min {g.min().item():.4g}, max {g.max().item():.4g}"
         )
+
+
+def floor_log_gate(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """g with every value below where exp underflows to 0 in `dtype` (the dtype the exp is taken
+    in) raised to just under that point.
+
+    exp of both is exactly 0, so no form's result changes, but the chunk forms' cumulative sums
+    of a gate stay far from overflow: a finite gate such as −1e30 (or −1e38 in float32) would
+    otherwise sum to −inf, and −inf − (−inf) is NaN, and huge sums would swamp the mild decays
+    between them.
+    """
+    if g is None:
+        return None
+    info = torch.finfo(dtype)
+    return g.clamp(min=math.log(info.smallest_normal * info.eps) - 8.0)
 
 
 def check_cu_seqlens(cu_seqlens: object, B: int, T: int) -> torch.Tensor:
@@ -210,6 +233,10 @@ def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int, 
     per row (per-channel gates form [c, c, K] blocks: weight 4 measured best at T = 8192).
     """
     B, T, H = xs[0].shape[:3]
+    if B * H == 0 or xs[2].shape[-1] == 0:  # nothing to compute (the cores need rows and V)
+        K, V = xs[0].shape[-1], xs[2].shape[-1]
+        S = xs[0].new_zeros(B, H, K, V) if S0 is None else S0
+        return xs[0].new_zeros(B, T, H, V), S
     L = chunk_size * max(1, SLICE_ROWS // (weight * B * H * chunk_size))
     if torch.is_grad_enabled() or T <= L:
         o, S = core(*xs, S0, scale, chunk_size)

@@ -192,6 +192,8 @@ def attention(
     The new tokens follow the `initial_state` cache of length Tc (positions Tc .. Tc + T - 1).
     Query head h reads key/value head h // (H // Hkv). With `output_final_state` the cache of
     cache ++ new tokens is returned, trimmed to the last `window - 1` tokens when windowed.
+    `scale` (default K^-1/2) may be any finite number: 0 weighs the visible keys equally, a
+    negative one favours the least similar.
     """
     scale, window, cu = _check_args(
         q, k, v, scale, window, initial_state, output_final_state, cu_seqlens
@@ -211,6 +213,8 @@ def attention(
         v_all = torch.cat([initial_state.v, v], dim=1)
     Tc = k_all.shape[1] - T
 
+    if scale <= 0:  # SDPA multiplies q and k by √scale each: 0 and negative scales go on q
+        q, scale = q * scale, 1.0
     plain_causal = Tc == 0 and window is None and cu is None
     mask = None if plain_causal else _visible(T, Tc, window, cu, q.device)
     # enable_gqa is only passed when needed: it exists from torch 2.5 on

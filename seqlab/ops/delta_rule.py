@@ -24,6 +24,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    floor_log_gate,
     run_packed,
     run_sliced,
     to_chunks,
@@ -60,6 +61,7 @@ def _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigva
     scale, cu = _check(*args)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g, initial_state)]
+    cast[4] = floor_log_gate(cast[4], dt)
     return cast, scale, cu
 
 
@@ -262,6 +264,7 @@ def delta_rule(
 
         args = (q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval)
         scale, cu = _check(*args, check_values)
+        g = floor_log_gate(g, torch.float32)  # the kernels take exps in float32
         args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu)
         return api.delta_rule(*args, form, chunk_size)
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -26,6 +26,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    floor_log_gate,
     run_packed,
     run_sliced,
     to_chunks,
@@ -61,6 +62,7 @@ def _prepare(q, k, v, g, scale, initial_state, cu_seqlens, check_values):
     scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values)
     dt = compute_dtype(q.dtype)
     cast = [None if x is None else x.to(dt) for x in (q, k, v, g, initial_state)]
+    cast[3] = floor_log_gate(cast[3], dt)
     return cast, scale, cu
 
 
@@ -272,6 +274,7 @@ def gated_linear(
         from seqlab.ops.triton import api
 
         scale, cu = _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values)
+        g = floor_log_gate(g, torch.float32)  # the kernels take exps in float32
         args = (q, k, v, g, scale, initial_state, output_final_state, cu)
         return api.gated_linear(*args, form, chunk_size)
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -14,12 +14,15 @@ shapes, against peers timed in the same run (seqlab.profile.peers).
 
 A measurement is skipped, with the reason recorded, when the wall time of its calls — predicted
 from the previous length by the ratio of analytic FLOPs — exceeds `max_seconds`, when its peak
-memory, extrapolated linearly in T, exceeds `max_memory_gb`, or when it runs out of memory;
-the longer lengths of that measurement are then skipped too. With `time_limit` the whole run
-starts no measurement past that many seconds (nor one predicted to end past it), so a run under
-a wall-clock limit ends with results. `progress(result)` is called after every measured length,
-with `result["complete"]` False until the run ends: the CLI rewrites its files then, so a run
-that is killed keeps what it had measured.
+memory exceeds `max_memory_gb` (default: 60 % of the memory available when the run starts) —
+predicted analytically (seqlab.profile.cost.memory_bytes, OpSpec.memory_bytes) for every length,
+the first included, and extrapolated linearly in T from the previous length's measured peak —
+or when it runs out of memory; the longer lengths of that measurement are then skipped too.
+A length whose every measurement is skipped makes no inputs, so nothing large is allocated.
+With `time_limit` the whole run starts no measurement past that many seconds (nor one predicted
+to end past it), so a run under a wall-clock limit ends with results. `progress(result)` is
+called after every measured length, with `result["complete"]` False until the run ends: the CLI
+rewrites its files then, so a run that is killed keeps what it had measured.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from seqlab.config import Config
+from seqlab.config import Config, parse_device
 from seqlab.model.lm import CausalLM, ModelConfig
-from seqlab.profile.cost import meta_model, model_cost
+from seqlab.profile.cost import memory_bytes, meta_model, model_cost
 from seqlab.profile.measure import is_out_of_memory, memory_method, peak_memory, time_call
 from seqlab.profile.peers import (
     OpSpec,
@@ -86,21 +89,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"bad device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: no CUDA device is visible to torch here")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 class BenchConfig(Config):
@@ -221,13 +209,33 @@ class _Budget:
         _, work0, s0, _ = self.last[key]
         return s0 * work / work0
 
-    def check(self, key: Any, T: int, work: float, calls: int, extra_s: float) -> str | None:
+    def check_memory(self, key: Any, T: int, predicted: int | None) -> str | None:
+        """Skip (and remember) a measurement whose analytic peak memory is over the limit; works
+        for the first length too, where there is no measurement to extrapolate from."""
+        if key in self.skipped:
+            return self.skipped[key]
+        if predicted is None or self.max_bytes is None or predicted <= self.max_bytes:
+            return None
+        gb, limit = predicted / 2**30, self.max_bytes / 2**30
+        return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
+
+    def check(
+        self,
+        key: Any,
+        T: int,
+        work: float,
+        calls: int,
+        extra_s: float,
+        predicted_bytes: int | None = None,
+    ) -> str | None:
         if key in self.skipped:
             return self.skipped[key]
         left = None if self.deadline is None else self.deadline - self.clock()
         if left is not None and left <= 0:
             self.stopped = self.stopped or f"the run's time limit ({self.time_limit:g} s) passed"
             return self.stopped
+        if reason := self.check_memory(key, T, predicted_bytes):
+            return reason
         if key not in self.last:
             return None
         T0, _, _, bytes0 = self.last[key]
@@ -268,11 +276,12 @@ def _measure(
     repeats: int,
     extra_s: float = 0.0,
     peer: bool = False,
+    predicted_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Time and measure the call `make_fn` sets up, unless the budget says skip. A peer's
     failure is recorded, not raised: another library's kernel may reject a shape."""
     calls = 2 + warmup + repeats  # first call, warm-up, samples, the memory call
-    reason = budget.check(key, T, work, calls, extra_s)
+    reason = budget.check(key, T, work, calls, extra_s, predicted_bytes)
     if reason is not None:
         return {"skipped": reason}
     try:
@@ -339,6 +348,17 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
     entry.update(arch=arch, layers=layers, params=model.num_params(), points=[], fits={})
     for T in config.seq_lens:
         cost = model_cost(model, T)
+        memory = memory_bytes(model, T, B)
+        point: dict[str, Any] = {"seq_len": T, "analytic": cost.to_dict()}
+        point["predicted_peak_bytes"] = memory
+        skips = {name: budget.check_memory((arch, name), T, memory[name]) for name in memory}
+        if all(skips.values()):  # none fits: make no inputs
+            for name in MODEL_PASSES:
+                point[name] = {"skipped": skips[name]}
+                log(f"{arch} T={T} {name}: {skips[name]}")
+            _add_model_point(entry, point)
+            save()
+            continue
         ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=gen).to(device)
         calls = _model_calls(model, ids)
         work = {
@@ -346,7 +366,6 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
             "forward_backward": B * cost.train.total,
             "decode": B * cost.decode.total,
         }
-        point: dict[str, Any] = {"seq_len": T, "analytic": cost.to_dict()}
         for name in MODEL_PASSES:
             repeats = config.decode_repeats if name == "decode" else config.repeats
             prefill_s = budget.seconds((arch, "forward"), work["forward"]) or 0.0
@@ -360,19 +379,24 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
                 config.warmup,
                 repeats,
                 extra_s=prefill_s if name == "decode" else 0.0,
+                predicted_bytes=memory[name],
             )
             log(f"{arch} T={T} {name}: {_brief(point[name])}")
         fwd = point["forward"]
         if "median_s" in fwd:
             point["prefill_tokens_per_s"] = B * T / fwd["median_s"]
             point["forward_flops_per_s"] = work["forward"] / fwd["median_s"]
-        entry["points"].append(point)
-        Ts = [p["seq_len"] for p in entry["points"]]
-        entry["fits"] = {
-            name: fit_slope(Ts, [p[name].get("median_s") for p in entry["points"]])
-            for name in MODEL_PASSES
-        }
+        _add_model_point(entry, point)
         save()
+
+
+def _add_model_point(entry: dict[str, Any], point: dict[str, Any]) -> None:
+    entry["points"].append(point)
+    Ts = [p["seq_len"] for p in entry["points"]]
+    entry["fits"] = {
+        name: fit_slope(Ts, [p[name].get("median_s") for p in entry["points"]])
+        for name in MODEL_PASSES
+    }
 
 
 def distinct_ops(config: BenchConfig) -> list[tuple[OpSpec, list[str]]]:
@@ -406,11 +430,23 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
     entry.update(op=spec.name, spec=dataclasses.asdict(spec), used_by=archs, impls=list(impls))
     entry.update(points=[], fits={})
     for T in config.seq_lens:
+        flops = spec.flops(T).total
+        point: dict[str, Any] = {"seq_len": T, "flops": flops}
+        memory = {impl: spec.memory_bytes(T, B, dtype.itemsize, impl) for impl in impls}
+        point["predicted_peak_bytes"] = memory
+        keys = [(spec, impl_name, name) for impl_name in impls for name in OP_PASSES]
+        skips = {key: budget.check_memory(key, T, memory[key[1]][key[2]]) for key in keys}
+        if all(skips.values()):  # none fits: make no inputs
+            for spec_, impl_name, name in keys:
+                point.setdefault(impl_name, {})[name] = {"skipped": skips[spec_, impl_name, name]}
+                log(f"{spec.name} T={T} {impl_name} {name}: {skips[spec_, impl_name, name]}")
+            point["ratios"] = {peer: {} for peer in impls if peer != "seqlab"}
+            _add_op_point(entry, point, impls)
+            save()
+            continue
         x = make_inputs(spec, B, T, dtype, device, gen)
         if "seqlab_backend" not in entry:
             entry["seqlab_backend"] = seqlab_backend(spec, x)
-        flops = spec.flops(T).total
-        point: dict[str, Any] = {"seq_len": T, "flops": flops}
         for impl_name, impl in impls.items():
             calls = _op_calls(impl, x)
             point[impl_name] = {}
@@ -426,6 +462,7 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
                     config.warmup,
                     config.repeats,
                     peer=impl_name != "seqlab",
+                    predicted_bytes=memory[impl_name][name],
                 )
                 log(f"{spec.name} T={T} {impl_name} {name}: {_brief(point[impl_name][name])}")
         point["ratios"] = {
@@ -437,16 +474,20 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
             for peer in impls
             if peer != "seqlab"
         }
-        entry["points"].append(point)
-        Ts = [p["seq_len"] for p in entry["points"]]
-        entry["fits"] = {
-            impl: {
-                name: fit_slope(Ts, [p[impl][name].get("median_s") for p in entry["points"]])
-                for name in OP_PASSES
-            }
-            for impl in impls
-        }
+        _add_op_point(entry, point, impls)
         save()
+
+
+def _add_op_point(entry: dict[str, Any], point: dict[str, Any], impls) -> None:
+    entry["points"].append(point)
+    Ts = [p["seq_len"] for p in entry["points"]]
+    entry["fits"] = {
+        impl: {
+            name: fit_slope(Ts, [p[impl][name].get("median_s") for p in entry["points"]])
+            for name in OP_PASSES
+        }
+        for impl in impls
+    }
 
 
 def _brief(m: dict[str, Any]) -> str:
@@ -501,8 +542,14 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
 
 
 def _memory_budget(config: BenchConfig, device: torch.device) -> int | None:
-    if config.max_memory_gb is not None:
-        return int(config.max_memory_gb * 2**30)
+    return memory_limit(config.max_memory_gb, device)
+
+
+def memory_limit(max_memory_gb: float | None, device: torch.device) -> int | None:
+    """Bytes a run may use: `max_memory_gb`, else 60 % of what is free now (on the GPU, or the
+    machine's MemAvailable); None where neither is known."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 2**30)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.6 * free)

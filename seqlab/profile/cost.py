@@ -282,3 +282,50 @@ def model_cost(
 def _check_seq_len(seq_len: int) -> None:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+
+
+def _core_bytes(mixer: TokenMixer, T: int, grad: bool) -> int:
+    """Bytes the core op of `mixer` holds at once beyond its inputs, on one sequence: the
+    [C, C] blocks of a chunk form in float32 (kept for the backward pass with `grad`, else
+    formed a slice at a time), or attention's T × T scores where a mask is built (a window)."""
+    if isinstance(mixer, Attention):
+        if mixer.config.window is None:
+            return 0  # causal SDPA: a fused kernel, no T × T tensor
+        return T * T * (1 + 2 * mixer.num_heads)  # the bool mask, the scores (measured)
+    H, C = mixer.num_heads, mixer.config.chunk_size
+    per_token = 6 * H * C * 4  # A, decays, the solve's blocks, their float32 copies
+    if isinstance(mixer, GLA):
+        per_token += 2 * H * 16 * mixer.head_k * 4  # [c, c, K] sub-chunk blocks, c = 16
+    return per_token * (T if grad else min(T, 8192))
+
+
+def memory_bytes(model: CausalLM | ModelConfig, seq_len: int, batch_size: int = 1) -> dict:
+    """Predicted peak memory above the weights, in bytes, of what `seqlab bench` runs on a batch:
+    "forward" (no autograd), "forward_backward" (with the weights' gradients) and "decode"
+    (a prefill, then steps). A coarse estimate from the layers' widths, meant to bound a
+    measurement before it runs (within a small factor of the measured peak), not to report it."""
+    if isinstance(model, ModelConfig):
+        model = meta_model(model)
+    _check_seq_len(seq_len)
+    T, B, c = seq_len, batch_size, model.config
+    e = next(model.parameters()).element_size()
+    params = sum(p.numel() for p in model.parameters())
+    D, vocab = c.d_model, c.vocab_size
+    widest, saved = 0, 0
+    for block in model.blocks:
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        outs = sum(m.out_features for m in linears)
+        ins = sum(m.in_features for m in linears)
+        # every projection's output, float32 copies in the op, norms and the residual
+        widest = max(widest, T * (2 * outs + 6 * D) * e + _core_bytes(block.mixer, T, False))
+        saved += T * (2 * (outs + ins) + 8 * D) * e + _core_bytes(block.mixer, T, True)
+    ids = 8 * (T + 1)
+    logits = T * vocab * e
+    forward = ids + B * (widest + 2 * T * D * e + logits)
+    backward = ids + B * (saved + logits * (2 + 8 // e) + widest) + 2 * params * e
+    decode = forward + B * model.state_bytes_for(1, T + 64)
+    margin = 1.25  # measured peaks on CPU came within 0.8x of the unmargined estimate
+    return {
+        name: int(margin * n)
+        for name, n in (("forward", forward), ("forward_backward", backward), ("decode", decode))
+    }

@@ -72,6 +72,36 @@ class OpSpec:
         gate = {"linear_attn": "none", "simple_gla": "head", "gla": "channel"}[self.kind]
         return gated_linear_flops(T, H, K, V, gate, "chunk", C)
 
+    def memory_bytes(
+        self, T: int, batch_size: int, element_size: int, impl: str = "seqlab"
+    ) -> dict[str, int]:
+        """Predicted peak bytes of the op's inputs (made in float32, then cast) and of each
+        pass of `impl` on a batch, "forward" and "forward_backward": a coarse bound, like
+        seqlab.profile.cost.memory_bytes, to skip a length before its inputs are made.
+        Measured on CPU at T = 8192: within 1.5x above the peak, the inputs included."""
+        H, Hkv, K, V, C = self.heads, self.kv_heads, self.head_k, self.head_v, self.chunk_size
+        gates = {"simple_gla": H, "gla": H * K, "gdn": 2 * H, "deltanet": H}.get(self.kind, 0)
+        width = (H + Hkv) * K + Hkv * V
+        made = batch_size * T * (width * (4 + element_size) + gates * 4)
+        out = batch_size * T * H * V * element_size
+        if impl == "sdpa" or self.kind == "attn":
+            # a fused causal kernel where q/k and v share a head dim; else (on a CPU) the math
+            # path, with T × T scores and weights in float32
+            square = 0 if K == V else 12 * batch_size * H * T * T
+            forward = made + out + square
+            backward = 2 * (made + out) + square
+        else:  # [C, C] blocks in float32 (GLA: [c, c, K]; delta rule: [K, K] per chunk)
+            per_token = 6 * H * C * 4
+            if self.kind == "gla":
+                per_token += 6 * H * 16 * K * 4
+            if self.kind in ("gdn", "deltanet"):  # W, U', U and the [K, K] maps per chunk
+                per_token += 4 * H * (K + V) * 4 + 2 * H * K * K * 4 // C
+            copies = batch_size * T * (width + gates + H * V) * 4  # float32 copies of inputs
+            sliced = batch_size * min(T, 8192) * per_token  # no autograd: a slice at a time
+            forward = made + out + copies + sliced
+            backward = 2 * (made + out) + 3 * copies + batch_size * T * per_token
+        return {"forward": int(1.25 * forward), "forward_backward": int(1.25 * backward)}
+
 
 def op_spec(mixer: TokenMixer) -> OpSpec:
     """The core op a mixer runs, at the mixer's head shapes."""

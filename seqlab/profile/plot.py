@@ -137,7 +137,8 @@ def plot_time(result: dict[str, Any], path: Path) -> Path:
         _guides(ax, all_x, all_y)
         ax.set_ylabel("time per batch (ms, median)")
         ax.set_title(PASS_TITLES[name])
-        ax.legend(fontsize=8, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:  # every length skipped: nothing to label
+            ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(titles(result)["models"], fontsize=10)
     return _save(fig, path)
 
@@ -155,7 +156,8 @@ def plot_decode(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("context length T (tokens already in the state)")
     ax.set_ylabel("ms per decoded token (median)")
     ax.set_title("decode: one token after a prefill of T tokens", fontsize=10)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # every length skipped: nothing to label
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -217,7 +219,8 @@ def plot_ops(result: dict[str, Any], path: Path) -> Path:
         _length_axis(ax, result["settings"]["seq_lens"])
         ax.set_ylabel("time per batch (ms, median)")
         ax.set_title(PASS_TITLES[name])
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:  # every length skipped: nothing to label
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(titles(result)["ops"], fontsize=10)
     return _save(fig, path)
 

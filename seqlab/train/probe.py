@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from seqlab.files import write_atomic
-from seqlab.model.lm import ModelConfig
+from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.model.pattern import parse_pattern
 from seqlab.tasks import build_task
 from seqlab.train.results import ResultsStore, run_record
@@ -73,15 +75,11 @@ def probe(
         raise ValueError("probe: give at least one architecture")
     task = build_task(task_name, preset=preset, **(task_options or {}))
     config = (train_config or TrainConfig()).model_copy(update={"out_dir": None})
+    model_configs = [
+        _model_config(arch, task.vocab_size, d_model, n_layers, channel) for arch in archs
+    ]
     rows = []
-    for arch in archs:
-        model_config = ModelConfig(
-            vocab_size=task.vocab_size,
-            d_model=d_model,
-            n_layers=layers_for(arch, n_layers),
-            pattern=arch,
-            channel=channel,
-        )
+    for arch, model_config in zip(archs, model_configs, strict=True):
         result = train(model_config, task, config)
         run_id = None
         if store is not None:
@@ -100,6 +98,26 @@ def probe(
         if on_result is not None:
             on_result(row)
     return rows
+
+
+def _model_config(
+    arch: str, vocab_size: int, d_model: int, n_layers: int | None, channel: str | None
+) -> ModelConfig:
+    """The model of one probed arch, built on the meta device (no memory) to check it: every
+    arch is checked before the first trains."""
+    try:
+        config = ModelConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=layers_for(arch, n_layers),
+            pattern=arch,
+            channel=channel,
+        )
+        with torch.device("meta"):
+            CausalLM(config)
+    except ValueError as e:
+        raise ValueError(f"arch {arch!r}: {e}") from None
+    return config
 
 
 def plot_probe(rows: Sequence[ProbeRow], path: str | Path, title: str = "") -> Path:

@@ -16,11 +16,14 @@ from seqlab.train.probe import ProbeRow, human_bytes
 from seqlab.train.results import COLUMNS, lookup
 from seqlab.train.trainer import TrainResult
 
+_JSON_WORDS = {"true": True, "false": False, "null": None}
+
 
 def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
     """["num_kv_pairs=4", "model.pattern=gdn(head_dim=16)"] → {"num_kv_pairs": 4,
     "model.pattern": "gdn(head_dim=16)"}: split at the first "=", values are Python literals where
-    they read as one, else text."""
+    they read as one (true, false and null too, as in JSON: configs take no text for a bool),
+    else text."""
     options = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -29,7 +32,7 @@ def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
         try:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            options[key] = text
+            options[key] = _JSON_WORDS.get(text, text)
     return options
 
 

@@ -258,26 +258,95 @@ def parse_value(text: str) -> Any:
         return text
 
 
+class ResultsError(ValueError):
+    """The results database cannot be opened, or is not one."""
+
+
 class ResultsStore:
     """Runs in an SQLite database. Every call opens its own connection, so one store may be used
-    from many processes; WAL and a busy timeout make concurrent writers wait, never fail."""
+    from many processes; WAL and a busy timeout make concurrent writers wait, never fail.
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    The database is opened (made if missing) and checked when the store is made, so a run that
+    will record its result fails before it trains. `read_only=True` only reads: the database
+    must exist, and is opened read-only (so it may lie on a read-only file or filesystem)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self.json_dir = self.path.parent / "runs"
-        with self.connect() as db:
-            db.executescript(SCHEMA)
+        self._check_header()
+        if read_only:
+            if not self.path.is_file():
+                raise ResultsError(
+                    f"no results database at {str(self.path)!r}: no run has been recorded there"
+                )
+            self._check(lambda db: db.execute("SELECT COUNT(*) FROM runs").fetchone())
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResultsError(
+                f"cannot make the folder of the results database {str(self.path)!r}: "
+                f"{e.strerror or e}"
+            ) from None
+        self._check(lambda db: db.executescript(SCHEMA))
+
+    def _check_header(self) -> None:
+        """A file that is there and not empty must start as an SQLite database does (SQLite
+        itself takes a short text file for an empty database, and would write into it)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return  # made below, or SQLite says why not
+        except OSError as e:
+            why = f"cannot read the results database {str(self.path)!r}: {e.strerror or e}"
+            raise ResultsError(why) from None
+        if head and head != b"SQLite format 3\x00":
+            raise ResultsError(f"{str(self.path)!r} is not an SQLite database")
+
+    def _check(self, use) -> None:
+        """Open a connection and `use` it, turning SQLite's errors into one naming the file."""
+        try:
+            db = self.connect()
+            try:
+                use(db)
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e):
+                why = "is not an SQLite database"
+            elif "no such table" in str(e):
+                why = "is an SQLite database but not a seqlab results store (no runs table)"
+            else:
+                why = "cannot be opened as a results database"
+            raise ResultsError(f"{str(self.path)!r} {why} ({e})") from None
 
     def connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         return db
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1")  # reading WAL needs its -shm file
+            return db
+        except sqlite3.OperationalError:
+            # On a read-only filesystem SQLite cannot make that file; nobody can write the
+            # database there either, so it is read as immutable (no locks, no WAL index).
+            db.close()
+            return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+
     def add(self, record: dict[str, Any]) -> str:
         """Store a record (from `run_record`); returns its new id."""
+        if self.read_only:
+            raise ResultsError(f"{str(self.path)!r} was opened read-only")
         now = datetime.now(UTC)
         run_id = f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
         # Microseconds always, so that text order is time order.

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from seqlab.config import Config
+from seqlab.config import Config, parse_device
 from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, write_atomic
 from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
@@ -156,9 +156,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """ "auto" (cuda if available, else cpu), cpu, cuda or cuda:N; a ValueError if it does not
+    exist here."""
+    return parse_device(device, auto=True)
 
 
 def file_record(path: Path) -> dict[str, Any]:

@@ -233,3 +233,21 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         save_checkpoint(small("gla"), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, True, None])
+def test_generate_refuses_a_bad_token_count(n):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(small("gdn"), ids(1, 3), max_new_tokens=n)
+
+
+def test_generate_zero_tokens_is_the_prompt_and_nan_temperature_an_error():
+    prompt = ids(2, 3)
+    assert torch.equal(generate(small("gdn"), prompt, max_new_tokens=0), prompt)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(small("gdn"), prompt, max_new_tokens=2, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("arch", sorted(MIXERS))
+def test_an_empty_batch_gives_empty_logits(arch):
+    assert small(arch)(ids(0, 5)).logits.shape == (0, 5, VOCAB)

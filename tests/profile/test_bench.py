@@ -255,3 +255,42 @@ def test_a_run_that_dies_keeps_what_it_measured(tmp_path, monkeypatch):
     assert "**partial results**" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
     assert not (tmp_path / "time.png").exists()  # no stale plot beside the partial results
+
+
+def test_the_first_length_is_skipped_by_predicted_memory_before_anything_is_made(tmp_path):
+    """`--seq-lens 64m` was killed by the OOM killer with nothing written: now the first length
+    is predicted from the analytic cost and skipped, with its reason, in well under a second."""
+    import resource
+    import time
+
+    start, rss0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    args = ["bench", "--arch", GDN, "--seq-lens", "64m", "--max-memory-gb", "2", *TINY]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - start < 30
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert grown_kib < 500 * 1024  # 64m tokens of int64 ids alone would be 512 MiB
+    data = json.loads((tmp_path / "bench.json").read_text())
+    (point,) = data["models"][0]["points"]
+    for name in MODEL_PASSES:
+        assert "GiB > max 2.0 GiB (at T = 67108864)" in point[name]["skipped"]
+    (op_point,) = data["ops"][0]["points"]
+    assert "GiB > max 2.0 GiB" in op_point["seqlab"]["forward"]["skipped"]
+
+
+def test_budget_skips_a_first_measurement_predicted_too_big():
+    budget = _Budget(max_seconds=30, max_bytes=100)
+    assert budget.check("a", 512, work=1, calls=1, extra_s=0, predicted_bytes=100) is None
+    reason = budget.check("a", 512, work=1, calls=1, extra_s=0, predicted_bytes=2**31)
+    assert reason.startswith("predicted 2.0 GiB > max")
+    assert budget.check("a", 1024, work=1, calls=1, extra_s=0) == reason  # longer: skipped too
+
+
+def test_default_memory_limit_skips_what_this_machine_cannot_hold():
+    config = BenchConfig.make(
+        archs=(GDN,), seq_lens=(1024**3,), d_model=16, n_layers=2, level="all", repeats=1,
+        warmup=0, decode_repeats=1,
+    )  # fmt: skip
+    result = run_bench(config)  # a billion tokens: no machine this runs on holds that
+    assert result["settings"]["max_memory_bytes"] > 0
+    assert "GiB > max" in result["models"][0]["points"][0]["forward"]["skipped"]

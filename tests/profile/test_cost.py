@@ -13,8 +13,9 @@ import torch
 
 from seqlab.mixers import MIXERS, Attention, build_mixer
 from seqlab.model.lm import CausalLM, ModelConfig
-from seqlab.profile.cost import meta_model, mixer_cost, model_cost
+from seqlab.profile.cost import memory_bytes, meta_model, mixer_cost, model_cost
 from seqlab.profile.flops import attention_flops
+from seqlab.profile.peers import OpSpec
 from tests.profile.conftest import count_flops
 
 D, B, VOCAB = 32, 2, 37
@@ -179,3 +180,21 @@ def test_bad_arguments():
         model_cost(CausalLM(config), 4, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="no cost formula for Identity"):
         mixer_cost(torch.nn.Identity(), 4)
+
+
+def test_memory_prediction_grows_as_the_passes_do():
+    """The bench's memory guard: linear in T for recurrent mixers and fused attention, quadratic
+    where a T × T tensor is formed (a windowed mask; SDPA's math path when K ≠ V)."""
+
+    def growth(arch: str) -> float:
+        config = ModelConfig(vocab_size=256, d_model=64, n_layers=2, pattern=arch)
+        a, b = memory_bytes(config, 8192), memory_bytes(config, 16384)
+        assert a["forward"] < a["forward_backward"] and a["forward"] < a["decode"]
+        return b["forward_backward"] / a["forward_backward"]
+
+    assert 1.9 < growth("gdn") < 2.1 and 1.9 < growth("attn") < 2.1
+    assert growth("attn(window=64)") > 3.5
+    spec = OpSpec("gdn", 1, 1, 192, 384, 64)
+    seqlab = [spec.memory_bytes(T, 1, 4)["forward_backward"] for T in (8192, 16384)]
+    sdpa = [spec.memory_bytes(T, 1, 4, "sdpa")["forward_backward"] for T in (8192, 16384)]
+    assert seqlab[1] / seqlab[0] < 2.1 and sdpa[1] / sdpa[0] > 3.5
