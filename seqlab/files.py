@@ -32,15 +32,23 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
 
 def writable_dir(path: str | os.PathLike) -> Path:
-    """`path` as a folder this process can write, made (with its parents) if missing; a
-    ValueError saying why not otherwise. Checked by writing a file, not by permission bits."""
+    """`path` if it is a folder this process can write, or could be made as one; a ValueError
+    saying why not otherwise. Nothing is created: a missing folder is judged by its nearest
+    existing parent, so a run refused later (a bad option) leaves no empty folder behind. Checked
+    by writing a temporary file, not by permission bits."""
     path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == path:
+            raise ValueError(f"{str(path)!r} is a file, not a folder")
+        raise ValueError(f"{str(path)!r} cannot be made: {str(probe)!r} is a file")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=probe):
             pass
-    except FileExistsError:
-        raise ValueError(f"{str(path)!r} is a file, not a folder") from None
     except OSError as e:
         raise ValueError(f"{str(path)!r} is not a writable folder: {e.strerror or e}") from None
     return path
