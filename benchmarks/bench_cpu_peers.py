@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[cpu-peers]'     # fla-core 0.6.0 and transformers (optional)
     .venv/bin/python benchmarks/bench_cpu_peers.py                 # T in 2048, 8192
     .venv/bin/python benchmarks/bench_cpu_peers.py --seq-lens 2048 --repeats 5 --out peers.md
+    .venv/bin/python benchmarks/bench_cpu_peers.py --gates strong --cases gla_scalar
 
 Forward (no grad) and forward+backward, float32, B = 1, H = 4, K = V = 64, chunk 64; each entry
 is the median of `--repeats` timed calls after one warm-up call, the implementations taking turns
@@ -14,13 +15,18 @@ peer of that case measured in this run. Peers, all on the same inputs and conven
 - transformers `torch_chunk_gated_delta_rule` (Qwen3-Next). With fla importable, transformers
   routes that function to fla's GPU kernel at import, so its module is imported with `fla` blocked.
 
-Before timing, each peer's output and final state are checked against seqlab's on a small input.
-A missing peer is reported as such; seqlab's own rows are always timed.
+Gates (`--gates`, rows for each; log-space, per step, z standard normal): `mild` logsigmoid(z + 3)
+(median −0.05; per-channel / 16), the only setting before 2026-12-04; `logsigmoid` logsigmoid(z)
+(median −0.69); `strong` logsigmoid(z − 3) (median −3.05). The ungated `delta` case runs once.
+
+Before timing, each peer's output and final state are checked against seqlab's on a small input
+with the same gates. A missing peer is reported as such; seqlab's own rows are always timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -33,9 +39,21 @@ import torch.nn.functional as F
 
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 CASES = ("gated_delta", "delta", "gla_scalar", "gla_channel")
+GATES = ("mild", "logsigmoid", "strong")
 
 
-def make_inputs(case: str, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_gate(gates: str, z: torch.Tensor) -> torch.Tensor:
+    """Log-space gates from standard normal logits z, as named (module docstring)."""
+    if gates == "mild":
+        return F.logsigmoid(z + 3) / (16 if z.dim() == 4 else 1)
+    if gates == "logsigmoid":
+        return F.logsigmoid(z)
+    if gates == "strong":
+        return F.logsigmoid(z - 3)
+    raise ValueError(f"unknown gates {gates!r}: one of {', '.join(GATES)}")
+
+
+def make_inputs(case: str, T: int, seed: int = 0, gates: str = "mild") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -44,13 +62,13 @@ def make_inputs(case: str, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
     q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
     if case in ("gated_delta", "delta"):
         x = dict(q=q, k=F.normalize(k, dim=-1), v=v, beta=torch.sigmoid(rand(B, T, H)))
-        x["g"] = F.logsigmoid(rand(B, T, H) + 3)
+        x["g"] = make_gate(gates, rand(B, T, H))
         if case == "delta":
             x["g"] = torch.zeros(B, T, H)  # peers need a gate; seqlab gets g=None
         return x
     if case == "gla_scalar":
-        return dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H) + 3))
-    return dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H, K) + 3) / 16)
+        return dict(q=q, k=k, v=v, g=make_gate(gates, rand(B, T, H)))
+    return dict(q=q, k=k, v=v, g=make_gate(gates, rand(B, T, H, K)))
 
 
 def seqlab_fn(case: str) -> Callable:
@@ -93,9 +111,9 @@ def peer_fns(case: str) -> dict[str, Callable]:
     }
 
 
-def check_same(case: str, fn: Callable, ref: Callable) -> float:
+def check_same(case: str, fn: Callable, ref: Callable, gates: str = "mild") -> float:
     """Max abs difference of output and final state on a small input (T = 200, not a multiple)."""
-    x = make_inputs(case, 200, seed=1)
+    x = make_inputs(case, 200, seed=1, gates=gates)
     with torch.no_grad():
         o1, s1 = fn(**x)
         o2, s2 = ref(**x)
@@ -162,15 +180,23 @@ def paired_ratio(ours: list[float], peers: list[list[float]]) -> tuple[float, fl
 
 
 def measure(
-    seq_lens: list[int], cases: list[str], repeats: int, peers: bool, max_loop_t: int = 2048
+    seq_lens: list[int],
+    cases: list[str],
+    repeats: int,
+    peers: bool,
+    max_loop_t: int = 2048,
+    gates: tuple[str, ...] = ("mild",),
 ) -> dict:
-    """{case: {name: {"check": err, "T/pass": ms}}}.
+    """{(case, gates): {name: {"check": err, "T/pass": ms}}}.
 
     A per-time-step peer (a Python loop over T) is skipped above `max_loop_t`: it takes minutes.
+    The ungated `delta` case runs once, under the first gate setting's name.
     """
     hf = transformers_peer() if peers else None
     res: dict = {}
-    for case in cases:
+    for case, gate in ((c, gt) for c in cases for gt in gates):
+        if case == "delta" and gate != gates[0]:
+            continue
         ours = seqlab_fn(case)
         fns = {"seqlab chunk": ours}
         if peers:
@@ -179,11 +205,12 @@ def measure(
                 fns["transformers torch_chunk_gated_delta_rule"] = lambda q, k, v, g, beta: hf(
                     q, k, v, g, beta, CHUNK, output_final_state=True
                 )
-        res[case] = {
-            n: {} if fn is ours else {"check": check_same(case, fn, ours)} for n, fn in fns.items()
+        res[case, gate] = {
+            n: {} if fn is ours else {"check": check_same(case, fn, ours, gate)}
+            for n, fn in fns.items()
         }
         for T in seq_lens:
-            x = make_inputs(case, T)
+            x = make_inputs(case, T, gates=gate)
             for bwd in (False, True):
                 steps = {
                     n: stepper(fn, x, bwd)
@@ -191,7 +218,7 @@ def measure(
                     if not ("recurrent" in n and T > max_loop_t)
                 }
                 for n, ms in time_round_robin(steps, repeats).items():
-                    res[case][n][f"{T}/{'fwd+bwd' if bwd else 'fwd'}"] = ms  # all rounds
+                    res[case, gate][n][f"{T}/{'fwd+bwd' if bwd else 'fwd'}"] = ms  # all rounds
     return res
 
 
@@ -204,33 +231,41 @@ def main() -> None:
     p.add_argument("--max-loop-t", type=int, default=2048, help="longest T for a per-step peer")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--gates",
+        default=",".join(GATES),
+        help=f"comma-separated gate settings of {', '.join(GATES)} (default: all)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     cases = args.cases.split(",")
+    gates = tuple(args.gates.split(","))
+    if not set(gates) <= set(GATES):
+        p.error(f"--gates: any of {', '.join(GATES)}")
 
-    results = measure(seq_lens, cases, args.repeats, not args.no_peers, args.max_loop_t)
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = measure(seq_lens, cases, args.repeats, not args.no_peers, args.max_loop_t, gates)
 
-    load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
         f"seqlab chunk forms vs pure-PyTorch peers, CPU, float32, B={B} H={H} K={K} V={V} "
         f"chunk={CHUNK}, median of {args.repeats} rounds; {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}, "
-        f"load avg {load}",
+        f"load avg {load0} at the start, {load} at the end",
         "",
         "Each cell: median ms, then for seqlab the median over rounds of its time / the fastest "
         "peer's time in the same round [lowest–highest round], for a peer its median / the "
         "fastest peer median.",
         "",
-        "| case | impl | check (max abs diff) | "
+        "| case | gates | impl | check (max abs diff) | "
         + " | ".join(f"{T} {k}" for T in seq_lens for k in ("fwd", "fwd+bwd"))
         + " |",
-        "|---|---|---|" + "---|" * (2 * len(seq_lens)),
+        "|---|---|---|---|" + "---|" * (2 * len(seq_lens)),
     ]
     keys = [f"{T}/{k}" for T in seq_lens for k in ("fwd", "fwd+bwd")]
-    for case in cases:
-        entries = results[case]
+    for (case, gate), entries in results.items():
         peers = {n: e for n, e in entries.items() if n != "seqlab chunk"}
         for name, e in entries.items():
             cells = []
@@ -249,7 +284,8 @@ def main() -> None:
                     best = min(statistics.median(r) for r in rounds)
                     cells.append(f"{ms:.1f} ({ms / best:.2f}×)")
             check = "–" if "check" not in e else f"{e['check']:.1e}"
-            lines.append(f"| {case} | {name} | {check} | " + " | ".join(cells) + " |")
+            gate_cell = "none" if case == "delta" else gate
+            lines.append(f"| {case} | {gate_cell} | {name} | {check} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:

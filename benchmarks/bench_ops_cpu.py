@@ -3,15 +3,26 @@
     .venv/bin/python benchmarks/bench_ops_cpu.py                  # T in 512, 2048, 8192
     .venv/bin/python benchmarks/bench_ops_cpu.py --seq-lens 512 --repeats 5 --out results.md
 
+    .venv/bin/python benchmarks/bench_ops_cpu.py --gates logsigmoid,strong --gate-sweep
+
 Forward (no grad) and forward+backward, float32, B = 1, H = 4, K = V = 64, chunk 64. Each entry is
 the median of `--repeats` timed calls after one warm-up call; the ratios compare forms measured in
 this one process. A form is skipped (and says so) when its estimated working set exceeds
 `--max-gb`: the parallel form materialises [T, T] (per-channel gates: [T, T, K]) tensors.
+
+Gates (`--gates`, one table row per setting; log-space, per step): `mild` logsigmoid(z + 3)
+(median −0.05; per-channel gates / 16), the only setting before 2026-12-04; `logsigmoid`
+logsigmoid(z) (median −0.69, what an untrained sigmoid gate gives); `strong` logsigmoid(z − 3)
+(median −3.05: Mamba-2 heads with large A·dt, fast-forgetting channels); z standard normal.
+`--gate-sweep` then times the chunk forms alone at constant log-decays 0, −1, −3, −5, −10, −20
+per step, all in turns, and prints each time over the time at log-decay 0 (a chunk form's speed
+must not depend on the gate values).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -27,24 +38,40 @@ B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 FORMS = ("chunk", "recurrent", "parallel")
 
 
-def make_case(name: str, T: int, gen: torch.Generator) -> tuple[Callable, dict[str, torch.Tensor]]:
+GATES = ("mild", "logsigmoid", "strong")
+SWEEP = (0.0, -1.0, -3.0, -5.0, -10.0, -20.0)
+
+
+def make_gate(gates: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Log-space gates as named (module docstring), or a constant log-decay given as a number."""
+    z = torch.randn(*shape, generator=gen)
+    if gates == "mild":
+        return F.logsigmoid(z + 3) / (16 if len(shape) == 4 else 1)
+    if gates == "logsigmoid":
+        return F.logsigmoid(z)
+    if gates == "strong":
+        return F.logsigmoid(z - 3)
+    return torch.full(shape, float(gates))
+
+
+def make_case(
+    name: str, T: int, gen: torch.Generator, gates: str = "mild"
+) -> tuple[Callable, dict[str, torch.Tensor]]:
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
 
     q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
     if name == "gla_scalar":
-        inputs = dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H) + 3))
-        return gated_linear, inputs
+        return gated_linear, dict(q=q, k=k, v=v, g=make_gate(gates, (B, T, H), gen))
     if name == "gla_channel":
-        inputs = dict(q=q, k=k, v=v, g=F.logsigmoid(rand(B, T, H, K) + 3) / 16)
-        return gated_linear, inputs
+        return gated_linear, dict(q=q, k=k, v=v, g=make_gate(gates, (B, T, H, K), gen))
     if name == "gated_delta":
         inputs = dict(
             q=q,
             k=F.normalize(k, dim=-1),
             v=v,
             beta=torch.sigmoid(rand(B, T, H)),
-            g=F.logsigmoid(rand(B, T, H) + 3),
+            g=make_gate(gates, (B, T, H), gen),
         )
         return delta_rule, inputs
     raise ValueError(name)
@@ -68,7 +95,7 @@ def timed(fn: Callable[[], None], repeats: int) -> list[float]:
     return out
 
 
-def run_one(op, inputs, form: str, backward: bool, repeats: int) -> list[float]:
+def stepper(op, inputs, form: str, backward: bool) -> Callable[[], None]:
     leaves = {n: x.clone().requires_grad_(backward) for n, x in inputs.items()}
     kwargs = dict(form=form, output_final_state=True)
     if form == "chunk":
@@ -84,7 +111,48 @@ def run_one(op, inputs, form: str, backward: bool, repeats: int) -> list[float]:
             with torch.no_grad():
                 op(**leaves, **kwargs)
 
-    return timed(step, repeats)
+    return step
+
+
+def run_one(op, inputs, form: str, backward: bool, repeats: int) -> list[float]:
+    return timed(stepper(op, inputs, form, backward), repeats)
+
+
+def gate_sweep(cases: list[str], seq_lens: list[int], repeats: int) -> list[str]:
+    """Chunk-form time at each constant log-decay of SWEEP over the time at the first (0): one
+    warm-up call each, then the settings take turns call by call, so load falls on all alike."""
+    head = " | ".join(f"g={d:g}" for d in SWEEP)
+    lines = [
+        "",
+        f"Chunk form at constant per-step log-decay g, median of {repeats} calls taken in turns; "
+        "ms, then the time over the time at g=0.",
+        "",
+        f"| op | T | pass | {head} | max ratio |",
+        "|---|---|---|" + "---|" * (len(SWEEP) + 1),
+    ]
+    for name in cases:
+        for T in seq_lens:
+            for backward in (False, True):
+                steps = []
+                for d in SWEEP:
+                    op, inputs = make_case(name, T, torch.Generator().manual_seed(0), str(d))
+                    steps.append(stepper(op, inputs, "chunk", backward))
+                for step in steps:
+                    step()
+                times: list[list[float]] = [[] for _ in steps]
+                for _ in range(repeats):
+                    for step, out in zip(steps, times, strict=True):
+                        t0 = time.perf_counter()
+                        step()
+                        out.append(time.perf_counter() - t0)
+                ms = [1e3 * statistics.median(t) for t in times]
+                cells = [f"{m:.1f} ({m / ms[0]:.2f}×)" for m in ms]
+                kind = "fwd+bwd" if backward else "fwd"
+                top = max(m / ms[0] for m in ms)
+                row = f"| {name} | {T} | {kind} | " + " | ".join(cells) + f" | {top:.2f}× |"
+                lines.append(row)
+                print(row, flush=True)
+    return lines
 
 
 def main() -> None:
@@ -93,30 +161,53 @@ def main() -> None:
     p.add_argument("--cases", default="gla_scalar,gla_channel,gated_delta")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-gb", type=float, default=6.0)
+    p.add_argument(
+        "--gates",
+        default="logsigmoid,strong",
+        help=f"comma-separated gate settings of {', '.join(GATES)} (default: logsigmoid,strong)",
+    )
+    p.add_argument(
+        "--gate-sweep",
+        action="store_true",
+        help="also time the chunk forms at constant log-decays 0 to −20",
+    )
+    p.add_argument("--forms", default=",".join(FORMS), help="forms to time (chunk first)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    cases = args.cases.split(",")
+    forms = args.forms.split(",")
+    if forms[0] != "chunk" or not set(forms) <= set(FORMS):
+        p.error(f"--forms: chunk first, then any of {', '.join(FORMS[1:])}")
     gen = torch.Generator().manual_seed(0)
 
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     header = (
         f"seqlab ops, CPU, float32, B={B} H={H} K={K} V={V} chunk={CHUNK}, "
         f"median of {args.repeats}; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}, "
+        f"load avg {load}"
     )
+    others = [f for f in forms if f != "chunk"]
     lines = [
         header,
         "",
-        "| op | T | pass | chunk ms | recurrent ms | parallel ms | recurrent/chunk "
-        "| parallel/chunk |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | gates | T | pass | "
+        + " | ".join(f"{f} ms" for f in forms)
+        + "".join(f" | {f}/chunk" for f in others)
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(forms) + len(others)),
     ]
     print("\n".join(lines), flush=True)
-    for name in args.cases.split(","):
-        for T in seq_lens:
-            op, inputs = make_case(name, T, gen)
+    for name in cases:
+        for gates, T in ((gates, T) for gates in args.gates.split(",") for T in seq_lens):
+            op, inputs = make_case(name, T, gen, gates)
             for backward in (False, True):
                 ms = {}
-                for form in FORMS:
+                for form in forms:
                     gb = working_set_gb(name, form, T) * (3 if backward else 1)
                     if gb > args.max_gb:
                         ms[form] = None
@@ -126,14 +217,16 @@ def main() -> None:
                     )
 
                 cells = ["skipped (memory)" if t is None else f"{t:.1f}" for t in ms.values()]
-                ratios = [
-                    "–" if ms[f] is None else f"{ms[f] / ms['chunk']:.1f}×"
-                    for f in ("recurrent", "parallel")
-                ]
+                ratios = ["–" if ms[f] is None else f"{ms[f] / ms['chunk']:.1f}×" for f in others]
                 kind = "fwd+bwd" if backward else "fwd"
-                row = f"| {name} | {T} | {kind} | " + " | ".join(cells + ratios) + " |"
+                row = f"| {name} | {gates} | {T} | {kind} | " + " | ".join(cells + ratios) + " |"
                 lines.append(row)
                 print(row, flush=True)
+    if args.gate_sweep:
+        lines += gate_sweep(cases, seq_lens, args.repeats)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines += ["", f"load avg at the end: {load}"]
+    print(lines[-1])
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

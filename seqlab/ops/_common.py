@@ -204,17 +204,41 @@ def from_chunks(o: torch.Tensor, B: int, T: int, H: int, out: torch.Tensor | Non
     return out
 
 
+# The CPU exp of PyTorch leaves its vectorised path where the result is not a normal number:
+# float32 arguments below about −87.3 (a denormal result took 35x, an underflow to 0 12x the time
+# of a normal one on the project's AMD EPYC VM; float64 likewise below about −708), so a chunk form
+# whose log-decays reach −87 inside a chunk slowed down with the gate values. Every exp of a
+# log-decay in the chunk forms clamps its argument to [EXP_FLOOR, 0] instead: exp(−80) ≈ 1.8e-35
+# is a normal float32, and the decay factors it stands in for are smaller still, so each such
+# factor (≤ 1, multiplying values of the inputs' scale) changes by less than 1.8e-35 of that
+# scale: below float32 and float64 round-off (tests/ops compare against the recurrent form at
+# log-decay −20, −100 and −1e4 per step). Products of such a factor can still be denormal;
+# multiplies and matmuls on denormals measured no slower here, exp was the whole cliff.
+EXP_FLOOR = -80.0
+
+
+def decay_exp(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """exp(x) for a log-decay x ≤ 0, its argument clamped to [EXP_FLOOR, 0] (see EXP_FLOOR).
+
+    `inplace`: x is a fresh intermediate that may be overwritten (only without autograd).
+    """
+    if inplace:
+        return x.clamp_(EXP_FLOOR, 0.0).exp_()
+    return x.clamp(EXP_FLOOR, 0.0).exp()
+
+
 def causal_decay(b: torch.Tensor) -> torch.Tensor:
     """Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal; b [..., C] → [..., C, C].
 
-    Exponents are clamped to ≤ 0 before the exp, so nothing overflows, and the upper part is
-    zeroed after it (exp of a −inf mask is several times slower than exp of finite values on a
-    CPU). Without autograd every step is in place on the one fresh [..., C, C] tensor.
+    Exponents are clamped to [EXP_FLOOR, 0] before the exp, so nothing overflows and exp stays
+    on its fast path, and the upper part is zeroed after it (exp of a −inf mask is several times
+    slower than exp of finite values on a CPU). Without autograd every step is in place on the
+    one fresh [..., C, C] tensor.
     """
     d = b[..., :, None] - b[..., None, :]
-    if torch.is_grad_enabled():
-        return d.clamp(max=0).exp().tril()
-    return d.clamp_(max=0).exp_().tril_()
+    inplace = not torch.is_grad_enabled()
+    gam = decay_exp(d, inplace)
+    return gam.tril_() if inplace else gam.tril()
 
 
 # Without autograd, chunk forms run over time slices of whole chunks holding about this many
@@ -223,21 +247,20 @@ def causal_decay(b: torch.Tensor) -> torch.Tensor:
 SLICE_ROWS = 8192
 
 
-def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int, weight: int = 1):
+def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int):
     """core(*xs, S0, scale, chunk_size) → (o in chunks, S); returns (o as [B, T, H, ·], S).
 
     Without autograd the input runs in time slices of whole chunks, the state carried and each
     slice's output written straight into one output tensor. Exact: the chunk form is exact for
     any cut into whole chunks. With autograd on (or a slice as long as the input) it is one
-    call. `weight`: slices hold SLICE_ROWS / weight rows, for cores with larger intermediates
-    per row (per-channel gates form [c, c, K] blocks: weight 4 measured best at T = 8192).
+    call.
     """
     B, T, H = xs[0].shape[:3]
     if B * H == 0 or xs[2].shape[-1] == 0:  # nothing to compute (the cores need rows and V)
         K, V = xs[0].shape[-1], xs[2].shape[-1]
         S = xs[0].new_zeros(B, H, K, V) if S0 is None else S0
         return xs[0].new_zeros(B, T, H, V), S
-    L = chunk_size * max(1, SLICE_ROWS // (weight * B * H * chunk_size))
+    L = chunk_size * max(1, SLICE_ROWS // (B * H * chunk_size))
     if torch.is_grad_enabled() or T <= L:
         o, S = core(*xs, S0, scale, chunk_size)
         return from_chunks(o, B, T, H), S

@@ -9,6 +9,8 @@ Keys are expected L2-normalised (the layers do it); the op computes the recurren
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from seqlab.ops._common import (
@@ -24,6 +26,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    decay_exp,
     floor_log_gate,
     run_packed,
     run_sliced,
@@ -80,18 +83,51 @@ def _recurrent(q, k, v, beta, g, S, scale):
     return torch.stack(outs, 1) * scale, S
 
 
-def _chunk(q, k, v, beta, g, S0, scale, chunk_size):
+class _UnitLowerInverse(torch.autograd.Function):
+    """X = M⁻¹ for M unit lower-triangular (only M's strict lower part is read), batched.
+
+    Forward is one triangular solve against I. Backward uses that X is the inverse: the gradient
+    of M is −(Xᵀ Ḡ Xᵀ) on the strict lower part, two matmuls, where autograd's solve_triangular
+    backward runs a second triangular solve (slower per flop on a CPU, and it computes with
+    the decayed values of a gated chunk, whose products underflow to slow denormals).
+    """
+
+    @staticmethod
+    def forward(M):
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+        return torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (X,) = ctx.saved_tensors
+        Xt = X.transpose(-1, -2)
+        return (Xt @ grad @ Xt).tril_(-1).neg_()
+
+
+def _chunk(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
     """The chunk form (`_chunk_core`), in time slices when autograd is off."""
-    return run_sliced(_chunk_core, (q, k, v, beta, g), S0, scale, chunk_size)
+    core = functools.partial(_chunk_core, parallel=parallel)
+    return run_sliced(core, (q, k, v, beta, g), S0, scale, chunk_size)
 
 
-def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
+def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
     """UT-transform chunk form (MATH.md §2); the Python loop runs only over the T / C chunks.
 
     Per chunk, with M = I + tril(diag(β) Γ ⊙ K Kᵀ, −1) and T = M⁻¹, W = T diag(β) (γ ⊙ K) and
     U' = T diag(β) V: for C ≤ K + V one batched triangular solve against I, then matmuls (small
     batched solves are several times slower per flop than matmuls on a CPU), else one solve
-    against [βγK | βV]. With K̃ = K ⊙ γ_{C−1}/γ, the state pass is U_n = U'_n − W_n S_n,
+    against [βγK | βV]. The inverse is taken without the decay: Γ_ij = γ_i / γ_j makes
+    M = D M₀ D⁻¹ with D = diag(γ) and M₀ = I + tril(diag(β) K Kᵀ, −1), so M⁻¹ = Γ ⊙ M₀⁻¹ (every
+    path from j to i in the substitution carries the same decay Γ_ij). Solving with the decay
+    inside ran 1.6x slower under strong gates on a CPU (its products underflow to denormals);
+    M₀ holds none, and Γ is clamped (`decay_exp`). So a gated chunk form always takes the
+    inverse; the wide solve, whose substitution carries the decay, is left to ungated chunks
+    (no decay, no denormals) and to the parallel form (`parallel`, C = T: an oracle, where an
+    inverse would cost C³). With K̃ = K ⊙ γ_{C−1}/γ, the state pass is U_n = U'_n − W_n S_n,
     S_{n+1} = γ_{C−1} S_n + K̃ᵀ U_n. Without autograd it runs like that, step by step, in place.
     With autograd each chunk's affine map S_{n+1} = P_n S_n + R_n, P_n = γ_{C−1} I − K̃ᵀ W and
     R_n = K̃ᵀ U', is batched over chunks, so the loop is one [K, K] @ [K, V] product per chunk
@@ -116,20 +152,24 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size):
     else:
         b = to_chunks(g, C).cumsum(1)  # [N·B·H, C]
         Gam = causal_decay(b)  # [N·B·H, C, C]
-        gam = b.exp()[..., None]  # γ_i = exp(b_i) ≤ 1
-        tail = (b[:, -1:] - b).exp_()[..., None]  # γ_{C-1} / γ
-        decay = b[:, -1:].exp()  # [N·B·H, 1]
+        gam = decay_exp(b)[..., None]  # γ_i = exp(b_i) ≤ 1
+        tail = decay_exp(b[:, -1:] - b, inplace=True)[..., None]  # γ_{C-1} / γ
+        decay = decay_exp(b[:, -1:])  # [N·B·H, 1]
         if inplace:
-            A, M = A.mul_(Gam), M.mul_(Gam)
+            A = A.mul_(Gam)
             q_in, kdec, kbg = qc.mul_(gam), kc.mul_(tail), kb.mul_(gam)
         else:
-            A, M = A * Gam, M * Gam
+            A = A * Gam
             q_in, kdec, kbg = qc * gam, kc * tail, kb * gam  # kdec = K ⊙ γ_{C-1} / γ
-    if C <= K + V:  # the inverse, then separate products: faster on a CPU than one wide solve
-        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(M)
-        Tinv = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+    # the inverse, then separate products: faster on a CPU than one wide solve for C ≤ K + V
+    if C <= K + V or (g is not None and not parallel):
+        Tinv = _UnitLowerInverse.apply(M)  # M₀⁻¹
+        if g is not None:  # M⁻¹ = Γ ⊙ M₀⁻¹
+            Tinv = Tinv.mul_(Gam) if inplace else Tinv * Gam
         W, U_pre = Tinv @ kbg, Tinv @ vb
-    else:  # long chunks (the parallel form): an inverse would cost C³, the solve C²(K + V)
+    else:  # long chunks, ungated or the parallel form: an inverse costs C³, the solve C²(K + V)
+        if g is not None:
+            M = M.mul_(Gam) if inplace else M * Gam
         rhs = torch.cat([kbg, vb], 2)
         Y = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
         W, U_pre = Y[..., :K], Y[..., K:]
@@ -227,7 +267,7 @@ def parallel_delta_rule(
     args = _prepare(*args)
     (qf, kf, vf, bf, gf, S0), scale, cu = args
     T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
-    o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, T)
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, bf, gf), S0, scale, T, True)
     return _finish(o, S, q, output_final_state)
 
 

@@ -4,8 +4,9 @@
 
 `g` is absent (linear attention), a per-head scalar [B, T, H] (RetNet, Mamba-2, simple GLA) or a
 per-key-channel vector [B, T, H, K] (GLA, HGRN-2), always in log space and ≤ 0. Inside a chunk
-every decay is written as exp(b_i − b_j) with j ≤ i, so strong decay underflows to zero and never
-overflows (MATH.md §1).
+every decay is written as exp(b_i − b_j) with j ≤ i, so it never overflows (MATH.md §1), and its
+exponent is clamped at `_common.EXP_FLOOR` (−80), so strong decay costs no time (exp's slow path
+for results below the normal range) and changes nothing above round-off.
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    decay_exp,
     floor_log_gate,
     run_packed,
     run_sliced,
     to_chunks,
 )
 from seqlab.ops.triton import use_triton
-
-SUB_CHUNK = 16  # per-channel gates: diagonal blocks of this size are formed elementwise
 
 
 def _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values=True):
@@ -94,59 +94,79 @@ def _intra_scalar(q, k, b):
     return A.mul_(gam) if inplace else A * gam
 
 
-def _intra_channel(q, k, b, c):
+def _intra_channel(q, k, b):
     """A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk), j ≤ i; q, k, b [..., C, K] → [..., C, C].
 
-    The chunk is cut into sub-chunks of c. Diagonal [c, c] blocks are formed elementwise from a
-    [c, c, K] log-space tensor. Off-diagonal blocks (rows I after columns J) are one matmul,
-    (Q_I ⊙ exp(b_I − b_m)) (K_J ⊙ exp(b_m − b_J))ᵀ with m the last row of J: both exponents ≤ 0.
-    Without autograd, exponents are clamped to ≤ 0 and masked entries zeroed after the exp, in
-    place (exp of a −inf mask is several times slower on a CPU); with autograd the mask is −inf
-    before the exp, which keeps the backward pass shorter.
+    Elementwise from one [C, C, K] log-space tensor: the parallel form's oracle (the chunk form
+    uses `_intra_channel_av`, which forms no such tensor). Exponents are clamped to
+    [EXP_FLOOR, 0] and the upper part zeroed after the exp (exp of −inf is slow on a CPU).
     """
     C = q.shape[-2]
-    S = C // c
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)[..., None]
+    E = b[..., :, None, :] - b[..., None, :, :]  # [..., C, C, K]: b_i − b_j
+    if not torch.is_grad_enabled():
+        E = decay_exp(E, inplace=True).masked_fill_(upper, 0.0)
+        return E.mul_(q[..., :, None, :]).mul_(k[..., None, :, :]).sum(-1)
+    E = decay_exp(E).masked_fill(upper, 0.0)
+    return (q[..., :, None, :] * k[..., None, :, :] * E).sum(-1)
+
+
+def _intra_channel_av(q, k, v, b):
+    """(A V)_i = Σ_{j ≤ i} A_ij v_j with A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk): the intra-chunk
+    output of per-channel gates; q, k, b [L, C, K], v [L, C, V] → [L, C, V].
+
+    By recursive halving, matmul-shaped and stable, with no [C, C, K] tensor. The diagonal is
+    A_ii = q_i·k_i. For the rest, the chunk (zero-padded to a power of two P) is cut into blocks
+    of 2s rows, s = 1, 2, 4, ..., P/2: in each block, the second half I takes from the first
+    half J through (Q_I ⊙ exp(b_I − b_m)) (K_J ⊙ exp(b_m − b_J))ᵀ V_J, with m the last row of J,
+    so both exponents are ≤ 0. Every pair j < i meets in exactly one block (the smallest holding
+    both). Per level that is elementwise work on [P, K] and matmuls of [s, K] @ [K, s] @ [s, V];
+    log2(P) levels in all, so the elementwise work per row is O(K log C), not O(K c) for the
+    [c, c, K] diagonal blocks of a sub-chunked form, and the backward pass is autograd's over
+    these few tensors.
+    """
+    L, C, K = q.shape
+    V = v.shape[-1]
+    P = 1 << (C - 1).bit_length()
+    if P != C:  # zero rows at the end add nothing; b repeats its last row, so exponents stay ≤ 0
+        pad = (0, 0, 0, P - C)
+        q, k, v = (torch.nn.functional.pad(x, pad) for x in (q, k, v))
+        b = torch.cat([b, b[:, -1:].expand(L, P - C, K)], 1)
     inplace = not torch.is_grad_enabled()
-    qs, ks, bs = (x.unflatten(-2, (S, c)) for x in (q, k, b))  # [..., S, c, K]
-    upper = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)[..., None]
-    E = bs[..., :, None, :] - bs[..., None, :, :]  # [..., S, c, c, K]: b_i − b_j
-    if inplace:
-        E = E.clamp_(max=0).exp_().masked_fill_(upper, 0.0)
-        A_diag = E.mul_(qs[..., :, None, :]).mul_(ks[..., None, :, :]).sum(-1)  # [..., S, c, c]
-    else:  # a −inf mask before the exp: fewer saved tensors, faster forward+backward here
-        E = E.masked_fill_(upper, float("-inf")).exp()
-        A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * E).sum(-1)
-    if S == 1:
-        return A_diag[..., 0, :, :]
-    bm = bs[..., -1, :]  # [..., S, K]: last row of each sub-chunk
-    kt = ks * (bm[..., :, None, :] - bs).exp()  # [..., S_J, c, K]
-    later = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(-1)  # I > J
-    off = bs[..., :, None, :, :] - bm[..., None, :, None, :]  # [..., S_I, S_J, c, K]
-    if inplace:
-        off = off.clamp_(max=0).exp_().masked_fill_(~later[:, :, None, None], 0.0)
-        off = off.mul_(qs[..., :, None, :, :])
-    else:
-        off = off.masked_fill_(~later[:, :, None, None], float("-inf")).exp()
-        off = qs[..., :, None, :, :] * off
-    A_off = off @ kt[..., None, :, :, :].transpose(-1, -2)
-    eye = torch.eye(S, dtype=q.dtype, device=q.device)[:, :, None, None]
-    A = A_off + eye * A_diag[..., :, None, :, :]  # [..., S_I, S_J, c, c]
-    return A.transpose(-3, -2).reshape(*A.shape[:-4], C, C)
+    out = (q * k).sum(-1, keepdim=True) * v  # the diagonal, A_ii = q_i·k_i
+    s = 1
+    while s < P:
+        n = P // (2 * s)
+        qI, bI = q.view(L, n, 2, s, K)[:, :, 1], b.view(L, n, 2, s, K)[:, :, 1]
+        kJ, bJ = k.view(L, n, 2, s, K)[:, :, 0], b.view(L, n, 2, s, K)[:, :, 0]
+        bm = bJ[:, :, -1:]  # [L, n, 1, K]: the last row of each first half
+        qt = decay_exp(bI - bm, inplace)  # [L, n, s, K]
+        kt = decay_exp(bm - bJ, inplace)
+        qt, kt = (qt.mul_(qI), kt.mul_(kJ)) if inplace else (qt * qI, kt * kJ)
+        vJ = v.view(L, n, 2, s, V)[:, :, 0]
+        out.view(L, n, 2, s, V)[:, :, 1] += (qt @ kt.transpose(-1, -2)) @ vJ
+        s *= 2
+    return out[:, :C] if P != C else out
 
 
-def _chunk(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
+def _chunk(q, k, v, g, S0, scale, chunk_size, split=True):
     """The chunk form (`_chunk_core`), in time slices when autograd is off."""
-    core = functools.partial(_chunk_core, sub_chunk=sub_chunk)
-    weight = 4 if g is not None and g.dim() == 4 else 1
-    return run_sliced(core, (q, k, v, g), S0, scale, chunk_size, weight)
+    core = functools.partial(_chunk_core, split=split)
+    return run_sliced(core, (q, k, v, g), S0, scale, chunk_size)
 
 
-def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
-    """Chunkwise-parallel form; the Python loop runs only over the T / C chunks."""
+def _chunk_core(q, k, v, g, S0, scale, chunk_size, split=True):
+    """Chunkwise-parallel form; the Python loop runs only over the T / C chunks.
+
+    split: per-channel gates form the intra-chunk output by recursive halving
+    (`_intra_channel_av`); False forms A elementwise (`_intra_channel`, the parallel form).
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, T)
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [N·B·H, C, ·]
+    inplace = not torch.is_grad_enabled()
+    AV = None  # the intra-chunk output A V, where it is formed without A
     if g is None:
         A = _intra_scalar(qc, kc, None)
         q_in, k_out, decay = qc, kc, None
@@ -156,14 +176,15 @@ def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
         if g.dim() == 3:
             A = _intra_scalar(qc, kc, b)
             b, last = b[..., None], last[..., None]
+        elif split:
+            AV = _intra_channel_av(qc, kc, vc, b)
         else:
-            c = sub_chunk if C % sub_chunk == 0 else C
-            A = _intra_channel(qc, kc, b, c)
-        if torch.is_grad_enabled():
-            q_in, k_out = qc * b.exp(), kc * (last - b).exp()
-        else:  # qc, kc are fresh copies (to_chunks) and A is formed: update them in place
-            q_in, k_out = qc.mul_(b.exp()), kc.mul_((last - b).exp_())
-        decay = last.exp().transpose(1, 2)  # [N·B·H, 1 or K, 1]
+            A = _intra_channel(qc, kc, b)
+        # qc, kc are fresh copies (to_chunks) and A (A V) is formed: without autograd they are
+        # updated in place
+        q_in = qc.mul_(decay_exp(b)) if inplace else qc * decay_exp(b)
+        k_out = kc.mul_(decay_exp(last - b, inplace)) if inplace else kc * decay_exp(last - b)
+        decay = decay_exp(last).transpose(1, 2)  # [N·B·H, 1 or K, 1]
     dS = (k_out.transpose(1, 2) @ vc).view(-1, B * H, K, V)  # each chunk's own contribution
 
     S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
@@ -176,7 +197,8 @@ def _chunk_core(q, k, v, g, S0, scale, chunk_size, sub_chunk=SUB_CHUNK):
             states.append(S)
             S = torch.addcmul(dS_n, S, d_n)
         starts = torch.stack(states, 0)  # [N, B·H, K, V]: state entering each chunk
-    o = torch.baddbmm(A @ vc, q_in, starts.view(-1, K, V)).mul_(scale)  # [N·B·H, C, V]
+    AV = A @ vc if AV is None else AV
+    o = torch.baddbmm(AV, q_in, starts.view(-1, K, V)).mul_(scale)  # [N·B·H, C, V]
     return o, S.view(B, H, K, V)  # o in chunks: run_sliced lays it out
 
 
@@ -240,7 +262,7 @@ def parallel_gated_linear(
     args = (q, k, v, g, scale, initial_state, cu_seqlens, check_values)
     (qf, kf, vf, gf, S0), scale, cu = _prepare(*args)
     T = qf.shape[1] if cu is None else int((cu[1:] - cu[:-1]).max())
-    o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, T, T)
+    o, S = run_packed(_chunk, cu, (qf, kf, vf, gf), S0, scale, T, False)
     return _finish(o, S, q, output_final_state)
 
 

@@ -178,7 +178,7 @@ def _delta_rule_layer(m: DeltaNet | GatedDeltaNet, T: int, extra_matrices: int) 
     return _Layer(
         params,
         per_token,
-        delta_rule_flops(T, H, K, V, m.form(T), c.chunk_size),
+        delta_rule_flops(T, H, K, V, m.form(T), c.chunk_size, gated=isinstance(m, GatedDeltaNet)),
         delta_rule_flops(1, H, K, V, "recurrent"),
     )
 

@@ -7,11 +7,13 @@ query–key pairs, where the counter counts the dense score matrix (`causal=Fals
 Without autograd the chunk forms run a long input in time slices (`seqlab.ops._common.SLICE_ROWS`):
 a short last slice is then not padded to a whole chunk, and the count there can be lower.
 `Flops.other` is the leading work the counter does not see: triangular solves, the elementwise
-[c, c, K] diagonal blocks of per-channel gates, the elementwise state update of a recurrent step.
+work of per-channel gates (the [C, C, K] tensor of the parallel form; the diagonal and the
+scaled halves of the chunk form's recursive halving), the elementwise state update of a
+recurrent step.
 Gates, norms, activations and casts, O(width) per token, are left out of both.
 
 Shape letters: T new tokens, Tc cached tokens, H heads, K key dim, V value dim, C chunk size,
-N = ⌈T / C⌉ chunks, c sub-chunk size (per-channel gates).
+N = ⌈T / C⌉ chunks, P the chunk size rounded up to a power of two (per-channel gates).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Gate = Literal["none", "head", "channel"]
-SUB_CHUNK = 16  # seqlab.ops.gated_linear.SUB_CHUNK
 
 
 @dataclass(frozen=True)
@@ -58,23 +59,28 @@ def gated_linear_flops(
     """`gated_linear` over T tokens in the named form ("chunk", "parallel" or "recurrent").
 
     Per chunk and head: A = Q Kᵀ [C, C] (2C²K), dS = Kᵀ V (2CKV), O = Q S₀ + A V (2CKV + 2C²V);
-    so ≈ 2C(K + V) + 4KV per token, MATH.md §6. Per-channel gates form A from sub-chunk blocks:
-    one broadcast matmul over all [C/c]² blocks when C/c > 1, elementwise [c, c, K] diagonals.
-    The recurrent form reads out Sᵀq by a matmul (2KV) and updates S elementwise.
+    so ≈ 2C(K + V) + 4KV per token, MATH.md §6. Per-channel gates: the chunk form forms A V by
+    recursive halving of the chunk padded to P rows (`_intra_channel_av`): at block size 2s,
+    P / 2s products [s, K] @ [K, s] @ [s, V], P(P − 1)(K + V) over all levels, elementwise the
+    diagonal qᵢ·kᵢ vᵢ and the scaled halves (PK per level); the parallel form forms A from an
+    elementwise [C, C, K] tensor. The recurrent form reads out Sᵀq by a matmul (2KV) and updates
+    S elementwise.
     """
     if form == "recurrent":
         update = (3 if gate != "none" else 2) * K * V  # decay, outer product k vᵀ, add
         return Flops(2 * K * V, update) * (H * T)
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
-    matmul = 4 * C * K * V + 2 * C * C * V
+    matmul = 4 * C * K * V
     other = 0
-    if gate == "channel":
-        c = (SUB_CHUNK if C % SUB_CHUNK == 0 else C) if form == "chunk" else C
-        if C // c > 1:
-            matmul += 2 * C * C * K
-        other = 3 * C * c * K  # C/c diagonal blocks: [c, c, K] products, products, sums
+    if gate == "channel" and form == "chunk":
+        P = 1 << (C - 1).bit_length()
+        matmul += P * (P - 1) * (K + V)
+        other = P * (2 * K + V) + (P.bit_length() - 1) * P * K
+    elif gate == "channel":
+        matmul += 2 * C * C * V
+        other = 3 * C * C * K  # [C, C, K]: products, products, sums
     else:
-        matmul += 2 * C * C * K
+        matmul += 2 * C * C * K + 2 * C * C * V
     return Flops(matmul, other) * (H * N)
 
 
@@ -86,12 +92,14 @@ def delta_rule_flops(
     form: str = "chunk",
     chunk_size: int = 64,
     autograd: bool = False,
+    gated: bool = False,
 ) -> Flops:
-    """`delta_rule` over T tokens (with or without a gate: the matmuls are the same).
+    """`delta_rule` over T tokens, without a gate or with one (`gated`).
 
-    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K); for C ≤ K + V the inverse T = M⁻¹ (a
-    unit-triangular solve against I: C²(C − 1), not a matmul), W = T βγK and U' = T βV
-    (2C²(K + V)), for longer chunks one solve against [βγK | βV] (C(C − 1)(K + V)); then
+    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K); for C ≤ K + V, and in a gated chunk form
+    for any C, the inverse T = M⁻¹ (a unit-triangular solve against I: C²(C − 1), not a
+    matmul), W = T βγK and U' = T βV (2C²(K + V)), else one solve against [βγK | βV]
+    (C(C − 1)(K + V)); then
     O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
     U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
     training forward): the affine maps P = γI − K̃ᵀW, R = K̃ᵀU' batched (2CK(K + V)), the
@@ -102,7 +110,7 @@ def delta_rule_flops(
         return Flops(4 * K * V, 3 * K * V) * (H * T)
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
     matmul = 4 * C * C * K + 2 * C * K * V + 2 * C * C * V
-    if C <= K + V:  # the inverse, then W = T βγK and U' = T βV
+    if C <= K + V or (gated and form == "chunk"):  # the inverse, then W = T βγK and U' = T βV
         matmul += 2 * C * C * (K + V)
         solve = C * C * (C - 1)
     else:  # one solve against [βγK | βV]

@@ -68,7 +68,7 @@ class OpSpec:
         if self.kind == "attn":
             return attention_flops(T, H, K, V)
         if self.kind in ("deltanet", "gdn"):
-            return delta_rule_flops(T, H, K, V, "chunk", C)
+            return delta_rule_flops(T, H, K, V, "chunk", C, gated=self.kind == "gdn")
         gate = {"linear_attn": "none", "simple_gla": "head", "gla": "channel"}[self.kind]
         return gated_linear_flops(T, H, K, V, gate, "chunk", C)
 

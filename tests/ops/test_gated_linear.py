@@ -105,8 +105,7 @@ def test_no_grad_path_matches_recurrent_and_leaves_inputs_alone(
     Time slices of one or two chunks carry the state (two: a ragged last slice is padded)."""
     *dims, C = shape
     B, H = dims[0], dims[2]
-    weight = 4 if gate == "channel" else 1
-    rows = {"one-slice": SLICE_ROWS, "slice-per-chunk": 1}.get(slicing, 2 * B * H * C * weight)
+    rows = {"one-slice": SLICE_ROWS, "slice-per-chunk": 1}.get(slicing, 2 * B * H * C)
     monkeypatch.setattr(_common, "SLICE_ROWS", rows)
     x = make_inputs(*dims, gate=gate, initial_state=True, seed=sum(shape))
     before = {n: t.clone() for n, t in x.items()}

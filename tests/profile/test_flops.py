@@ -25,7 +25,8 @@ from tests.profile.conftest import count_flops
 
 B, H, K, V = 2, 3, 16, 24
 # (T, chunk_size): one token, a partial chunk, whole chunks, a ragged tail; for per-channel gates
-# C = 16 is one sub-chunk (elementwise only) and C = 32 two (a broadcast matmul too).
+# C = 64 > K + V: a gated delta rule chunk inverts, an ungated one (and the parallel form) solves
+# against [βγK | βV]; T = 50 with C = 64 pads the per-channel halving of one chunk to 64.
 LENGTHS = [(1, 16), (11, 16), (40, 16), (40, 32), (64, 32), (50, 64), (128, 64)]
 
 
@@ -60,7 +61,7 @@ def test_delta_rule_matmuls_match_the_counter(gated, form, T, C):
     counted = count_flops(
         lambda: delta_rule(q, F.normalize(k, dim=-1), v, beta, g, form=form, chunk_size=C)
     )
-    assert counted == B * delta_rule_flops(T, H, K, V, form, C).matmul
+    assert counted == B * delta_rule_flops(T, H, K, V, form, C, gated=gated).matmul
 
 
 @pytest.mark.parametrize("T,C", LENGTHS)
@@ -74,8 +75,9 @@ def test_delta_rule_training_forward_matches_the_counter(gated, T, C):
     with FlopCounterMode(display=False) as counter:
         delta_rule(q, F.normalize(k, dim=-1), v, beta, g, form="chunk", chunk_size=C)
     counted = counter.get_total_flops()
-    assert counted == B * delta_rule_flops(T, H, K, V, "chunk", C, autograd=True).matmul
-    assert counted != B * delta_rule_flops(T, H, K, V, "chunk", C).matmul
+    flops = delta_rule_flops(T, H, K, V, "chunk", C, autograd=True, gated=gated)
+    assert counted == B * flops.matmul
+    assert counted != B * delta_rule_flops(T, H, K, V, "chunk", C, gated=gated).matmul
 
 
 @pytest.mark.parametrize(
