@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -317,28 +318,28 @@ def min_bytes(su: Setup, op: str, B: int, T: int, pass_: str) -> int:
     return fwd if pass_ == "fwd" else 2 * fwd
 
 
+def elapsed_ms(cuda: bool, fn) -> float:
+    """One call of fn in ms: CUDA events around it on a GPU, perf_counter on a CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> float:
     """Device-to-device copy of nbytes, bytes read plus written per second: the median of
     `repeats` copies after three warm-ups (CUDA events; perf_counter on a CPU). The ceiling the
     bandwidth fractions are taken of, measured on the machine that is timed."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(3 + repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) * 1e-3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        if i >= 3:
-            times.append(seconds)
-    return 2 * src.numel() * 4 / statistics.median(times)
+    ms = [elapsed_ms(device == "cuda", partial(dst.copy_, src)) for _ in range(3 + repeats)]
+    return 2 * src.numel() * 4 / (statistics.median(ms[3:]) * 1e-3)
 
 
 def time_call(su: Setup, fn, repeats: int) -> dict:
@@ -354,19 +355,7 @@ def time_call(su: Setup, fn, repeats: int) -> dict:
     if su.cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
-        if su.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [elapsed_ms(su.cuda, fn) for _ in range(repeats)]
     peak = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3) if su.cuda else None
     return {"first_s": round(first, 3), "ms": statistics.median(times), "peak_gib": peak}
 
@@ -374,12 +363,12 @@ def time_call(su: Setup, fn, repeats: int) -> dict:
 def runner(impl, xs: list[dict] | dict, pass_: str):
     """A call of impl for time_call; each call takes the next of the input sets xs, in turn."""
     xs = [xs] if isinstance(xs, dict) else xs
-    turn = iter(range(10**12))
+    turn = itertools.cycle(range(len(xs)))
     if pass_ == "fwd":
 
         def fwd():
             with torch.no_grad():
-                impl(xs[next(turn) % len(xs)])
+                impl(xs[next(turn)])
 
         return fwd
     # o has v's shape and dtype (q, k, v [B, T, H, D]; SDPA's [B, H, T, D]); calling impl here
@@ -387,7 +376,7 @@ def runner(impl, xs: list[dict] | dict, pass_: str):
     dos = [torch.randn_like(x["v"].detach()) for x in xs]
 
     def fwd_bwd():
-        i = next(turn) % len(xs)
+        i = next(turn)
         impl(xs[i]).backward(dos[i])
         for t in xs[i].values():
             t.grad = None
