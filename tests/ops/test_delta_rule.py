@@ -352,3 +352,31 @@ def test_output_contract(form):
     torch.testing.assert_close(o2, o_ref, **F64)
     for n, t in x.items():
         assert torch.equal(t, before[n]), f"{n} was modified in place"
+
+
+@pytest.mark.parametrize("C", [1, 7, 8, 16, 24, 32, 48, 64, 96, 128, 256])
+@pytest.mark.parametrize("leaf", [2, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unit_lower_inverse_matches_a_solve(C, leaf, dtype):
+    """The blocked inverse (C = leaf · 2^j) and its fallback (other C) agree with a triangular
+    solve, read only the strict lower part (the diagonal and above hold garbage here), and
+    accept a non-contiguous batch; β up to 2 and unnormalised keys make M far from I."""
+    from seqlab.ops.delta_rule import unit_lower_inverse
+
+    g = torch.Generator().manual_seed(C * 31 + leaf)
+    k = torch.randn(6, C, 16, generator=g, dtype=torch.float64)
+    beta = 2 * torch.rand(6, C, 1, generator=g, dtype=torch.float64)
+    M = (beta * k) @ k.transpose(1, 2) / 16
+    garbage = M + torch.randn(6, C, C, generator=g, dtype=torch.float64).triu() * 1e3
+    eye = torch.eye(C, dtype=torch.float64).expand(6, C, C)
+    want = torch.linalg.solve_triangular(M.tril(-1) + eye, eye, upper=False)
+    for Mx in (garbage.to(dtype), garbage.to(dtype).transpose(1, 2).contiguous().mT):
+        got = unit_lower_inverse(Mx, leaf)
+        assert got.dtype == dtype and got.shape == (6, C, C)
+        assert torch.equal(got.triu(1), torch.zeros_like(got.triu(1)))
+        assert torch.equal(got.diagonal(dim1=1, dim2=2), torch.ones(6, C, dtype=dtype))
+        ref = torch.linalg.solve_triangular(Mx.tril(-1) + eye.to(dtype), eye.to(dtype), upper=False)
+        tol = 1e-9 if dtype == torch.float64 else 2e-4
+        scale = want.abs().amax(dim=(1, 2), keepdim=True)
+        assert ((got.double() - want) / scale).abs().max() < tol
+        assert ((ref.double() - want) / scale).abs().max() < tol
