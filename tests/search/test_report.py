@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from seqlab.search import report
-from tests.search.conftest import add, config_for, demo_study, new_study, random_study
+from tests.search.studies import add, config_for, demo_study, new_study, random_study
 
 
 def losses(study, trial):

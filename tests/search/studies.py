@@ -11,8 +11,6 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 MQAR_OBJECTIVES = ["accuracy", "state_bytes", "params"]
 MQAR_DIRECTIONS = ["maximize", "minimize", "minimize"]
 PATTERNS = ["attn", "gdn", "gdn*3,attn", "gla", "gdn(allow_neg_eigval=true)", "retnet,attn"]
