@@ -3,6 +3,7 @@
 seqlab ops                 # the ops, their forms and state sizes
 seqlab check --seq-len 300 # run every form on random inputs and show its gap to `recurrent`
 seqlab train --task mqar --arch gdn --out runs/mqar-gdn  # train (resumes from --out), record
+seqlab train --config run.toml --set train.lr=3e-3     # an experiment file, dotted overrides
 seqlab results --task mqar --since 2d --csv runs.csv     # recorded runs: table, filters, CSV
 seqlab probe --task mqar --arch attn --arch gdn          # same budget per arch; table + PNG
 seqlab bench --arch attn --arch gdn --seq-lens 512,2k    # cost: time, memory, FLOPs; table + PNG
@@ -321,30 +322,99 @@ def _options(items: list[str] | None, flag: str) -> dict:
         raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="experiment TOML: task, model and train tables; flags and --set override it",
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="KEY=VALUE, a dotted key and a TOML value, after the flags; repeatable "
+        "(train.lr=3e-3, model.pattern=gdn*3,attn, train.betas=[0.9,0.99])",
+    ),
+]
+DumpOption = Annotated[
+    bool, typer.Option(help="print the resolved experiment as TOML and exit, training nothing")
+]
+
+
+def _flags(
+    task: str | None,
+    preset: str | None,
+    task_option: list[str] | None,
+    channel: str | None,
+    **values,
+) -> dict:
+    """The command-line flags given, as dotted experiment keys; '' unsets preset and channel."""
+    flags = {key: value for key, value in values.items() if value is not None}
+    if task is not None:
+        flags["task.name"] = task
+    if preset is not None:
+        flags["task.preset"] = preset or None
+    if channel is not None:
+        flags["model.channel"] = channel or None
+    for key, value in _options(task_option, "--task-option").items():
+        flags[f"task.options.{key}"] = value
+    return flags
+
+
+def _fail(e: ValueError):
+    console.print(f"[red]error:[/red] {escape(str(e))}")
+    return typer.Exit(2)
+
+
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="task name, e.g. mqar, parity, text")],
-    arch: Annotated[str, typer.Option(help="architecture pattern, e.g. 'gdn*3,attn'")] = "attn",
-    preset: Annotated[str, typer.Option(help="task preset ('' for the paper's settings)")] = "cpu",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dump_config: DumpOption = False,
+    task: Annotated[
+        str | None, typer.Option(help="task name, e.g. mqar, parity, text (default mqar)")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="architecture pattern, e.g. 'gdn*3,attn' (default attn)")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="task preset, '' for the paper's settings (default cpu)")
+    ] = None,
     task_option: Annotated[
         list[str] | None, typer.Option(help="task config key=value, repeatable")
     ] = None,
-    d_model: Annotated[int, typer.Option(help="model width")] = 64,
-    n_layers: Annotated[int, typer.Option(help="layers (a multiple of the pattern's length)")] = 2,
-    channel: Annotated[str, typer.Option(help="channel mixer pattern ('' for none)")] = "swiglu",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 64,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 100,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices")] = 0.1,
-    eval_every: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
+    d_model: Annotated[int | None, typer.Option(help="model width (default 64)")] = None,
+    n_layers: Annotated[
+        int | None,
+        typer.Option(help="layers, a multiple of the pattern's length (default: 2 or the length)"),
+    ] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="channel mixer pattern, '' for none (default swiglu)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default 1000)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step (default 64)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default 1e-3)")] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="linear warm-up steps (default 100)")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay on matrices (default 0.1)")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="evaluate and checkpoint every N steps (default 100)")
+    ] = None,
     target_accuracy: Annotated[
         float | None, typer.Option(help="stop once held-out accuracy reaches it")
     ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the weights and the data order")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    seed: Annotated[
+        int | None, typer.Option(help="seed of the weights and the data order (default 0)")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default auto)")
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="checkpoint folder; a run resumes from it")
+        Path | None, typer.Option(help="checkpoint folder (train.out_dir); a run resumes from it")
     ] = None,
     results: Annotated[
         Path | None,
@@ -353,59 +423,69 @@ def train(
         ),
     ] = None,
     record: Annotated[bool, typer.Option(help="record the run in the results store")] = True,
-    progress: Annotated[bool, typer.Option(help="show a progress bar on a terminal")] = True,
+    progress: Annotated[
+        bool | None, typer.Option(help="show a progress bar on a terminal (default on)")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's)")
     ] = None,
 ) -> None:
-    """Train one architecture on a task; resume from --out if it holds a checkpoint."""
-    from seqlab.model.lm import ModelConfig
-    from seqlab.tasks import build_task
+    """Train one architecture on a task; resume from the out folder if it holds a checkpoint.
+    The experiment is --config's file (or the defaults), then the flags given, then --set."""
+    from seqlab.experiment import experiment_to_toml, load_experiment, run_experiment
     from seqlab.train.report import train_table
-    from seqlab.train.results import run_record
-    from seqlab.train.trainer import TrainConfig, Trainer
 
+    flags = _flags(
+        task,
+        preset,
+        task_option,
+        channel,
+        **{
+            "model.pattern": arch,
+            "model.d_model": d_model,
+            "model.n_layers": n_layers,
+            "train.steps": steps,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.warmup_steps": warmup_steps,
+            "train.weight_decay": weight_decay,
+            "train.eval_every": eval_every,
+            "train.target_accuracy": target_accuracy,
+            "train.seed": seed,
+            "train.device": device,
+            "train.out_dir": None if out is None else str(out),
+            "train.progress": progress,
+        },
+    )
+    try:
+        cfg = load_experiment(config, set_ or [], values=flags)
+    except ValueError as e:
+        raise _fail(e) from None
+    if dump_config:
+        typer.echo(experiment_to_toml(cfg), nl=False)
+        return
     # everything the run will need, checked before it starts
-    _device(device)
-    if out is not None:
-        _out_dir(out)
+    _device(cfg.train.device)
+    if cfg.train.out_dir is not None:
+        _out_dir(Path(cfg.train.out_dir))
     store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
+
+    def show(result) -> None:
+        if result.resumed_from is not None:
+            console.print(f"resumed from the checkpoint at step {result.resumed_from}")
+        title = f"{cfg.task.name} · {cfg.model.pattern} · step {result.step}"
+        _print_table(train_table(result, title))
+        style = "red" if result.stop_reason == "non_finite" else "green"
+        console.print(f"[{style}]{escape(result.message)}[/{style}]")
+
     try:
-        the_task = build_task(task, preset=preset or None, **_options(task_option, "--task-option"))
-        model_config = ModelConfig(
-            vocab_size=the_task.vocab_size,
-            d_model=d_model,
-            n_layers=n_layers,
-            pattern=arch,
-            channel=channel or None,
-        )
-        config = TrainConfig.make(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            eval_every=eval_every,
-            target_accuracy=target_accuracy,
-            seed=seed,
-            device=device,
-            out_dir=None if out is None else str(out),
-            progress=progress,
-        )
-        result = Trainer(model_config, the_task, config).run()
+        result, run = run_experiment(cfg, store=store, on_result=show)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    if result.resumed_from is not None:
-        console.print(f"resumed from the checkpoint at step {result.resumed_from}")
-    _print_table(train_table(result, f"{task} · {arch} · step {result.step}"))
-    style = "red" if result.stop_reason == "non_finite" else "green"
-    console.print(f"[{style}]{escape(result.message)}[/{style}]")
-    if store is not None:
-        record_ = run_record(task, the_task, model_config, config, result, preset or None)
-        console.print(f"recorded run {store.add(record_)} in {store.path}")
+        raise _fail(e) from None
+    if run is not None:
+        console.print(f"recorded run {run['id']} in {store.path}")
     if result.stop_reason == "non_finite":
         raise typer.Exit(1)
 
@@ -446,26 +526,44 @@ def results(
 
 @app.command()
 def probe(
-    task: Annotated[str, typer.Option(help="task name")] = "mqar",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dump_config: DumpOption = False,
+    task: Annotated[str | None, typer.Option(help="task name (default mqar)")] = None,
     arch: Annotated[
         list[str] | None,
-        typer.Option(help="pattern, repeatable (default: attn, gdn, 'gdn*3,attn')"),
+        typer.Option(
+            help="pattern, repeatable; replaces the config's model.pattern (default: the "
+            "config's pattern if it sets one, else attn, gdn, 'gdn*3,attn')"
+        ),
     ] = None,
-    preset: Annotated[str, typer.Option(help="task preset ('' for the paper's settings)")] = "cpu",
+    preset: Annotated[
+        str | None, typer.Option(help="task preset, '' for the paper's settings (default cpu)")
+    ] = None,
     task_option: Annotated[
         list[str] | None, typer.Option(help="task config key=value, repeatable")
     ] = None,
-    steps: Annotated[int, typer.Option(help="optimizer steps for every architecture")] = 200,
-    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 32,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices")] = 0.1,
-    d_model: Annotated[int, typer.Option(help="model width")] = 64,
+    steps: Annotated[
+        int | None, typer.Option(help="optimizer steps for every architecture (default 200)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step (default 32)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default 3e-3)")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay on matrices (default 0.1)")
+    ] = None,
+    d_model: Annotated[int | None, typer.Option(help="model width (default 64)")] = None,
     n_layers: Annotated[
         int | None, typer.Option(help="layers (default: 2, or the pattern's length)")
     ] = None,
-    channel: Annotated[str, typer.Option(help="channel mixer pattern ('' for none)")] = "swiglu",
-    seed: Annotated[int, typer.Option(help="seed of the weights and the data order")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    channel: Annotated[
+        str | None, typer.Option(help="channel mixer pattern, '' for none (default swiglu)")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of the weights and the data order (default 0)")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default auto)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for the PNG and the CSV")] = Path(
         "probe-results"
     ),
@@ -476,45 +574,65 @@ def probe(
         ),
     ] = None,
     record: Annotated[bool, typer.Option(help="record every run in the results store")] = True,
-    progress: Annotated[bool, typer.Option(help="show a progress bar on a terminal")] = True,
+    progress: Annotated[
+        bool | None, typer.Option(help="show a progress bar on a terminal (default on)")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's)")
     ] = None,
 ) -> None:
     """Train each architecture on a task with the same budget; print accuracy per slice, params,
-    state bytes and time; plot accuracy against state bytes."""
-    from seqlab.train.probe import plot_probe
-    from seqlab.train.probe import probe as run_probe
+    state bytes and time; plot accuracy against state bytes. The experiment (--config, the
+    flags, --set) is the base whose model.pattern each --arch replaces; by default warm-up is
+    a tenth of the steps (at most 100) and evaluation comes once, at the end."""
+    from seqlab.experiment import experiment_data, experiment_from_dict, experiment_to_toml
+    from seqlab.train.probe import plot_probe, probe_experiments
     from seqlab.train.report import probe_table, write_probe_csv
-    from seqlab.train.trainer import TrainConfig
 
-    _device(device)
+    flags = _flags(
+        task,
+        preset,
+        task_option,
+        channel,
+        **{
+            "model.d_model": d_model,
+            "model.n_layers": n_layers,
+            "train.steps": steps,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.weight_decay": weight_decay,
+            "train.seed": seed,
+            "train.device": device,
+            "train.progress": progress,
+        },
+    )
+    defaults = {"train.steps": 200, "train.batch_size": 32, "train.lr": 3e-3}
+    try:
+        data = experiment_data(config, set_ or [], defaults=defaults, values=flags)
+        budget = data["train"]
+        if isinstance(budget["steps"], int) and not isinstance(budget["steps"], bool):
+            budget.setdefault("warmup_steps", min(100, budget["steps"] // 10))
+            budget.setdefault("eval_every", budget["steps"])
+        base = experiment_from_dict(data)
+    except ValueError as e:
+        raise _fail(e) from None
+    if dump_config:
+        typer.echo(experiment_to_toml(base), nl=False)
+        return
+    archs = arch or (
+        [base.model.pattern]
+        if "pattern" in data.get("model", {})
+        else ["attn", "gdn", "gdn*3,attn"]
+    )
+    _device(base.train.device)
     _out_dir(out)
     store = _store(results, "--results") if record else None
     if threads:
         torch.set_num_threads(threads)
-    archs = arch or ["attn", "gdn", "gdn*3,attn"]
     try:
-        config = TrainConfig.make(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            warmup_steps=min(100, steps // 10),
-            weight_decay=weight_decay,
-            eval_every=steps,
-            seed=seed,
-            device=device,
-            progress=progress,
-        )
-        rows = run_probe(
-            task,
+        rows = probe_experiments(
+            base,
             archs,
-            preset=preset or None,
-            task_options=_options(task_option, "--task-option"),
-            d_model=d_model,
-            n_layers=n_layers,
-            channel=channel or None,
-            train_config=config,
             store=store,
             on_result=lambda row: console.print(
                 f"{escape(row.arch)}: accuracy {100 * row.accuracy:.1f}% "
@@ -522,12 +640,13 @@ def probe(
             ),
         )
     except ValueError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    title = f"probe · {task} ({preset or 'paper'}) · d_model {d_model} · {steps} steps"
+        raise _fail(e) from None
+    name, steps_ = base.task.name, base.train.steps
+    title = f"probe · {name} ({base.task.preset or 'paper'}) · d_model {base.model.d_model}"
+    title += f" · {steps_} steps"
     _print_table(probe_table(rows, f"{title} · held-out accuracy % by slice"))
-    png = plot_probe(rows, out / f"probe-{task}.png", title=title)
-    table_csv = write_probe_csv(rows, out / f"probe-{task}.csv")
+    png = plot_probe(rows, out / f"probe-{name}.png", title=title)
+    table_csv = write_probe_csv(rows, out / f"probe-{name}.csv")
     console.print(f"wrote {png} and {table_csv}")
 
 

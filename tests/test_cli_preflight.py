@@ -38,7 +38,6 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr("seqlab.train.trainer.Trainer.run", work)
-    monkeypatch.setattr("seqlab.train.probe.train", work)
     monkeypatch.setattr("seqlab.profile.bench.time_call", work)
 
 

@@ -11,6 +11,7 @@ its length.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,3 +103,11 @@ def expand_pattern(pattern: str, n_layers: int | None = None) -> list[LayerSpec]
             f"pattern {pattern!r}"
         )
     return layers * (n_layers // len(layers))
+
+
+def layers_for(pattern: str, n_layers: int | None, default: int = 2) -> int:
+    """`n_layers` if given; else the smallest multiple of the pattern's length ≥ `default`."""
+    if n_layers is not None:
+        return n_layers
+    period = len(parse_pattern(pattern))
+    return period * math.ceil(default / period)

@@ -36,6 +36,13 @@ TASKS: dict[str, tuple[type[Config], type[Task]]] = {
 def build_task(name: str, preset: str | None = None, **options: Any) -> Task:
     """The task `name`, its config from the preset's options updated by `options`. Config
     defaults are the source papers' settings; `preset="cpu"` scales a task down for a laptop."""
+    config = task_config(name, preset, **options)
+    return TASKS[name][1](config)
+
+
+def task_config(name: str, preset: str | None = None, **options: Any) -> Config:
+    """The config `build_task` would give the task, checked without building the task (no data
+    is made): an unknown name, preset or option is a ValueError listing the valid ones."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid names: {', '.join(TASKS)}")
     config_cls, task_cls = TASKS[name]
@@ -45,7 +52,7 @@ def build_task(name: str, preset: str | None = None, **options: Any) -> Task:
             f"{', '.join(task_cls.presets) or 'none'}"
         )
     base = task_cls.presets[preset] if preset is not None else {}
-    return task_cls(config_cls.make(**{**base, **options}))
+    return config_cls.make(**{**base, **options})
 
 
 __all__ = [
@@ -59,4 +66,5 @@ __all__ = [
     "build_task",
     "evaluate_slices",
     "example_accuracy",
+    "task_config",
 ]

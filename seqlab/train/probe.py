@@ -2,6 +2,7 @@
 compare accuracy with state size.
 
     rows = probe("mqar", ["attn", "gdn(num_heads=2,head_dim=32)", "gla"], steps=300)
+    rows = probe_experiments(load_experiment("base.toml"), ["attn", "gdn"])
     plot_probe(rows, "probe-mqar.png", title="mqar")
 
 From the command line: `seqlab probe --task mqar --arch attn --arch gla --out probe/`.
@@ -15,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from seqlab.experiment import ExperimentConfig, experiment_from_dict, run_experiment
 from seqlab.files import write_atomic
-from seqlab.model.lm import CausalLM, ModelConfig
-from seqlab.model.pattern import parse_pattern
-from seqlab.tasks import build_task
-from seqlab.train.results import ResultsStore, run_record
-from seqlab.train.trainer import TrainConfig, TrainResult, train
+from seqlab.model.pattern import layers_for  # noqa: F401 (re-exported: it lived here)
+from seqlab.train.results import ResultsStore
+from seqlab.train.trainer import TrainConfig, TrainResult
 
 
 @dataclass
@@ -48,14 +46,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B" if i == 0 else f"{n:.3g} {units[i]}"
 
 
-def layers_for(pattern: str, n_layers: int | None, default: int = 2) -> int:
-    """`n_layers` if given; else the smallest multiple of the pattern's length ≥ `default`."""
-    if n_layers is not None:
-        return n_layers
-    period = len(parse_pattern(pattern))
-    return period * math.ceil(default / period)
-
-
 def probe(
     task_name: str,
     archs: Sequence[str],
@@ -71,25 +61,41 @@ def probe(
     """Train each architecture (a pattern) on the task with the same TrainConfig and model width;
     `n_layers=None` gives each pattern its own smallest multiple ≥ 2. With `store`, each run is
     recorded, tagged "probe". Runs keep no checkpoints (the TrainConfig's out_dir is ignored)."""
+    base = experiment_from_dict(
+        {
+            "task": {"name": task_name, "preset": preset, "options": task_options or {}},
+            "model": {"d_model": d_model, "n_layers": n_layers, "channel": channel},
+            "train": (train_config or TrainConfig()).model_dump(),
+        }
+    )
+    return probe_experiments(base, archs, store=store, on_result=on_result)
+
+
+def probe_experiments(
+    base: ExperimentConfig,
+    archs: Sequence[str],
+    store: ResultsStore | None = None,
+    on_result: Callable[[ProbeRow], None] | None = None,
+) -> list[ProbeRow]:
+    """Run `base` once per architecture, its model.pattern replaced by each; every arch is
+    checked before the first trains. Runs keep no checkpoints (train.out_dir is ignored)."""
     if not archs:
         raise ValueError("probe: give at least one architecture")
-    task = build_task(task_name, preset=preset, **(task_options or {}))
-    config = (train_config or TrainConfig()).model_copy(update={"out_dir": None})
-    model_configs = [
-        _model_config(arch, task.vocab_size, d_model, n_layers, channel) for arch in archs
-    ]
+    configs = []
+    for arch in archs:
+        try:
+            configs.append(base.updated({"model.pattern": arch, "train.out_dir": None}))
+        except ValueError as e:
+            raise ValueError(f"arch {arch!r}: {e}") from None
+    task = base.task.build()
+    extra = {"tags": {"probe": base.task.name, "archs": list(archs)}}
     rows = []
-    for arch, model_config in zip(archs, model_configs, strict=True):
-        result = train(model_config, task, config)
-        run_id = None
-        if store is not None:
-            tags = {"probe": task_name, "archs": list(archs)}
-            record = run_record(task_name, task, model_config, config, result, preset, tags)
-            run_id = store.add(record)
+    for config in configs:
+        result, record = run_experiment(config, store=store, extra=extra, task=task)
         row = ProbeRow(
-            arch=arch,
-            n_layers=model_config.n_layers,
-            run_id=run_id,
+            arch=config.model.pattern,
+            n_layers=result.model.config.n_layers,
+            run_id=None if record is None else record["id"],
             result=result,
             params=result.model.num_params(),
             state_bytes=result.model.state_bytes_for(1, task.seq_len),
@@ -98,26 +104,6 @@ def probe(
         if on_result is not None:
             on_result(row)
     return rows
-
-
-def _model_config(
-    arch: str, vocab_size: int, d_model: int, n_layers: int | None, channel: str | None
-) -> ModelConfig:
-    """The model of one probed arch, built on the meta device (no memory) to check it: every
-    arch is checked before the first trains."""
-    try:
-        config = ModelConfig(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layers=layers_for(arch, n_layers),
-            pattern=arch,
-            channel=channel,
-        )
-        with torch.device("meta"):
-            CausalLM(config)
-    except ValueError as e:
-        raise ValueError(f"arch {arch!r}: {e}") from None
-    return config
 
 
 def plot_probe(rows: Sequence[ProbeRow], path: str | Path, title: str = "") -> Path:
