@@ -39,3 +39,9 @@ def _import_kernels() -> None:
 
 if HAVE_TRITON:
     _import_kernels()
+
+# Typer's rich errors are boxed as wide as the terminal (80 columns without one), so a long
+# temporary path in a message would wrap mid-path and a test searching the output for it would
+# depend on where pytest puts its temporary folders. Typer reads TERMINAL_WIDTH when it first
+# formats an error (pytest's own output keeps COLUMNS).
+os.environ["TERMINAL_WIDTH"] = "1000"

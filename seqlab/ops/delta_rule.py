@@ -218,12 +218,15 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
         dec = None if decay is None else decay.view(N, B * H, 1, 1)
         states = q.new_empty(N + 1, B * H, K, V)  # the state at each chunk's start, then S_N
         states[0].copy_(S)
+        # (`out=`, not `baddbmm_`: torch's FlopCounterMode counts no in-place baddbmm_.)
         for n in range(N):
-            U_n[n].baddbmm_(W_n[n], states[n], alpha=-1)  # U' becomes U in place
+            U, S_next = U_n[n], states[n + 1]
+            torch.baddbmm(U, W_n[n], states[n], alpha=-1, out=U)  # U' becomes U in place
             if dec is None:
-                torch.baddbmm(states[n], kdt_n[n], U_n[n], out=states[n + 1])
+                torch.baddbmm(states[n], kdt_n[n], U, out=S_next)
             else:
-                torch.mul(states[n], dec[n], out=states[n + 1]).baddbmm_(kdt_n[n], U_n[n])
+                torch.mul(states[n], dec[n], out=S_next)
+                torch.baddbmm(S_next, kdt_n[n], U, out=S_next)
         U, S, starts = U_pre, states[N], states[:N].view(-1, K, V)
     else:  # the affine map of each chunk batched: one [K, K] @ [K, V] product per step
         P = (kdt @ W).neg_()  # γ_{C-1} I − K̃ᵀ W once the diagonal is added

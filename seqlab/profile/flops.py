@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from seqlab.ops.delta_rule import INVERSE_LEAF
+
 Gate = Literal["none", "head", "channel"]
 
 
@@ -84,6 +86,23 @@ def gated_linear_flops(
     return Flops(matmul, other) * (H * N)
 
 
+def unit_lower_inverse_flops(C: int, leaf: int = INVERSE_LEAF) -> Flops:
+    """`seqlab.ops.delta_rule.unit_lower_inverse` of one [C, C] matrix.
+
+    Where C = leaf · 2^j (j ≥ 1): a solve per [leaf, leaf] diagonal block, C · leaf(leaf − 1),
+    then at each block size s = leaf, 2·leaf, …, C/2 the C / 2s pairs take two [s, s] products,
+    2C s² in all per level. Other C: one solve against I, C²(C − 1).
+    """
+    leaves = C // leaf
+    if C <= leaf or leaves * leaf != C or leaves & (leaves - 1):
+        return Flops(0, C * C * (C - 1))
+    matmul, s = 0, leaf
+    while s < C:
+        matmul += 2 * C * s * s
+        s *= 2
+    return Flops(matmul, C * leaf * (leaf - 1))
+
+
 def delta_rule_flops(
     T: int,
     H: int,
@@ -97,8 +116,8 @@ def delta_rule_flops(
     """`delta_rule` over T tokens, without a gate or with one (`gated`).
 
     Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K); for C ≤ K + V, and in a gated chunk form
-    for any C, the inverse T = M⁻¹ (a unit-triangular solve against I: C²(C − 1), not a
-    matmul), W = T βγK and U' = T βV (2C²(K + V)), else one solve against [βγK | βV]
+    for any C, the inverse T = M⁻¹ (`unit_lower_inverse_flops`: block solves and products),
+    W = T βγK and U' = T βV (2C²(K + V)), else one solve against [βγK | βV]
     (C(C − 1)(K + V)); then
     O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
     U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
@@ -111,8 +130,9 @@ def delta_rule_flops(
     C, N = _chunks(T, T if form == "parallel" else chunk_size)
     matmul = 4 * C * C * K + 2 * C * K * V + 2 * C * C * V
     if C <= K + V or (gated and form == "chunk"):  # the inverse, then W = T βγK and U' = T βV
-        matmul += 2 * C * C * (K + V)
-        solve = C * C * (C - 1)
+        inverse = unit_lower_inverse_flops(C)
+        matmul += 2 * C * C * (K + V) + inverse.matmul
+        solve = inverse.other
     else:  # one solve against [βγK | βV]
         solve = C * (C - 1) * (K + V)
     if autograd:
