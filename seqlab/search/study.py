@@ -84,6 +84,7 @@ CONNECT_TIMEOUT_S = 10  # for a database server
 POLL_S = 1.0  # how often the calling process looks for finished trials while workers run
 STOP_TIMEOUT_S = 30  # how long an interrupted worker gets to record its trial before it is killed
 FAIL_REASON_CHARS = 300
+WORKER_ERROR_CHARS = 4000  # of a worker process's traceback, sent to the caller
 INSTALL_SEARCH = "pip install -e '.[search]'"
 Objective = Callable[[optuna.Trial], Sequence[float]]
 
@@ -562,9 +563,11 @@ def _process_worker(
     try:
         _work(objective, plan, index)
     except KeyboardInterrupt:
-        conn.send("interrupted")
-    except BaseException:
-        conn.send(traceback.format_exc())
+        conn.send(("interrupted", None))
+    except BaseException as e:
+        # the traceback's end only: the caller reads once the worker has ended, and a message
+        # over the pipe's buffer would keep it from ending
+        conn.send((f"raised {_reason(e)}", traceback.format_exc()[-WORKER_ERROR_CHARS:]))
     else:
         conn.send(None)
 
@@ -748,14 +751,22 @@ def run_study(
         stops = _run_ray(objective, plan, workers, threads, ray_address, monitor)
     monitor.poll()
     done = finished_trials(study)
-    problems = "; ".join(f"worker {i}: {why}" for i, why in stops.items())
+    problems = "; ".join(f"worker {i}: {why}" for i, (why, _) in sorted(stops.items()))
+    tracebacks = "".join(
+        f"\n\nworker {i}'s traceback:\n{trace}" for i, (_, trace) in sorted(stops.items()) if trace
+    )
     if done < n_trials:
         raise SearchError(
             f"study {study_name!r} has {done} of {n_trials} finished trials and its workers "
-            f"stopped: {problems}. Rerun the same command to go on"
+            f"stopped: {problems}. Rerun the same command to go on.{tracebacks}"
         )
     if problems:
-        log.warning("study %r is complete, though a worker stopped early: %s", study_name, problems)
+        log.warning(
+            "study %r is complete, though a worker stopped early: %s%s",
+            study_name,
+            problems,
+            tracebacks,
+        )
     return study
 
 
@@ -771,8 +782,9 @@ def _check_picklable(objective: Objective) -> None:
 
 def _run_processes(
     objective: Objective, plan: _Plan, workers: int, monitor: _Monitor
-) -> dict[int, str]:
-    """`workers` spawned processes; returns, for each that did not end well, why."""
+) -> dict[int, tuple[str, str | None]]:
+    """`workers` spawned processes; returns, for each that did not end well, why (and its
+    traceback, if it raised)."""
     _check_picklable(objective)
     context = multiprocessing.get_context("spawn")
     procs = {}
@@ -786,7 +798,7 @@ def _run_processes(
         p.start()
         send.close()
         procs[i] = (p, receive)
-    stops: dict[int, str] = {}
+    stops: dict[int, tuple[str, str | None]] = {}
 
     def collect(i: int) -> None:
         p, receive = procs.pop(i)
@@ -797,9 +809,9 @@ def _run_processes(
             message = None
         if p.exitcode != 0:
             how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-            stops[i] = f"process {p.pid} ended by {how}"
+            stops[i] = (f"process {p.pid} ended by {how}", None)
         elif message is not None:
-            stops[i] = f"process {p.pid}: {message}"
+            stops[i] = (f"process {p.pid} {message[0]}", message[1])
 
     try:
         while procs:
@@ -831,8 +843,8 @@ def _run_ray(
     threads: int | None,
     address: str | None,
     monitor: _Monitor,
-) -> dict[int, str]:
-    """`workers` Ray tasks; returns, for each that did not end well, why."""
+) -> dict[int, tuple[str, str | None]]:
+    """`workers` Ray tasks; returns, for each that did not end well, why (and its traceback)."""
     try:
         import ray
     except ImportError:
@@ -850,7 +862,7 @@ def _run_ray(
             raise ValueError(f"threads={threads} per worker, but the Ray cluster has {cpus} CPUs")
         task = ray.remote(_work).options(num_cpus=plan.threads, name="seqlab-search-worker")
         pending = {task.remote(objective, plan, i): i for i in range(workers)}
-        stops: dict[int, str] = {}
+        stops: dict[int, tuple[str, str | None]] = {}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
@@ -858,8 +870,8 @@ def _run_ray(
                     i = pending.pop(ref)
                     try:
                         ray.get(ref)
-                    except Exception as e:
-                        stops[i] = str(e)
+                    except Exception as e:  # RayTaskError and the like: `cause` is what was raised
+                        stops[i] = (f"raised {_reason(getattr(e, 'cause', None) or e)}", str(e))
                 monitor.poll()
         except KeyboardInterrupt:
             for ref in pending:

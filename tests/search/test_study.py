@@ -407,19 +407,23 @@ def test_workers_need_a_picklable_objective(tmp_path):
         )
 
 
-def test_workers_that_all_crash_are_a_search_error(tmp_path):
-    # a crash (exit code 3) at step 2 of candidate a=5; its retry crashes the other worker too
+def test_workers_that_stop_are_a_search_error(tmp_path):
+    # one worker's trial crashes its process (exit code 3), the other's raises SystemExit
     with pytest.raises(SearchError) as e:
         run(
             tmp_path,
             n=3,
             workers=2,
             threads=1,
-            toy={"fail": {5: "exit"}},
-            enqueue=[{"a": 5, "b": 0}],
-            failed_trial_max_retry=1,
+            toy={"fail": {5: "exit", 6: "quit"}},
+            enqueue=[{"a": 5, "b": 0}, {"a": 6, "b": 0}],
+            failed_trial_max_retry=0,
         )
     message = str(e.value)
-    assert "has 2 of 3 finished trials and its workers stopped" in message
-    assert re.search(r"worker 0: process \d+ ended by exit code 3", message), message
-    assert re.search(r"worker 1: process \d+ ended by exit code 3", message), message
+    # the crashed trial is finished (FAIL, no retry) only if the other worker saw it go stale
+    assert re.search(r"has [01] of 3 finished trials and its workers stopped", message), message
+    assert re.search(r"worker [01]: process \d+ ended by exit code 3", message), message
+    quits = r"worker ([01]): process \d+ raised SystemExit: toy candidate a=6,b=0 quits[;.]"
+    assert re.search(quits, message), message
+    worker = re.search(quits, message).group(1)
+    assert f"worker {worker}'s traceback:\nTraceback (most recent call last)" in message

@@ -4,7 +4,7 @@ into <out>/trials/<key>/ and resumes from it. Its user_attrs say which process r
 with how many torch threads ("threads", when torch is loaded), from which step it started
 ("resumed_from") and which folder it trains in ("key"). Candidates listed in `fail` fail at step 2:
 "raise" raises, "own" sets its own fail_reason and raises, "nan" returns nan, "exit" ends the
-process at once (exit code 3), as a crash would.
+process at once (exit code 3), as a crash would, "quit" raises SystemExit (no Exception).
 
     python -m tests.search.toy '{"toy": {...}, "run": {...}}'   # run_study on it, as a search does
 
@@ -47,7 +47,7 @@ class Toy:
     out: str
     steps: int = 4
     step_seconds: float = 0.05
-    fail: dict[int, str] = field(default_factory=dict)  # a → "raise", "own", "nan" or "exit"
+    fail: dict[int, str] = field(default_factory=dict)  # a → "raise", "own", "nan", "exit"...
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         a = trial.suggest_int("a", 0, 999)
@@ -71,6 +71,8 @@ class Toy:
                 return float("nan"), float(b)
             if step == 2 and self.fail.get(a) == "exit":
                 os._exit(3)
+            if step == 2 and self.fail.get(a) == "quit":
+                raise SystemExit(f"toy candidate {trial_key} quits")
             write_text_atomic(path, json.dumps({"step": step + 1}))
         trial.set_user_attr("constraints", [a - 900.0])
         return (a % 97) / 97, float(b + 1)
