@@ -6,6 +6,8 @@ seqlab train --task mqar --arch gdn --out runs/mqar-gdn  # train (resumes from -
 seqlab train --config run.toml --set train.lr=3e-3     # an experiment file, dotted overrides
 seqlab results --task mqar --since 2d --csv runs.csv     # recorded runs: table, filters, CSV
 seqlab probe --task mqar --arch attn --arch gdn          # same budget per arch; table + PNG
+seqlab search --task mqar --space demo --trials 12       # architecture search; Pareto front
+seqlab search export --out seqlab-search --trial 3       # a trial's experiment as TOML
 seqlab bench --arch attn --arch gdn --seq-lens 512,2k    # cost: time, memory, FLOPs; table + PNG
 """
 
@@ -24,8 +26,10 @@ from rich.table import Table
 from seqlab.ops import delta_rule, gated_linear
 from seqlab.ops.attention import attention, naive_attention
 from seqlab.profile.bench import PRESETS, BenchConfig, command_line, parse_seq_lens, run_bench
+from seqlab.search.cli import search_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app.add_typer(search_app, name="search")
 console = Console()
 
 # name, recurrence, forms, state per head per sequence (fp32 elements → bytes).

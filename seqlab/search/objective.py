@@ -124,8 +124,11 @@ def identity_hash(cfg: ExperimentConfig) -> str:
 
 
 def trial_folder_name(key: str, identity: str) -> str:
-    """A folder name for a candidate: its key as safe text (cut short), then its identity."""
-    text = re.sub(r"[^A-Za-z0-9.=]+", "-", key).strip("-")[:64]
+    """A folder name for a candidate: its key as safe text (cut short, at a whole part), then
+    its identity."""
+    text = re.sub(r"[^A-Za-z0-9.=]+", "-", key).strip("-")
+    if len(text) > 64:
+        text = text[:65].rsplit("-", 1)[0]
     return f"{text}-{identity}"
 
 
