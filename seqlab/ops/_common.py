@@ -212,28 +212,43 @@ def from_chunks(o: torch.Tensor, B: int, T: int, H: int, out: torch.Tensor | Non
 # is a normal float32, and the decay factors it stands in for are smaller still, so each such
 # factor (≤ 1, multiplying values of the inputs' scale) changes by less than 1.8e-35 of that
 # scale: below float32 and float64 round-off (tests/ops compare against the recurrent form at
-# log-decay −20, −100 and −1e4 per step). Products of such a factor can still be denormal;
-# multiplies and matmuls on denormals measured no slower here, exp was the whole cliff.
+# log-decay −20, −100 and −1e4 per step).
+# Products are the second cliff. On an Intel Xeon VM (2026-12-05) a float32 matmul or multiply whose
+# operands or results are denormal ran 6-8x slower (the gated delta rule's chunk form at T = 8192
+# under strong gates: 488 ms, 58 ms with flush-to-zero set), while the AMD VM showed no such
+# penalty. A factor of exp(−80) times a value of 1e-4 is already denormal, and the chunk forms
+# multiply decay factors by inputs and by each other. So in float32 (the compute dtype of float16
+# and bfloat16 too) the floor is EXP_FLOOR_32 = −30: exp(−30) ≈ 9.4e-14, and a product of two such
+# factors with a value of 1e-12 is still a normal float32. The factors it stands in for change by
+# less than 9.4e-14 of the scale of what they multiply, far below float32's round-off (1.2e-7);
+# float64, whose denormals start near 1e-308, keeps −80.
 EXP_FLOOR = -80.0
+EXP_FLOOR_32 = -30.0
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """The lowest exp argument the chunk forms take in `dtype` (see EXP_FLOOR)."""
+    return EXP_FLOOR if dtype == torch.float64 else EXP_FLOOR_32
 
 
 def decay_exp(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """exp(x) for a log-decay x ≤ 0, its argument clamped to [EXP_FLOOR, 0] (see EXP_FLOOR).
+    """exp(x) for a log-decay x ≤ 0, its argument clamped to [exp_floor(dtype), 0] (EXP_FLOOR).
 
     `inplace`: x is a fresh intermediate that may be overwritten (only without autograd).
     """
+    floor = exp_floor(x.dtype)
     if inplace:
-        return x.clamp_(EXP_FLOOR, 0.0).exp_()
-    return x.clamp(EXP_FLOOR, 0.0).exp()
+        return x.clamp_(floor, 0.0).exp_()
+    return x.clamp(floor, 0.0).exp()
 
 
 def causal_decay(b: torch.Tensor) -> torch.Tensor:
     """Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal; b [..., C] → [..., C, C].
 
-    Exponents are clamped to [EXP_FLOOR, 0] before the exp, so nothing overflows and exp stays
-    on its fast path, and the upper part is zeroed after it (exp of a −inf mask is several times
-    slower than exp of finite values on a CPU). Without autograd every step is in place on the
-    one fresh [..., C, C] tensor.
+    Exponents are clamped to [exp_floor(dtype), 0] before the exp, so nothing overflows and exp
+    stays on its fast path, and the upper part is zeroed after it (exp of a −inf mask is several
+    times slower than exp of finite values on a CPU). Without autograd every step is in place on
+    the one fresh [..., C, C] tensor.
     """
     d = b[..., :, None] - b[..., None, :]
     inplace = not torch.is_grad_enabled()

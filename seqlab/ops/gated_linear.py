@@ -5,8 +5,9 @@
 `g` is absent (linear attention), a per-head scalar [B, T, H] (RetNet, Mamba-2, simple GLA) or a
 per-key-channel vector [B, T, H, K] (GLA, HGRN-2), always in log space and ≤ 0. Inside a chunk
 every decay is written as exp(b_i − b_j) with j ≤ i, so it never overflows (MATH.md §1), and its
-exponent is clamped at `_common.EXP_FLOOR` (−80), so strong decay costs no time (exp's slow path
-for results below the normal range) and changes nothing above round-off.
+exponent is clamped at `_common.exp_floor` (−30 in float32, −80 in float64), so strong decay
+costs no time (the slow paths of exp, matmuls and multiplies for values below the normal range)
+and changes nothing above round-off.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _intra_channel(q, k, b):
 
     Elementwise from one [C, C, K] log-space tensor: the parallel form's oracle (the chunk form
     uses `_intra_channel_av`, which forms no such tensor). Exponents are clamped to
-    [EXP_FLOOR, 0] and the upper part zeroed after the exp (exp of −inf is slow on a CPU).
+    [exp_floor, 0] and the upper part zeroed after the exp (exp of −inf is slow on a CPU).
     """
     C = q.shape[-2]
     upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)[..., None]

@@ -82,7 +82,7 @@ from seqlab.mixers import MIXERS, build_mixer
 from seqlab.model.pattern import LayerSpec, expand_pattern, layers_for
 from seqlab.train.trainer import TrainConfig
 
-SHIPPED = ("default", "demo")
+SHIPPED = ("default", "demo", "parity")
 PLACEMENTS = ("striped", "last", "first")
 NONE = "none"
 # Set per trial by the search, never by a space.

@@ -2,14 +2,16 @@
 
 Run: .venv/bin/python -m pytest tests/ops/test_strong_gates.py -q
 
-The chunk forms clamp every exp of a log-decay to [EXP_FLOOR, 0] (seqlab.ops._common): PyTorch's
-CPU exp is 10-35x slower for float32 arguments below about −87.3, where the result is denormal or
-0, which made the chunk forms slower with the gate values. The clamp replaces factors below
-exp(−80) ≈ 1.8e-35 by that value, so the forms must still agree with the recurrent form (which
-does not clamp) to float64 round-off at per-step log-decay −20, −100 and −1e4, forward and
-backward; and, watched at the aten level, no exp in a float32 chunk form (forward or backward)
-may take an argument below the floor or return a denormal, whatever the gates. Speed itself is
-measured by benchmarks/bench_ops_cpu.py --gates, never asserted here.
+The chunk forms clamp every exp of a log-decay to [exp_floor(dtype), 0] (seqlab.ops._common):
+PyTorch's CPU exp is 10-35x slower for float32 arguments below about −87.3, where the result is
+denormal or 0, and on some CPUs (an Intel Xeon VM) matmuls and multiplies with denormal operands
+or results are 6-8x slower, which made the chunk forms slower with the gate values. The clamp
+replaces factors below exp(−80) ≈ 1.8e-35 (float64) or exp(−30) ≈ 9.4e-14 (float32) by that
+value, so the forms must still agree with the recurrent form (which does not clamp) to float64
+round-off at per-step log-decay −20, −100 and −1e4, forward and backward; and, watched at the
+aten level, no exp in a float32 chunk form (forward or backward) may take an argument below the
+floor or return a denormal, and no matmul or multiply may see a denormal, whatever the gates.
+Speed itself is measured by benchmarks/bench_ops_cpu.py --gates, never asserted here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seqlab.ops._common import EXP_FLOOR
+from seqlab.ops._common import EXP_FLOOR_32
 from seqlab.ops.delta_rule import chunk_delta_rule, parallel_delta_rule, recurrent_delta_rule
 from seqlab.ops.gated_linear import (
     chunk_gated_linear,
@@ -90,17 +92,47 @@ def test_strong_gates_match_recurrent_float64(name, gate, beta, fill):
         assert_same_run(run, ref, **F64, label=f"{label}, log-decay {fill}")
 
 
+# products whose float32 operands and results the spy watches for denormals
+PRODUCTS = {
+    torch.ops.aten.mm,
+    torch.ops.aten.bmm,
+    torch.ops.aten.baddbmm,
+    torch.ops.aten.addmm,
+    torch.ops.aten.mul,
+    torch.ops.aten.mul_,
+}
+
+
+def smallest_nonzero(tensors) -> float:
+    """The smallest nonzero |value| of the float32 tensors among `tensors` (1.0 if none)."""
+    mins = [1.0]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel():
+            nz = t.abs()[t != 0]
+            if nz.numel():
+                mins.append(nz.min().item())
+    return min(mins)
+
+
 class ExpSpy(TorchDispatchMode):
     """Records every aten exp call on float32: (smallest argument, smallest nonzero |result|),
-    and the smallest nonzero |value| of every float32 triangular-solve operand."""
+    the smallest nonzero |value| of every float32 triangular-solve operand, and of every float32
+    operand and result of a product (matmul or multiply: `product_tiny`, (op, value))."""
 
     def __init__(self):
         super().__init__()
         self.exps: list[tuple[float, float]] = []
         self.solve_tiny: list[float] = []
+        self.product_tiny: list[tuple[str, float]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         x = args[0] if args else None
+        if func.overloadpacket in PRODUCTS:
+            tiny = smallest_nonzero(args)  # before an in-place op runs
+            out = func(*args, **(kwargs or {}))
+            tiny = min(tiny, smallest_nonzero(out if isinstance(out, tuple) else (out,)))
+            self.product_tiny.append((func.overloadpacket.__name__, tiny))
+            return out
         arg_min = None
         is_exp = func.overloadpacket in (torch.ops.aten.exp, torch.ops.aten.exp_)
         if is_exp and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
@@ -120,9 +152,10 @@ class ExpSpy(TorchDispatchMode):
 @pytest.mark.parametrize("fill", [-3.0, -20.0, -1e4, "random strong", "mixed"], ids=str)
 @pytest.mark.parametrize("name,gate,beta", CASES, ids=lambda p: str(p))
 def test_chunk_forms_keep_exp_off_its_slow_path(name, gate, beta, fill):
-    """float32, forward and backward, chunk sizes 64 and 24: every exp argument is ≥ EXP_FLOOR
-    (exp's fast path), no exp result and no triangular-solve operand is a denormal, and there
-    were exps to watch (the spy sees the forms' work)."""
+    """float32, forward and backward, chunk sizes 64 and 24: every exp argument is ≥ the float32
+    floor (exp's fast path), no exp result, no triangular-solve operand and no operand or result
+    of a matmul or multiply is a denormal, and there were exps to watch (the spy sees the forms'
+    work)."""
     _, chunk, _ = forms(name, beta)
     x = {n: t.float() for n, t in inputs(gate, beta, fill, T=130, K=16).items()}
     for chunk_size in (64, 24):
@@ -131,9 +164,11 @@ def test_chunk_forms_keep_exp_off_its_slow_path(name, gate, beta, fill):
         assert_finite_run(run, f"chunk {chunk_size}")
         assert spy.exps, "no exp was seen"
         lowest = min(a for a, _ in spy.exps)
-        assert lowest >= EXP_FLOOR, f"exp of {lowest:.4g}: below the floor {EXP_FLOOR}"
+        assert lowest >= EXP_FLOOR_32, f"exp of {lowest:.4g}: below the floor {EXP_FLOOR_32}"
         smallest = min(r for _, r in spy.exps)
         assert smallest >= TINY32, f"an exp returned the denormal {smallest:.3g}"
+        op, tiny = min(spy.product_tiny, key=lambda p: p[1])
+        assert tiny >= TINY32, f"{op} saw the denormal {tiny:.3g}"
         if name == "delta_rule":
             assert spy.solve_tiny and min(spy.solve_tiny) >= TINY32, spy.solve_tiny
 
