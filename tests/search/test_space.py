@@ -37,7 +37,9 @@ def test_shipped_spaces_load_with_their_known_architectures(name):
     space = SearchSpace.load(name)
     assert space.name == name and space.description
     known = space.known()
-    assert {"attention", "gdn", "hybrid-3:1"} <= set(known)
+    # parity's are Gated DeltaNet with and without negative eigenvalues
+    parity = {"gdn", "gdn-negative-eigenvalues"}
+    assert (parity if name == "parity" else {"attention", "gdn", "hybrid-3:1"}) <= set(known)
     for label, params in known.items():
         candidate = space.sample(FixedTrial(params))
         assert space.known_name(candidate) == label
@@ -48,6 +50,8 @@ def test_shipped_spaces_load_with_their_known_architectures(name):
             assert names == ["gdn", "gdn", "gdn", "attn"] * (len(names) // 4)
         elif label.startswith("gdn"):
             assert set(names) == {"gdn"}
+            negative = candidate.params.get("gdn.allow_neg_eigval", False)
+            assert negative == label.endswith("negative-eigenvalues")
     # the space's base is a valid experiment under which the known architectures build
     base = load_experiment(defaults=space.base)
     for params in known.values():
