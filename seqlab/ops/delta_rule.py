@@ -87,6 +87,12 @@ def _recurrent(q, k, v, beta, g, S, scale):
 INVERSE_LEAF = 8
 
 
+def inverts_in_blocks(C: int, leaf: int = INVERSE_LEAF) -> bool:
+    """Whether `unit_lower_inverse` of a [C, C] matrix goes by blocks: C = leaf · 2^j, j ≥ 1."""
+    leaves = C // leaf
+    return C > leaf and leaves * leaf == C and not leaves & (leaves - 1)
+
+
 def unit_lower_inverse(M: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tensor:
     """M⁻¹ for a batch [R, C, C] of unit lower-triangular M; reads only M's strict lower part.
 
@@ -98,10 +104,10 @@ def unit_lower_inverse(M: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tenso
     2.1 ms for 128 blocks of 64, float32, 2 threads). Other C: one solve against I.
     """
     R, C = M.shape[0], M.shape[-1]
-    leaves = C // leaf
-    if C <= leaf or leaves * leaf != C or leaves & (leaves - 1):
+    if not inverts_in_blocks(C, leaf):
         eye = torch.eye(C, dtype=M.dtype, device=M.device).expand_as(M)
         return torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
+    leaves = C // leaf
     M = M.contiguous()
     off = M.storage_offset()
     X = M.new_zeros(R, C, C)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from seqlab.ops.delta_rule import INVERSE_LEAF
+from seqlab.ops.delta_rule import INVERSE_LEAF, inverts_in_blocks
 
 Gate = Literal["none", "head", "channel"]
 
@@ -93,8 +93,7 @@ def unit_lower_inverse_flops(C: int, leaf: int = INVERSE_LEAF) -> Flops:
     then at each block size s = leaf, 2·leaf, …, C/2 the C / 2s pairs take two [s, s] products,
     2C s² in all per level. Other C: one solve against I, C²(C − 1).
     """
-    leaves = C // leaf
-    if C <= leaf or leaves * leaf != C or leaves & (leaves - 1):
+    if not inverts_in_blocks(C, leaf):
         return Flops(0, C * C * (C - 1))
     matmul, s = 0, leaf
     while s < C:

@@ -52,11 +52,6 @@ OutOption = Annotated[
 ]
 
 
-def _fail(e: Exception):
-    console.print(f"[red]error:[/red] {escape(str(e))}")
-    return typer.Exit(2)
-
-
 def _study_name(name: str | None, task: str, space: str) -> str:
     if name is not None:
         return name
@@ -128,7 +123,7 @@ def search(
         return
     import optuna
 
-    from seqlab.cli import _device, _out_dir, _store
+    from seqlab.cli import _device, _fail, _out_dir, _store
     from seqlab.search.objective import Objective
     from seqlab.search.space import SearchSpace
     from seqlab.search.study import SearchError, StorageError, run_study
@@ -250,10 +245,11 @@ def _objectives(given: list[str] | None, task: str) -> list[str]:
 
 
 def _searched_keys(space, overrides: list[str]) -> list[str]:
-    """The --set keys that the space draws per candidate (the candidate's value wins)."""
+    """The --set keys that the space sets per candidate (the candidate's value wins): its model
+    and train dimensions, and the pattern and channel mixer it builds."""
     keys = [o.split("=", 1)[0].strip() for o in overrides]
-    train = {f"train.{d.name}" for d in space.train_dims}
-    return [k for k in keys if k in train or (k.startswith("model.") and k != "model.norm_eps")]
+    searched = {d.path for d in (*space.model_dims, *space.train_dims)}
+    return [k for k in keys if k in searched | {"model.pattern", "model.channel"}]
 
 
 def report(study, out: Path) -> None:

@@ -142,3 +142,17 @@ def test_export_names_what_is_missing(searched, tmp_path):
     assert result.exit_code == 2 and "--out" in text and "no study database" in text
     result, text = run(["search", "export", "--out", out, "--study", "other", "--trial", 0])
     assert result.exit_code == 2 and "--study" in text and "mqar-tiny" in text
+
+
+def test_set_warns_only_for_what_the_space_sets_per_candidate():
+    from seqlab.search.cli import _searched_keys
+    from tests.search.spaces_util import tiny_space
+
+    given = ["train.lr=1e-3", "model.d_model=32", "model.pattern=gdn", "model.channel=swiglu"]
+    given += ["train.steps=50", "model.init_std=0.01", "model.norm_eps=1e-6", "task.name=mqar"]
+    assert _searched_keys(tiny_space(), given) == [
+        "train.lr",
+        "model.d_model",
+        "model.pattern",
+        "model.channel",
+    ]
