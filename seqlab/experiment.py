@@ -289,7 +289,8 @@ def run_experiment(
     return result, {"id": store.add(record), **record}
 
 
-def _accepts_none(annotation: Any) -> bool:
+def accepts_none(annotation: Any) -> bool:
+    """Whether a field of this annotation may be None (`X | None`, `Optional[X]`)."""
     origin = typing.get_origin(annotation)
     return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
@@ -300,7 +301,7 @@ def _unset(cls: type[Config], table: Any) -> Any:
         return table
     fields = cls.model_fields
     return {
-        k: None if v == NONE and k in fields and _accepts_none(fields[k].annotation) else v
+        k: None if v == NONE and k in fields and accepts_none(fields[k].annotation) else v
         for k, v in table.items()
     }
 

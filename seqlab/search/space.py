@@ -65,7 +65,6 @@ import itertools
 import math
 import random
 import tomllib
-import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -77,14 +76,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from seqlab.channel import CHANNEL_MIXERS, build_channel_mixer
-from seqlab.experiment import ExperimentConfig, ExperimentError, ModelSpec, load_experiment
+from seqlab.experiment import (
+    NONE,
+    ExperimentConfig,
+    ExperimentError,
+    ModelSpec,
+    accepts_none,
+    load_experiment,
+)
 from seqlab.mixers import MIXERS, build_mixer
 from seqlab.model.pattern import LayerSpec, expand_pattern, layers_for
 from seqlab.train.trainer import TrainConfig
 
 SHIPPED = ("default", "demo", "parity")
 PLACEMENTS = ("striped", "last", "first")
-NONE = "none"
 # Set per trial by the search, never by a space.
 TRAIN_RESERVED = ("out_dir", "device", "progress")
 MAX_CHECKS = 2000
@@ -161,13 +166,8 @@ class Candidate:
         return base.updated(values)
 
 
-def _accepts_none(annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
-
-
 def _is_list_field(annotation: Any) -> bool:
-    if _accepts_none(annotation):
+    if accepts_none(annotation):
         return any(_is_list_field(a) for a in typing.get_args(annotation) if a is not type(None))
     return annotation in (tuple, list) or typing.get_origin(annotation) in (tuple, list)
 
@@ -466,7 +466,7 @@ class SearchSpace:
                 raise self._error(f"model.{required}", "required (a number, or choices)")
         order = ["n_layers", "d_model", *(k for k in table if k not in ("n_layers", "d_model"))]
         self.model_dims = [
-            self._dim(k, f"model.{k}", table[k], _accepts_none(fields[k].annotation)) for k in order
+            self._dim(k, f"model.{k}", table[k], accepts_none(fields[k].annotation)) for k in order
         ]
         for dim in self.model_dims:
             for value in dim.values():
@@ -552,7 +552,7 @@ class SearchSpace:
 
     def _none_ok(self, name: str, option: str, registry: Mapping[str, type] = MIXERS) -> bool:
         info = registry[name].Config.model_fields.get(option)
-        return info is not None and _accepts_none(info.annotation)
+        return info is not None and accepts_none(info.annotation)
 
     def _has_attention(self) -> bool:
         return any(v > 0 for v in self.fraction.values())
@@ -576,7 +576,7 @@ class SearchSpace:
         for k, v in table.items():
             annotation = fields[k].annotation
             dim = self._dim(
-                k, f"train.{k}", v, _accepts_none(annotation), _is_list_field(annotation)
+                k, f"train.{k}", v, accepts_none(annotation), _is_list_field(annotation)
             )
             for value in dim.values():
                 self._check_value(dim.path, _field_check(TrainConfig, k), value)
