@@ -176,15 +176,22 @@ def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     is batched matmuls over the flat leading dimension (3-D, so transposes stay views).
     Always a new tensor (never a view of `x`), so callers may modify it in place.
     """
+    c = chunked(x, C)
+    y = c.reshape(-1, C, *c.shape[4:])
+    same = y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return y.clone() if same else y
+
+
+def chunked(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, T, H, ...] → [N, B, H, C, ...] (`to_chunks`'s order), a view where T = N·C.
+
+    For writing chunks straight into a buffer (or a product) without an intermediate copy.
+    """
     B, T, H = x.shape[:3]
     N = -(-T // C)
-    src = x
     if N * C != T:
         x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, N * C - T))
-    x = x.view(B, N, C, H, *x.shape[3:]).movedim((1, 3), (0, 2))  # [N, B, H, C, ...]
-    x = x.reshape(N * B * H, C, *x.shape[4:])
-    same = x.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
-    return x.clone() if same else x
+    return x.view(B, N, C, H, *x.shape[3:]).movedim((1, 3), (0, 2))
 
 
 def from_chunks(o: torch.Tensor, B: int, T: int, H: int, out: torch.Tensor | None = None):

@@ -25,6 +25,7 @@ from seqlab.ops._common import (
     check_scale,
     check_shape,
     check_tensor,
+    chunked,
     compute_dtype,
     decay_exp,
     floor_log_gate,
@@ -108,11 +109,12 @@ def unit_lower_inverse(M: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tenso
         eye = torch.eye(C, dtype=M.dtype, device=M.device).expand_as(M)
         return torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)
     leaves = C // leaf
-    M = M.contiguous()
-    off = M.storage_offset()
+    if M.stride()[1:] != (C, 1):  # rows of each matrix contiguous; any stride between matrices
+        M = M.contiguous()
+    off, ms = M.storage_offset(), M.stride(0)
     X = M.new_zeros(R, C, C)
     diag = ((R, leaves, leaf, leaf), (C * C, leaf * (C + 1), C, 1))
-    Md = M.as_strided(*diag, off).reshape(R * leaves, leaf, leaf)
+    Md = M.as_strided(diag[0], (ms, *diag[1][1:]), off).reshape(R * leaves, leaf, leaf)
     eye = torch.eye(leaf, dtype=M.dtype, device=M.device).expand_as(Md)
     Xd = torch.linalg.solve_triangular(Md, eye, upper=False, unitriangular=True)
     X.as_strided(*diag).copy_(Xd.view(R, leaves, leaf, leaf))
@@ -120,7 +122,7 @@ def unit_lower_inverse(M: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tenso
     while s < C:  # pairs of [s, s] blocks → [2s, 2s] blocks
         shape, stride = (R, C // (2 * s), s, s), (C * C, 2 * s * (C + 1), C, 1)
         X11, X22, X21 = (X.as_strided(shape, stride, o) for o in (0, s * (C + 1), s * C))
-        M21 = M.as_strided(shape, stride, off + s * C)
+        M21 = M.as_strided(shape, (ms, *stride[1:]), off + s * C)
         X21.copy_(torch.matmul(X22, M21 @ X11).neg_())
         s *= 2
     return X
@@ -179,15 +181,30 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
+    R = N * B * H
     # Without autograd, fresh intermediates are updated in place: on a CPU every new
     # [N·B·H, C, C] tensor costs about as much (allocation, page faults) as the math on it.
     inplace = not torch.is_grad_enabled()
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [N·B·H, C, ·]
-    bc = to_chunks(beta, C)[..., None]
-    kb = kc * bc
+    # [scale·Q; βK] in one buffer: one product with Kᵀ gives A and M (one bmm over [2C, K]
+    # rows is faster on a CPU than two over [C, K]); the scale rides on the copy of Q, so A
+    # and the output carry it with no pass of their own.
+    bv = chunked(beta, C)[..., None]  # [N, B, H, C, 1]
+    if inplace:
+        QK, vb = q.new_empty(N, B, H, 2 * C, K), v.new_empty(N, B, H, C, V)
+        torch.mul(chunked(q, C), scale, out=QK[..., :C, :])
+        torch.mul(chunked(k, C), bv, out=QK[..., C:, :])
+        torch.mul(chunked(v, C), bv, out=vb)  # βV, chunked by the product itself
+    else:
+        QK = torch.cat([chunked(q, C), chunked(k, C)], -2) * torch.cat(
+            [torch.full_like(bv, scale), bv], -2
+        )
+        vb = chunked(v, C) * bv
+    QK, vb = QK.view(R, 2 * C, K), vb.reshape(R, C, V)
+    qc, kb = QK.split(C, 1)  # scale·Q and βK, [N·B·H, C, K] views (split: one cat back)
+    kc = to_chunks(k, C)
     kt = kc.transpose(1, 2)
-    A, M = qc @ kt, kb @ kt  # M: its strict lower part; the unit-triangular solve reads no more
-    vb = vc.mul_(bc) if inplace else vc * bc
+    AM = QK @ kt
+    A, M = AM.split(C, 1)  # M: its strict lower part; the unit-triangular solve reads no more
     if g is None:
         A = A.tril_() if inplace else A.tril()  # diagonal included
         q_in, kdec, kbg, decay = qc, kc, kb, None
@@ -245,7 +262,8 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
         starts = torch.stack(starts, 0).view(-1, K, V)
     if not inplace:
         U = torch.baddbmm(U_pre, W, starts, alpha=-1)
-    o = torch.baddbmm(A @ U, q_in, starts).mul_(scale)  # [N·B·H, C, V]
+    o = A @ U  # [N·B·H, C, V]; + Q S (in place without autograd: no copy of A U)
+    o = torch.baddbmm(o, q_in, starts, out=o) if inplace else torch.baddbmm(o, q_in, starts)
     return o, S.view(B, H, K, V)  # o in chunks: run_sliced lays it out
 
 

@@ -199,7 +199,10 @@ def _chunk_core(q, k, v, g, S0, scale, chunk_size, split=True):
             S = torch.addcmul(dS_n, S, d_n)
         starts = torch.stack(states, 0)  # [N, B·H, K, V]: state entering each chunk
     AV = A @ vc if AV is None else AV
-    o = torch.baddbmm(AV, q_in, starts.view(-1, K, V)).mul_(scale)  # [N·B·H, C, V]
+    starts = starts.view(-1, K, V)
+    # [N·B·H, C, V]; in place without autograd (A V is fresh): no copy of A V
+    o = torch.baddbmm(AV, q_in, starts, out=AV) if inplace else torch.baddbmm(AV, q_in, starts)
+    o = o.mul_(scale)
     return o, S.view(B, H, K, V)  # o in chunks: run_sliced lays it out
 
 
