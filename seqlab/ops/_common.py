@@ -337,3 +337,9 @@ def check_form(form: str, allowed: Sequence[str] = FORMS) -> str:
     if form not in allowed:
         raise ValueError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
     return form
+
+
+def chunk_count(T: int, chunk_size: int) -> tuple[int, int]:
+    """(C, N) as the chunk forms cut T: C = min(chunk_size, T), N = ⌈T / C⌉ (last one padded)."""
+    C = min(chunk_size, T)
+    return C, -(-T // C)

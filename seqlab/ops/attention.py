@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_shape, check_tensor
+from seqlab.ops.registry import Flops
 
 GROWTH = 1.25
 MIN_ROOM = 64  # tokens
@@ -272,3 +273,36 @@ def naive_attention(
         visible &= same
     p = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bshv->bthv", p, v)
+
+
+def _sum_min(lo: int, hi: int, cap: int | None) -> int:
+    """Σ_{x = lo}^{hi} min(x, cap) (cap None: no cap)."""
+    if hi < lo:
+        return 0
+    if cap is None or hi <= cap:
+        return (lo + hi) * (hi - lo + 1) // 2
+    if lo > cap:
+        return cap * (hi - lo + 1)
+    return (lo + cap) * (cap - lo + 1) // 2 + cap * (hi - cap)
+
+
+def attention_flops(
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    cached: int = 0,
+    window: int | None = None,
+    causal: bool = True,
+) -> Flops:
+    """Softmax attention of T new queries after `cached` tokens: 2(K + V) per query–key pair.
+
+    causal: only the pairs a query sees (itself and earlier tokens, at most `window`), the work of
+    a kernel that skips masked blocks; False: the dense T × (cached + T) score matrix, as the flop
+    counter (and an explicit mask) counts it. H is the number of query heads.
+    """
+    if causal:
+        pairs = _sum_min(cached + 1, cached + T, window)
+    else:
+        pairs = T * (cached + T)
+    return Flops(2 * pairs * (K + V) * H)

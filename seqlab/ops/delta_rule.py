@@ -25,6 +25,7 @@ from seqlab.ops._common import (
     check_scale,
     check_shape,
     check_tensor,
+    chunk_count,
     chunked,
     compute_dtype,
     decay_exp,
@@ -33,6 +34,7 @@ from seqlab.ops._common import (
     run_sliced,
     to_chunks,
 )
+from seqlab.ops.registry import Flops
 from seqlab.ops.triton import use_triton
 
 
@@ -384,3 +386,58 @@ def delta_rule(
     if form == "parallel":
         return parallel_delta_rule(*args, **checks)
     return recurrent_delta_rule(*args, **checks)
+
+
+def unit_lower_inverse_flops(C: int, leaf: int = INVERSE_LEAF) -> Flops:
+    """`seqlab.ops.delta_rule.unit_lower_inverse` of one [C, C] matrix.
+
+    Where C = leaf · 2^j (j ≥ 1): a solve per [leaf, leaf] diagonal block, C · leaf(leaf − 1),
+    then at each block size s = leaf, 2·leaf, …, C/2 the C / 2s pairs take two [s, s] products,
+    2C s² in all per level. Other C: one solve against I, C²(C − 1).
+    """
+    if not inverts_in_blocks(C, leaf):
+        return Flops(0, C * C * (C - 1))
+    matmul, s = 0, leaf
+    while s < C:
+        matmul += 2 * C * s * s
+        s *= 2
+    return Flops(matmul, C * leaf * (leaf - 1))
+
+
+def delta_rule_flops(
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    form: str = "chunk",
+    chunk_size: int = 64,
+    autograd: bool = False,
+    gated: bool = False,
+) -> Flops:
+    """`delta_rule` over T tokens, without a gate or with one (`gated`).
+
+    Per chunk and head: Q Kᵀ and diag(β) K Kᵀ (4C²K); for C ≤ K + V, and in a gated chunk form
+    for any C, the inverse T = M⁻¹ (`unit_lower_inverse_flops`: block solves and products),
+    W = T βγK and U' = T βV (2C²(K + V)), else one solve against [βγK | βV]
+    (C(C − 1)(K + V)); then
+    O = Q S₀ + A U (2CKV + 2C²V). The state pass differs by mode. Inference (no autograd):
+    U = U' − W S₀ and S₁ = γS₀ + K̃ᵀU step by step (4CKV). With autograd (`autograd=True`, the
+    training forward): the affine maps P = γI − K̃ᵀW, R = K̃ᵀU' batched (2CK(K + V)), the
+    step S₁ = P S₀ + R (2K²V), and U = U' − W S₀ batched (2CKV).
+    The recurrent form has two matmuls per step, kᵀS and qᵀS (4KV), and an elementwise update.
+    """
+    if form == "recurrent":
+        return Flops(4 * K * V, 3 * K * V) * (H * T)
+    C, N = chunk_count(T, T if form == "parallel" else chunk_size)
+    matmul = 4 * C * C * K + 2 * C * K * V + 2 * C * C * V
+    if C <= K + V or (gated and form == "chunk"):  # the inverse, then W = T βγK and U' = T βV
+        inverse = unit_lower_inverse_flops(C)
+        matmul += 2 * C * C * (K + V) + inverse.matmul
+        solve = inverse.other
+    else:  # one solve against [βγK | βV]
+        solve = C * (C - 1) * (K + V)
+    if autograd:
+        matmul += 2 * C * K * (K + V) + 2 * K * K * V + 2 * C * K * V
+    else:
+        matmul += 4 * C * K * V
+    return Flops(matmul, solve) * (H * N)

@@ -13,6 +13,7 @@ and changes nothing above round-off.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 
@@ -27,6 +28,7 @@ from seqlab.ops._common import (
     check_scale,
     check_shape,
     check_tensor,
+    chunk_count,
     compute_dtype,
     decay_exp,
     floor_log_gate,
@@ -34,6 +36,7 @@ from seqlab.ops._common import (
     run_sliced,
     to_chunks,
 )
+from seqlab.ops.registry import Flops
 from seqlab.ops.triton import use_triton
 
 
@@ -310,3 +313,37 @@ def gated_linear(
     if form == "parallel":
         return parallel_gated_linear(*args, **checks)
     return recurrent_gated_linear(*args, **checks)
+
+
+Gate = Literal["none", "head", "channel"]
+
+
+def gated_linear_flops(
+    T: int, H: int, K: int, V: int, gate: Gate = "none", form: str = "chunk", chunk_size: int = 64
+) -> Flops:
+    """`gated_linear` over T tokens in the named form ("chunk", "parallel" or "recurrent").
+
+    Per chunk and head: A = Q Kᵀ [C, C] (2C²K), dS = Kᵀ V (2CKV), O = Q S₀ + A V (2CKV + 2C²V);
+    so ≈ 2C(K + V) + 4KV per token, MATH.md §6. Per-channel gates: the chunk form forms A V by
+    recursive halving of the chunk padded to P rows (`_intra_channel_av`): at block size 2s,
+    P / 2s products [s, K] @ [K, s] @ [s, V], P(P − 1)(K + V) over all levels, elementwise the
+    diagonal qᵢ·kᵢ vᵢ and the scaled halves (PK per level); the parallel form forms A from an
+    elementwise [C, C, K] tensor. The recurrent form reads out Sᵀq by a matmul (2KV) and updates
+    S elementwise.
+    """
+    if form == "recurrent":
+        update = (3 if gate != "none" else 2) * K * V  # decay, outer product k vᵀ, add
+        return Flops(2 * K * V, update) * (H * T)
+    C, N = chunk_count(T, T if form == "parallel" else chunk_size)
+    matmul = 4 * C * K * V
+    other = 0
+    if gate == "channel" and form == "chunk":
+        P = 1 << (C - 1).bit_length()
+        matmul += P * (P - 1) * (K + V)
+        other = P * (2 * K + V) + (P.bit_length() - 1) * P * K
+    elif gate == "channel":
+        matmul += 2 * C * C * V
+        other = 3 * C * C * K  # [C, C, K]: products, products, sums
+    else:
+        matmul += 2 * C * C * K + 2 * C * C * V
+    return Flops(matmul, other) * (H * N)
