@@ -343,3 +343,42 @@ def chunk_count(T: int, chunk_size: int) -> tuple[int, int]:
     """(C, N) as the chunk forms cut T: C = min(chunk_size, T), N = ⌈T / C⌉ (last one padded)."""
     C = min(chunk_size, T)
     return C, -(-T // C)
+
+
+def causal_conv_fft(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_{s ≤ t} k_{t−s} u_s along dim 1, by FFT in O(T log T).
+
+    u [B, T, ...], k [L, ...] or [B, L, ...] (L ≤ T lags; the trailing dims broadcast with u's).
+    Zero-padded to a length ≥ T + L − 1 that torch's FFT does fast (2^a 3^b 5^c), so nothing
+    wraps around. Float64 stays float64; other dtypes are computed in float32.
+    """
+    T, L = u.shape[1], k.shape[-u.dim() + 1]
+    n = _fft_size(T + L - 1)
+    dtype = compute_dtype(u.dtype)
+    U = torch.fft.rfft(u.to(dtype), n=n, dim=1)
+    kdim = 0 if k.dim() == u.dim() - 1 else 1
+    Kf = torch.fft.rfft(k.to(dtype), n=n, dim=kdim)
+    return torch.fft.irfft(U * Kf, n=n, dim=1)[:, :T]
+
+
+def causal_conv_direct(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`causal_conv_fft` summed term by term (the reference): O(T L)."""
+    T, L = u.shape[1], k.shape[-u.dim() + 1]
+    kb = k if k.dim() == u.dim() else k.unsqueeze(0)
+    y = torch.zeros_like(u, dtype=torch.promote_types(u.dtype, k.dtype))
+    for lag in range(min(L, T)):
+        y[:, lag:] += kb[:, lag : lag + 1] * u[:, : T - lag]
+    return y
+
+
+def _fft_size(n: int) -> int:
+    """The smallest m ≥ n whose only prime factors are 2, 3 and 5."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
