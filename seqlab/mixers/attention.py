@@ -6,10 +6,10 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import MixerConfig, State, TokenMixer
+from seqlab.mixers.base import LayerFlops, MixerConfig, State, TokenMixer
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.rope import positions, rotate, start_positions
-from seqlab.ops.attention import KVCache, attention
+from seqlab.ops.attention import KVCache, attention, attention_flops
 
 
 class AttentionConfig(MixerConfig):
@@ -29,6 +29,13 @@ class Attention(TokenMixer):
     least 64 tokens) so that a step need not copy it (seqlab.ops.attention)."""
 
     Config = AttentionConfig
+    core_op = "attention"
+    state_grows = True
+    examples = {
+        "attn": {"num_heads": 4},
+        "attn_gqa": {"num_heads": 4, "num_kv_heads": 2},
+        "attn_window": {"num_heads": 4, "num_kv_heads": 2, "window": 5},
+    }
 
     def __init__(self, d_model: int, config: AttentionConfig | None = None):
         super().__init__(d_model, config)
@@ -71,6 +78,20 @@ class Attention(TokenMixer):
         cached = seq_len if window is None else min(seq_len, window - 1)
         per_token = 2 * self.num_kv_heads * self.head_dim * self.k_proj.weight.element_size()
         return batch_size * (cached * per_token + 8)
+
+    def flops(self, T: int) -> LayerFlops:
+        H, d, w = self.num_heads, self.head_dim, self.config.window
+        cached = T if w is None else min(T, w - 1)
+        return LayerFlops(
+            self.projection_flops(),
+            attention_flops(T, H, d, d, window=w),
+            attention_flops(1, H, d, d, cached=cached, window=w),
+        )
+
+    def core_bytes(self, T: int, grad: bool) -> int:
+        """Causal SDPA is a fused kernel (no T × T tensor); a window builds a bool mask and the
+        scores (measured)."""
+        return 0 if self.config.window is None else T * T * (1 + 2 * self.num_heads)
 
     def init_state(self, batch_size: int) -> State:
         w = self.k_proj.weight

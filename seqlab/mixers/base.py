@@ -78,10 +78,16 @@ class TokenMixer(nn.Module):
         return self.state_bytes(self.init_state(batch_size))
 
     def flops(self, T: int) -> LayerFlops:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares no flops(T)")
+
+    def projection_flops(self) -> Flops:
+        """Per token: 2 FLOPs per weight of every Linear and Conv1d in the mixer (a projection,
+        a depthwise short conv); bias adds are not counted."""
+        kinds = (nn.Linear, nn.Conv1d)
+        return Flops(2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, kinds)))
 
     def op_call(self) -> OpCall:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares no op_call()")
 
     def core_bytes(self, T: int, grad: bool) -> int:
         """Bytes the core op holds at once beyond its inputs on one sequence of T tokens (kept

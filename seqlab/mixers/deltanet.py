@@ -8,17 +8,20 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import State
+from seqlab.mixers.base import LayerFlops, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import NORM_EPS, GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import delta_rule
+from seqlab.ops.delta_rule import delta_rule_flops
 
 
 class DeltaRuleConfig(RecurrentConfig):
@@ -49,6 +52,8 @@ class DeltaRuleMixer(RecurrentMixer):
     """State: S [B, H, K, V] and conv [B, conv_size − 1, H (2K + V)]."""
 
     Config = DeltaRuleConfig
+    core_op = "delta_rule"
+    gated: ClassVar[bool] = False  # a log-decay (`log_decay`) on the state
 
     def __init__(self, d_model: int, config: DeltaRuleConfig | None = None):
         super().__init__(d_model, config)
@@ -72,6 +77,14 @@ class DeltaRuleMixer(RecurrentMixer):
             "S": (batch_size, self.num_heads, self.head_k, self.head_v),
             "conv": (batch_size, self.config.conv_size - 1, width),
         }
+
+    def flops(self, T: int) -> LayerFlops:
+        H, K, V, C = self.num_heads, self.head_k, self.head_v, self.config.chunk_size
+        return LayerFlops(
+            self.projection_flops(),
+            delta_rule_flops(T, H, K, V, self.form(T), C, gated=self.gated),
+            delta_rule_flops(1, H, K, V, "recurrent"),
+        )
 
     def log_decay(self, x: Tensor) -> Tensor | None:
         """Log-decay g [B, T, H] of the state, or None (no decay)."""
@@ -108,3 +121,7 @@ class DeltaRuleMixer(RecurrentMixer):
 
 class DeltaNet(DeltaRuleMixer):
     Config = DeltaNetConfig
+    examples = {
+        "deltanet": {"num_heads": 2, "chunk_size": 16},
+        "deltanet_gate": {"num_heads": 2, "use_output_gate": True, "chunk_size": 16},
+    }

@@ -38,6 +38,17 @@ class GatedDeltaNetConfig(DeltaRuleConfig):
 
 class GatedDeltaNet(DeltaRuleMixer):
     Config = GatedDeltaNetConfig
+    gated = True
+    examples = {
+        "gdn": {"num_heads": 2, "head_dim": 16, "chunk_size": 16},
+        "gdn_neg_eigval": {
+            "num_heads": 2,
+            "head_dim": 16,
+            "allow_neg_eigval": True,
+            "chunk_size": 16,
+        },
+        "gdn_sized_by_d_model": {"chunk_size": 16},
+    }
 
     def __init__(self, d_model: int, config: GatedDeltaNetConfig | None = None):
         super().__init__(d_model, config)

@@ -12,7 +12,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import State
+from seqlab.mixers.base import LayerFlops, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
@@ -34,6 +34,11 @@ class GLA(RecurrentMixer):
     """State: S [B, H, K, V]."""
 
     Config = GLAConfig
+    core_op = "gated_linear"
+    examples = {
+        "gla": {"num_heads": 2, "chunk_size": 16},
+        "gla_sub_chunks": {"num_heads": 2, "chunk_size": 32},
+    }
 
     def __init__(self, d_model: int, config: GLAConfig | None = None):
         super().__init__(d_model, config)
@@ -51,6 +56,15 @@ class GLA(RecurrentMixer):
         self.g_proj = nn.Linear(d_model, H * self.head_v, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
+
+    def flops(self, T: int) -> LayerFlops:
+        K, V = self.head_k, self.head_v
+        return LayerFlops(self.projection_flops(), *self.gated_linear_flops(T, K, V, "channel"))
+
+    def core_bytes(self, T: int, grad: bool) -> int:
+        """The chunk form's blocks, and the [c, c, K] sub-chunk blocks (c = 16) in float32."""
+        extra = 2 * self.num_heads * 16 * self.head_k * 4
+        return super().core_bytes(T, grad) + extra * (T if grad else min(T, 8192))
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"S": (batch_size, self.num_heads, self.head_k, self.head_v)}

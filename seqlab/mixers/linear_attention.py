@@ -12,11 +12,12 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
-from seqlab.mixers.base import State
+from seqlab.mixers.base import LayerFlops, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import gated_linear
 from seqlab.ops.feature_maps import feature_dim, get_feature_map
+from seqlab.ops.registry import Flops
 
 # φ(q)·Σφ(k) is ≥ 0 but may be 0 (relu, where the numerator is 0 too); a floor, not an offset,
 # keeps the ratio exact elsewhere.
@@ -72,6 +73,28 @@ class LinearAttention(RecurrentMixer):
     """State: S [B, H, F, V (+ 1 with normalize)], F = feature dim; the last column is Σφ(k)."""
 
     Config = LinearAttentionConfig
+    core_op = "gated_linear"
+    examples = {
+        "linear_attn": {"num_heads": 2, "chunk_size": 16},
+        "linear_attn_hedgehog": {
+            "num_heads": 2,
+            "feature_map": "hedgehog",
+            "hedgehog_dim": 8,
+            "chunk_size": 16,
+        },
+        "linear_attn_taylor": {
+            "num_heads": 4,
+            "expand_k": 0.5,
+            "feature_map": "taylor",
+            "chunk_size": 16,
+        },
+        "linear_attn_taylor_unnormalized": {
+            "num_heads": 4,
+            "expand_k": 0.5,
+            "feature_map": "taylor",
+            "normalize": False,
+        },
+    }
 
     def __init__(self, d_model: int, config: LinearAttentionConfig | None = None):
         super().__init__(d_model, config)
@@ -87,6 +110,15 @@ class LinearAttention(RecurrentMixer):
         self.q_map = FeatureMap(c.feature_map, H, self.head_k, m)
         self.k_map = FeatureMap(c.feature_map, H, self.head_k, m)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
+
+    def flops(self, T: int) -> LayerFlops:
+        H, K = self.num_heads, self.head_k
+        per_token = self.projection_flops()
+        if self.config.feature_map == "hedgehog":
+            m = self.config.hedgehog_dim or K
+            per_token += Flops(2 * 2 * H * K * m)  # q and k through their [H, K, m] maps
+        V = self.head_v + 1 if self.config.normalize else self.head_v  # Σφ(k) rides along
+        return LayerFlops(per_token, *self.gated_linear_flops(T, self.head_f, V, "none"))
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         V = self.head_v + 1 if self.config.normalize else self.head_v

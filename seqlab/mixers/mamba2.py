@@ -12,7 +12,7 @@ from einops import rearrange, repeat
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import State
+from seqlab.mixers.base import LayerFlops, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer, init_a_log, init_dt_bias
@@ -33,6 +33,8 @@ class Mamba2(RecurrentMixer):
     """State: S [B, H, N, P] (N = d_state, P = head_dim) and conv [B, d_conv − 1, d_inner + 2N]."""
 
     Config = Mamba2Config
+    core_op = "gated_linear"
+    examples = {"mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 16}}
 
     def __init__(self, d_model: int, config: Mamba2Config | None = None):
         super().__init__(d_model, config)
@@ -52,6 +54,11 @@ class Mamba2(RecurrentMixer):
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(self.d_inner, norm_before_gate=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def flops(self, T: int) -> LayerFlops:
+        c = self.config
+        core = self.gated_linear_flops(T, c.d_state, c.head_dim, "head")
+        return LayerFlops(self.projection_flops(), *core)
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         c = self.config

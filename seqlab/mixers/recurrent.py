@@ -14,6 +14,8 @@ from pydantic import PositiveInt
 from torch import Tensor
 
 from seqlab.mixers.base import MixerConfig, State, TokenMixer
+from seqlab.ops.gated_linear import gated_linear_flops
+from seqlab.ops.registry import Flops
 
 
 class RecurrentConfig(MixerConfig):
@@ -46,6 +48,20 @@ class RecurrentMixer(TokenMixer):
     def form(T: int) -> str:
         """One token is a decode step (the recurrent form); longer inputs run chunkwise."""
         return "recurrent" if T == 1 else "chunk"
+
+    def gated_linear_flops(self, T: int, K: int, V: int, gate: str) -> tuple[Flops, Flops]:
+        """(prefill over T tokens, one decode step) of the gated_linear core op."""
+        H, C = self.num_heads, self.config.chunk_size
+        return (
+            gated_linear_flops(T, H, K, V, gate, self.form(T), C),
+            gated_linear_flops(1, H, K, V, gate, "recurrent"),
+        )
+
+    def core_bytes(self, T: int, grad: bool) -> int:
+        """The [C, C] blocks of a chunk form in float32: A, decays, the solve's blocks, their
+        float32 copies (kept for backward with `grad`, else formed a slice at a time)."""
+        per_token = 6 * self.num_heads * self.config.chunk_size * 4
+        return per_token * (T if grad else min(T, 8192))
 
 
 def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> Tensor:

@@ -13,7 +13,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import State
+from seqlab.mixers.base import LayerFlops, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import NORM_EPS
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
@@ -35,6 +35,8 @@ class RetNet(RecurrentMixer):
     """State: S [B, H, K, V], and pos [B] (the next position) when `rope`."""
 
     Config = RetNetConfig
+    core_op = "gated_linear"
+    examples = {"retnet": {"num_heads": 2, "chunk_size": 16}}
 
     def __init__(self, d_model: int, config: RetNetConfig | None = None):
         super().__init__(d_model, config)
@@ -50,6 +52,11 @@ class RetNet(RecurrentMixer):
         self.g_proj = nn.Linear(d_model, H * self.head_v, bias=False)
         self.group_norm = nn.GroupNorm(H, H * self.head_v, eps=NORM_EPS)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
+
+    def flops(self, T: int) -> LayerFlops:
+        return LayerFlops(
+            self.projection_flops(), *self.gated_linear_flops(T, self.head_k, self.head_v, "head")
+        )
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"S": (batch_size, self.num_heads, self.head_k, self.head_v)}

@@ -14,7 +14,11 @@ from tests.mixers.conftest import CASES, B, D, T, make_mixer, make_x
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
 ALL = list(CASES)
-RECURRENT = [c for c in CASES if CASES[c][0] != "attn"]
+# mixers whose state does not grow with T; of those, the ones whose state holds float32 matrices
+RECURRENT = [c for c in CASES if not MIXERS[CASES[c][0]].state_grows]
+MATRICES = [c for c in RECURRENT if issubclass(MIXERS[CASES[c][0]], RecurrentMixer)]
+# mixers on the chunked recurrences, whose chunk and recurrent forms the spies below record
+CHUNKED = [c for c in MATRICES if MIXERS[CASES[c][0]].core_op in ("gated_linear", "delta_rule")]
 
 
 def stream(mixer, x, cuts):
@@ -34,7 +38,7 @@ def assert_same_state(actual, expected):
         )
 
 
-def test_every_registered_mixer_has_a_case():
+def test_every_registered_mixer_declares_an_example():
     assert {name for name, _ in CASES.values()} == set(MIXERS)
 
 
@@ -51,7 +55,7 @@ def test_shapes_and_state_layout(case):
         if isinstance(mixer, RecurrentMixer) or name == "pos":
             assert t.shape == init[name].shape, name
     if isinstance(mixer, RecurrentMixer):
-        assert state["S"].dtype == torch.float32
+        assert mixer.matrices and all(state[m].dtype == torch.float32 for m in mixer.matrices)
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -128,8 +132,8 @@ def test_recurrent_state_bytes_do_not_grow_with_T(case):
     mixer = make_mixer(case)
     sizes = {mixer.state_bytes(mixer(make_x(T=t))[1]) for t in (1, 9, 40)}
     assert sizes == {nbytes(mixer.init_state(B))}
-    S = mixer.init_state(B)["S"]
-    assert S.dtype == torch.float32 and S.dim() == 4 and S.shape[0] == B
+    for t in mixer.init_state(B).values():
+        assert t.shape[0] == B
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -161,15 +165,15 @@ def test_windowed_attention_state_bytes_are_bounded_by_the_window():
     assert state["k"].shape[1] == window - 1
 
 
-@pytest.mark.parametrize("case", RECURRENT)
+@pytest.mark.parametrize("case", MATRICES)
 def test_low_precision_parameters_keep_a_float32_recurrent_state(case):
     mixer = make_mixer(case, dtype=torch.bfloat16)
-    assert mixer.init_state(B)["S"].dtype == torch.float32
+    assert all(mixer.init_state(B)[m].dtype == torch.float32 for m in mixer.matrices)
     y, state = stream(mixer, make_x(T=20, dtype=torch.bfloat16), [17])
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    assert state["S"].dtype == torch.float32
-    if "conv" in state:
-        assert state["conv"].dtype == torch.bfloat16
+    for name, t in state.items():
+        if t.is_floating_point():  # conv tails in the parameters' dtype; positions are ints
+            assert t.dtype == (torch.float32 if name in mixer.matrices else torch.bfloat16), name
 
 
 @pytest.mark.parametrize("case", ["attn", "mamba2", "gdn"])
@@ -201,7 +205,7 @@ def recording(name, op, calls):
     return spy
 
 
-@pytest.mark.parametrize("case", RECURRENT)
+@pytest.mark.parametrize("case", CHUNKED)
 def test_prefill_runs_the_chunk_form_and_a_decode_step_the_recurrent_form(case, op_calls):
     mixer = make_mixer(case)
     x = make_x()
@@ -224,7 +228,7 @@ def test_delta_rule_mixers_write_with_unit_keys_and_bounded_beta(case, op_calls)
     assert (g is None) == (case == "deltanet")
 
 
-@pytest.mark.parametrize("case", RECURRENT)
+@pytest.mark.parametrize("case", CHUNKED)
 def test_mixers_pass_values_the_op_checks_would_accept(case, op_calls):
     """The mixers call the ops with check_values=False (a value check reads the gates back to the
     host); the gates and β they pass must still be what the checks accept."""

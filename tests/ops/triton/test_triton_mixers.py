@@ -14,12 +14,13 @@ import torch
 
 from seqlab import ops
 from seqlab.ops.triton import api
-from tests.mixers.conftest import CASES, make_mixer, make_x
+from tests.mixers.conftest import make_mixer, make_x
+from tests.mixers.test_mixers import CHUNKED
 from tests.ops.triton.conftest import DEVICE, INTERPRETER_MARKS
 
 pytestmark = INTERPRETER_MARKS
 
-RECURRENT = [c for c in CASES if CASES[c][0] != "attn"]
+RECURRENT = CHUNKED  # the mixers on the ops with Triton kernels
 PREFILL = 33  # three chunks of 16, the last one partial
 
 
