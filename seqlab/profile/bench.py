@@ -404,7 +404,10 @@ def distinct_ops(config: BenchConfig) -> list[tuple[OpSpec, list[str]]]:
     used: dict[OpSpec, list[str]] = {}
     for arch in config.archs:
         for block in meta_model(config.arch_config(arch)).blocks:
-            archs = used.setdefault(op_spec(block.mixer), [])
+            spec = op_spec(block.mixer)
+            if spec is None:  # a core op without peers here
+                continue
+            archs = used.setdefault(spec, [])
             if arch not in archs:
                 archs.append(arch)
     return list(used.items())

@@ -103,11 +103,14 @@ class OpSpec:
         return {"forward": int(1.25 * forward), "forward_backward": int(1.25 * backward)}
 
 
-def op_spec(mixer: TokenMixer) -> OpSpec:
-    """The core op a mixer runs, at the mixer's head shapes."""
+def op_spec(mixer: TokenMixer) -> OpSpec | None:
+    """The core op a mixer runs, at the mixer's head shapes; None for a core op this
+    comparison has no peers for (its family's own benchmark times it)."""
     if isinstance(mixer, Attention):
         d = mixer.head_dim
         return OpSpec("attn", mixer.num_heads, mixer.num_kv_heads, d, d, 0)
+    if mixer.core_op not in ("gated_linear", "delta_rule"):
+        return None
     C = mixer.config.chunk_size
     H = mixer.num_heads
     if isinstance(mixer, LinearAttention):
