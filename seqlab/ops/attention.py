@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_shape, check_tensor
-from seqlab.ops.registry import Flops
+from seqlab.ops.registry import Flops, OpFamily, register_family
 
 GROWTH = 1.25
 MIN_ROOM = 64  # tokens
@@ -306,3 +306,26 @@ def attention_flops(
     else:
         pairs = T * (cached + T)
     return Flops(2 * pairs * (K + V) * H)
+
+
+def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, V=64):
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    return {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+
+
+register_family(
+    OpFamily(
+        name="attention",
+        forms={"parallel": attention},  # SDPA; its KV cache is the decode state
+        reference="parallel",
+        fast="parallel",
+        make_inputs=_family_inputs,
+        flops=lambda variant, form, T, H, K=64, V=64: attention_flops(T, H, K, V),
+        state_bytes=lambda variant, T, H, K=64, V=64: T * H * (K + V) * 4,  # the KV cache
+        dims={"K": 64, "V": 64},
+        packed=True,
+        doc="causal softmax attention (SDPA), optional sliding window, grouped-query heads",
+    )
+)

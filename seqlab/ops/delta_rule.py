@@ -34,7 +34,7 @@ from seqlab.ops._common import (
     run_sliced,
     to_chunks,
 )
-from seqlab.ops.registry import Flops
+from seqlab.ops.registry import Flops, OpFamily, register_family
 from seqlab.ops.triton import use_triton
 
 
@@ -441,3 +441,42 @@ def delta_rule_flops(
     else:
         matmul += 4 * C * K * V
     return Flops(matmul, solve) * (H * N)
+
+
+def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, V=64):
+    """q, unit keys, v, β = sigmoid(z) and, gated, log-decays logsigmoid(z) (z standard normal)."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    x = {
+        "q": randn(B, T, H, K),
+        "k": torch.nn.functional.normalize(randn(B, T, H, K), dim=-1),
+        "v": randn(B, T, H, V),
+        "beta": randn(B, T, H).sigmoid(),
+    }
+    if variant == "gated":
+        x["g"] = torch.nn.functional.logsigmoid(randn(B, T, H))
+    return {n: t.to(dtype) for n, t in x.items()}
+
+
+register_family(
+    OpFamily(
+        name="delta_rule",
+        forms={
+            "recurrent": recurrent_delta_rule,
+            "chunk": chunk_delta_rule,
+            "parallel": parallel_delta_rule,
+        },
+        variants=("delta", "gated"),
+        make_inputs=_family_inputs,
+        flops=lambda variant, form, T, H, K=64, V=64, chunk_size=64: delta_rule_flops(
+            T, H, K, V, form, chunk_size, gated=variant == "gated"
+        ),
+        state_bytes=lambda variant, T, H, K=64, V=64: H * K * V * 4,
+        dims={"K": 64, "V": 64},
+        packed=True,
+        doc="S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ (DeltaNet; gated: Gated "
+        "DeltaNet)",
+    )
+)

@@ -120,7 +120,7 @@ def register_family(fam: OpFamily) -> OpFamily:
 
 
 def families() -> dict[str, OpFamily]:
-    """Every registered family by name, in `FAMILY_MODULES` order."""
+    """Every registered family by name, in the order they registered."""
     global _loaded
     if not _loaded:
         for module in FAMILY_MODULES:
