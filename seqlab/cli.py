@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from seqlab.ops import delta_rule, gated_linear
 from seqlab.ops.attention import attention, naive_attention
 from seqlab.profile.bench import PRESETS, BenchConfig, command_line, parse_seq_lens, run_bench
 from seqlab.search.cli import search_app
@@ -32,61 +30,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 app.add_typer(search_app, name="search")
 console = Console()
 
+
 # name, recurrence, forms, state per head per sequence (fp32 elements → bytes).
-OPS = [
-    (
-        "gated_linear(g=None)",
-        "S_t = S_{t-1} + k_t v_tᵀ (linear attention)",
-        "recurrent, chunk, parallel",
-        "4·K·V",
-    ),
-    (
-        "gated_linear(g [B,T,H])",
-        "S_t = exp(g_t) S_{t-1} + k_t v_tᵀ (RetNet, Mamba-2, simple GLA)",
-        "recurrent, chunk, parallel",
-        "4·K·V",
-    ),
-    (
-        "gated_linear(g [B,T,H,K])",
-        "S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ (GLA, HGRN-2)",
-        "recurrent, chunk, parallel",
-        "4·K·V",
-    ),
-    (
-        "delta_rule(g=None)",
-        "S_t = (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ (DeltaNet)",
-        "recurrent, chunk, parallel",
-        "4·K·V",
-    ),
-    (
-        "delta_rule(g [B,T,H])",
-        "S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ (Gated DeltaNet)",
-        "recurrent, chunk, parallel",
-        "4·K·V",
-    ),
-    (
-        "attention(window=None)",
-        "softmax(q kᵀ·scale) v, causal; KV cache for decode",
-        "torch SDPA; naive reference",
-        "2·T·(K+V)·bytes/elem (grows with T)",
-    ),
-    (
-        "attention(window=w)",
-        "sliding-window causal softmax attention",
-        "torch SDPA; naive reference",
-        "(w−1)·(K+V)·bytes/elem (bounded)",
-    ),
-]
-
-
 @app.command()
 def ops() -> None:
-    """List the ops, their forms and the state each holds per head and sequence."""
-    table = Table(title="seqlab.ops")
-    for col in ("op", "recurrence", "forms", "state bytes per head"):
+    """List the registered op families: variants, forms (reference first) and state size."""
+    from seqlab.ops.registry import families
+
+    table = Table(title="seqlab.ops (seqlab.ops.registry)")
+    for col in ("family", "variants", "forms", "state bytes per head, T = 4096", "what"):
         table.add_column(col)
-    for row in OPS:
-        table.add_row(*row)
+    for name, fam in families().items():
+        forms = [fam.reference] + [f for f in fam.forms if f != fam.reference]
+        dims = ", ".join(f"{k}={d}" for k, d in fam.dims.items())
+        state = fam.state_bytes(fam.variants[0], 4096, 1, **fam.dims) if fam.stateful else 0
+        table.add_row(
+            name,
+            ", ".join(fam.variants),
+            ", ".join(f"{f} (reference)" if f == fam.reference else f for f in forms),
+            f"{state:,} ({dims})",
+            fam.doc,
+        )
     console.print(table)
 
 
@@ -115,7 +79,9 @@ def check(
         None, help="skip a form predicted to need more (default: 60 % of the free memory)"
     ),
 ) -> None:
-    """Run every form in float64 on random inputs and print its largest gap to the reference."""
+    """Run every form of every registered op family in float64 on random inputs, from a random
+    initial state, and print its largest gap to the family's reference form."""
+    from seqlab.ops.registry import families
     from seqlab.profile.bench import memory_limit
 
     if seq_len < 1 or chunk_size < 1:
@@ -143,39 +109,39 @@ def check(
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    q, k, v, S0 = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V), rand(B, H, K, V)
-    kn = F.normalize(k, dim=-1)
-    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
-    cases = {
-        "gated_linear(g=None)": (gated_linear, dict(q=q, k=k, v=v)),
-        "gated_linear(g [B,T,H])": (gated_linear, dict(q=q, k=k, v=v, g=-rand(B, T, H).abs())),
-        "gated_linear(g [B,T,H,K])": (
-            gated_linear,
-            dict(q=q, k=k, v=v, g=-rand(B, T, H, K).abs()),
-        ),
-        "delta_rule(g=None)": (delta_rule, dict(q=q, k=kn, v=v, beta=beta)),
-        "delta_rule(g [B,T,H])": (
-            delta_rule,
-            dict(q=q, k=kn, v=v, beta=beta, g=-rand(B, T, H).abs()),
-        ),
-    }
-    table = Table(title=f"max |form − recurrent|, float64, B={B} T={T} H={H} K={K} V={V}")
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
+    table = Table(title=f"max |form − reference|, float64, B={B} T={T} H={H}, dims ≤ {K}")
     for col in ("op", "form", "output", "final state"):
         table.add_column(col)
-    for name, (op, inputs) in cases.items():
-        ref_o, ref_s = op(**inputs, initial_state=S0, output_final_state=True, form="recurrent")
-        for form in ("chunk", "parallel"):
-            if reason := too_big(form):
-                table.add_row(name, form, reason, "–")
-                continue
-            extra = {"chunk_size": chunk_size} if form == "chunk" else {}
-            o, s = op(**inputs, initial_state=S0, output_final_state=True, form=form, **extra)
-            table.add_row(
-                name,
-                form,
-                f"{(o - ref_o).abs().max().item():.2e}",
-                f"{(s - ref_s).abs().max().item():.2e}",
+    for name, fam in families().items():
+        if len(fam.forms) == 1:  # nothing to compare (attention: the SDPA row below)
+            continue
+        dims = {d: min(n, K) for d, n in fam.dims.items()}
+        for variant in fam.variants:
+            x = fam.make_inputs(variant, B, T, H, dtype=torch.float64, generator=gen, **dims)
+            label = f"{name}({variant})"
+            ref = fam.forms[fam.reference]
+            S0 = None
+            if fam.stateful:  # a random initial state shaped as the reference's final one
+                S0 = torch.randn(
+                    ref(**x, output_final_state=True)[1].shape, generator=gen, dtype=torch.float64
+                )
+            ref_o, ref_s = (
+                ref(**x, initial_state=S0, output_final_state=True) if S0 is not None else ref(**x)
             )
+            for form, fn in fam.forms.items():
+                if form == fam.reference:
+                    continue
+                if reason := too_big(form if form in ("chunk", "parallel") else "chunk"):
+                    table.add_row(label, form, reason, "–")
+                    continue
+                extra = {"chunk_size": chunk_size} if form == "chunk" else {}
+                if fam.stateful:
+                    o, S = fn(**x, initial_state=S0, output_final_state=True, **extra)
+                    gap_s = f"{(S - ref_s).abs().max().item():.2e}"
+                else:
+                    o, gap_s = fn(**x, **extra)[0], "–"
+                table.add_row(label, form, f"{(o - ref_o).abs().max().item():.2e}", gap_s)
     if reason := too_big("attention"):
         table.add_row("attention", "sdpa vs naive", reason, "–")
     else:

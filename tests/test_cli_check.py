@@ -41,3 +41,17 @@ def test_a_length_whose_inputs_do_not_fit_is_an_error_before_any_work():
 def test_the_default_limit_is_what_this_machine_has_free():
     result, text = run("--seq-len", str(1024**3))  # no machine this runs on holds that
     assert result.exit_code == 2 and "--seq-len" in text
+
+
+def test_ops_and_check_list_every_registered_family():
+    from seqlab.ops.registry import families
+
+    listing = CliRunner().invoke(app, ["ops"], terminal_width=250)
+    assert listing.exit_code == 0, listing.output
+    result, text = run("--seq-len", "40")
+    assert result.exit_code == 0, result.output
+    for name, fam in families().items():
+        assert name in listing.output
+        if len(fam.forms) > 1:
+            for variant in fam.variants:
+                assert f"{name}({variant})" in text
