@@ -18,13 +18,12 @@ N = ⌈T / C⌉ chunks, P the chunk size rounded up to a power of two (per-chann
 
 from __future__ import annotations
 
-from seqlab.ops.attention import _sum_min, attention_flops
+from seqlab.ops.attention import attention_flops
 from seqlab.ops.delta_rule import delta_rule_flops, unit_lower_inverse_flops
 from seqlab.ops.gated_linear import Gate, gated_linear_flops
 from seqlab.ops.registry import Flops
 
 __all__ = [
-    "_sum_min",
     "Flops",
     "Gate",
     "attention_flops",

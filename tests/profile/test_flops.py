@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from seqlab.ops import delta_rule, gated_linear
-from seqlab.ops.attention import KVCache, attention
+from seqlab.ops.attention import KVCache, _sum_min, attention
 from seqlab.profile.flops import (
     Flops,
-    _sum_min,
     attention_flops,
     delta_rule_flops,
     gated_linear_flops,
