@@ -10,8 +10,10 @@ from seqlab.mixers.deltanet import DeltaNet
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
 from seqlab.mixers.linear_attention import LinearAttention
+from seqlab.mixers.lmu import LMU
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
+from seqlab.mixers.s4d import S4D
 
 MIXERS: dict[str, type[TokenMixer]] = {
     "attn": Attention,
@@ -21,6 +23,8 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "mamba2": Mamba2,
     "deltanet": DeltaNet,
     "gdn": GatedDeltaNet,
+    "s4d": S4D,
+    "lmu": LMU,
 }
 
 
