@@ -9,6 +9,7 @@ from seqlab.mixers.base import MixerConfig, State, TokenMixer
 from seqlab.mixers.deltanet import DeltaNet
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
+from seqlab.mixers.hyena import Hyena
 from seqlab.mixers.linear_attention import LinearAttention
 from seqlab.mixers.lmu import LMU
 from seqlab.mixers.mamba2 import Mamba2
@@ -25,6 +26,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "gdn": GatedDeltaNet,
     "s4d": S4D,
     "lmu": LMU,
+    "hyena": Hyena,
 }
 
 

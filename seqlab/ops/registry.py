@@ -29,6 +29,7 @@ FAMILY_MODULES = (
     "seqlab.ops.gated_linear",
     "seqlab.ops.delta_rule",
     "seqlab.ops.lti",
+    "seqlab.ops.hyena",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
