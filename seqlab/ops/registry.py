@@ -28,6 +28,7 @@ FAMILY_MODULES = (
     "seqlab.ops.attention",
     "seqlab.ops.gated_linear",
     "seqlab.ops.delta_rule",
+    "seqlab.ops.selective_scan",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
