@@ -10,6 +10,7 @@ from seqlab.mixers.deltanet import DeltaNet
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
 from seqlab.mixers.linear_attention import LinearAttention
+from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
 
@@ -18,6 +19,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "linear_attn": LinearAttention,
     "retnet": RetNet,
     "gla": GLA,
+    "mamba": Mamba,
     "mamba2": Mamba2,
     "deltanet": DeltaNet,
     "gdn": GatedDeltaNet,
