@@ -12,6 +12,7 @@ from seqlab.mixers.gla import GLA
 from seqlab.mixers.hyena import Hyena
 from seqlab.mixers.linear_attention import LinearAttention
 from seqlab.mixers.lmu import LMU
+from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
 from seqlab.mixers.s4d import S4D
@@ -21,6 +22,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "linear_attn": LinearAttention,
     "retnet": RetNet,
     "gla": GLA,
+    "mamba": Mamba,
     "mamba2": Mamba2,
     "deltanet": DeltaNet,
     "gdn": GatedDeltaNet,

@@ -30,6 +30,7 @@ FAMILY_MODULES = (
     "seqlab.ops.delta_rule",
     "seqlab.ops.lti",
     "seqlab.ops.hyena",
+    "seqlab.ops.selective_scan",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
