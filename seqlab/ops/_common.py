@@ -353,8 +353,10 @@ def causal_conv_fft(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     wraps around. Float64 stays float64; other dtypes are computed in float32.
     """
     T, L = u.shape[1], k.shape[-u.dim() + 1]
-    n = _fft_size(T + L - 1)
     dtype = compute_dtype(u.dtype)
+    if u.numel() == 0 or L == 0:  # MKL's FFT rejects an empty batch; nothing to transform
+        return causal_conv_direct(u.to(dtype), k.to(dtype))
+    n = _fft_size(T + L - 1)
     U = torch.fft.rfft(u.to(dtype), n=n, dim=1)
     kdim = 0 if k.dim() == u.dim() - 1 else 1
     Kf = torch.fft.rfft(k.to(dtype), n=n, dim=kdim)

@@ -52,3 +52,10 @@ def test_fft_size_is_the_next_5_smooth_number(n):
             r //= p
     assert r == 1
     assert all(_fft_size(j) > j for j in range(n, m))  # none smaller is 5-smooth
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 3), (2, 0, 3)])
+def test_empty_batch_or_length_gives_an_empty_result(shape):
+    u = torch.zeros(shape)
+    y = causal_conv_fft(u, torch.randn(7, 3))
+    assert y.shape == shape and y.dtype == torch.float32
