@@ -71,7 +71,9 @@ class OpFamily:
         inputs, valid by construction (realistic gates: strong decays included).
     dims: per-head sizes for tests and benchmarks, e.g. {"K": 64, "V": 64}; make_inputs, flops
         and state_bytes take them as keywords.
-    flops(variant, form, T, H, **dims) → Flops of one sequence of T tokens in that form.
+    flops(variant, form, T, H, **dims) → Flops of one sequence of T tokens in that form, its final
+        state included (work on the parameters alone, such as an LTI kernel, included too: a
+        batch of B sequences does it once, so B × flops is an upper bound there).
     state_bytes(variant, T, H, **dims) → bytes of the final state of one sequence, float32.
     fast: the form a model trains with and the benchmarks time.
     packed: the forms take `cu_seqlens` (variable-length sequences packed in a batch of one).
