@@ -46,7 +46,7 @@ def test_the_default_limit_is_what_this_machine_has_free():
 def test_ops_and_check_list_every_registered_family():
     from seqlab.ops.registry import families
 
-    listing = CliRunner().invoke(app, ["ops"], terminal_width=250)
+    listing = CliRunner().invoke(app, ["ops"], env={"COLUMNS": "250"})
     assert listing.exit_code == 0, listing.output
     result, text = run("--seq-len", "40")
     assert result.exit_code == 0, result.output

@@ -175,10 +175,9 @@ class Hyena(TokenMixer):
         # the filter MLP runs once per position: its matmuls count per token
         per_token = Flops(proj + conv + self._filter_flops(1), 0)
         prefill = op_flops("default", self.config.form, T, 1, D=D)
-        # a decode step recomputes the filter taps at all T + 1 positions
-        decode = op_flops("default", "recurrent", 1, 1, D=D, Tc=T) + Flops(
-            self._filter_flops(T + 1), 0
-        )
+        # a decode step recomputes the filter taps at all T + 1 positions (the new one is in
+        # per_token)
+        decode = op_flops("default", "recurrent", 1, 1, D=D, Tc=T) + Flops(self._filter_flops(T), 0)
         return LayerFlops(per_token, prefill, decode)
 
     def op_call(self) -> OpCall:

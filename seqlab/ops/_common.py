@@ -367,7 +367,8 @@ def causal_conv_direct(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`causal_conv_fft` summed term by term (the reference): O(T L)."""
     T, L = u.shape[1], k.shape[-u.dim() + 1]
     kb = k if k.dim() == u.dim() else k.unsqueeze(0)
-    y = torch.zeros_like(u, dtype=torch.promote_types(u.dtype, k.dtype))
+    shape = torch.broadcast_shapes(u.shape, (kb.shape[0], T, *kb.shape[2:]))
+    y = u.new_zeros(shape, dtype=torch.promote_types(u.dtype, k.dtype))
     for lag in range(min(L, T)):
         y[:, lag:] += kb[:, lag : lag + 1] * u[:, : T - lag]
     return y

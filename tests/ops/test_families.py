@@ -53,7 +53,9 @@ def run(fn, x, S0, stateful):
     loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
     if S is not None and torch.is_tensor(S):
         loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
-    leaves = [t for t in x.values() if torch.is_tensor(t) and t.requires_grad] + ([S0] if S0 is not None else [])
+    leaves = [t for t in x.values() if torch.is_tensor(t) and t.requires_grad] + (
+        [S0] if S0 is not None else []
+    )
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return o, S, grads
 
