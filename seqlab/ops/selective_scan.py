@@ -15,6 +15,8 @@ return_last_state)` takes u, delta [B, D, T] and B, C [B, N, T] (or [B, G, N, T]
 map to these by `u.transpose(1, 2)`, `delta.transpose(1, 2)`, `B.transpose(1, 2)`,
 `C.transpose(1, 2)`, and its y [B, D, T] is ours transposed; A, D, delta_bias and the last state
 [B, D, N] are the same. Its optional z gate (y · silu(z)) is left to the caller (the Mamba mixer).
+The family's peer "mamba-ssm" (an optional extra, see `_mamba_ssm_peer`) is that function called
+through exactly this mapping.
 
 The scan form (the family's fast form, what the Mamba mixer runs) is one autograd node. It forms
 every decay factor E_t = exp(Δ_t A) and every input (Δ_t u_t) B_tᵀ once, as time-major
@@ -45,7 +47,10 @@ a ratio, so no strong decay overflows (a cumulative-sum-and-divide scan would).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -369,6 +374,44 @@ def make_selective_scan_inputs(
     }
 
 
+def _mamba_ssm_peer():
+    """mamba-ssm's pure-PyTorch `selective_scan_ref` as fn(**inputs) → y [B, T, D] in seqlab's
+    layout, or None where mamba-ssm is not installed.
+
+    Its module imports the CUDA extension `selective_scan_cuda` at the top; a CPU-only install
+    (MAMBA_SKIP_CUDA_BUILD=TRUE) has none, so an empty stand-in is put in sys.modules for the
+    import and taken out again (selective_scan_ref never touches it).
+    """
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return None
+    stub = (
+        "selective_scan_cuda" not in sys.modules
+        and importlib.util.find_spec("selective_scan_cuda") is None
+    )
+    if stub:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    finally:
+        if stub:
+            del sys.modules["selective_scan_cuda"]
+
+    def peer(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+        y = selective_scan_ref(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D,
+            delta_bias=delta_bias,
+            delta_softplus=delta_softplus,
+        )
+        return y.transpose(1, 2)
+
+    return peer
+
+
 register_family(
     OpFamily(
         name="selective_scan",
@@ -383,6 +426,7 @@ register_family(
         flops=selective_scan_flops,
         state_bytes=selective_scan_state_bytes,
         dims={"D": 64, "N": 16},
+        peers={"mamba-ssm": _mamba_ssm_peer},
         variants=("default",),
         doc="Mamba-1's selective scan (S6): per-channel diagonal decays exp(Δ A)",
     )

@@ -195,3 +195,13 @@ def test_errors():
         chunk_selective_scan(**x, chunk_size=0)
     with pytest.raises(TypeError, match="floating-point"):
         chunk_selective_scan(**{**x, "A": x["A"].long()})
+
+
+def test_mamba_ssm_peer_matches_the_recurrent_form():
+    peer = family("selective_scan").peers["mamba-ssm"]()
+    if peer is None:
+        pytest.skip("mamba-ssm is not installed (the transcription above stands in for it)")
+    x = _inputs(2, 19, 5, 3, seed=2, dtype=torch.float32)  # it computes in float32 only
+    y = peer(**x)
+    assert y.shape == x["u"].shape
+    torch.testing.assert_close(y, recurrent_selective_scan(**x)[0], rtol=1e-5, atol=1e-5)
