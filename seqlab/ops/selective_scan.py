@@ -322,9 +322,9 @@ def selective_scan_flops(
     matmul (what torch's FlopCounterMode sees): the readout y_t = h_t C_t, one [D, N] @ [N, 1]
     product per token (2DN), over the padded length in the chunk form. other: the decay factor
     exp(Δ A) (a multiply and an exp, 2DN), the update h ← e ⊙ h + (Δu) Bᵀ (3DN) and Δ u, D u
-    (2D) per token, in the recurrent and the scan form alike; the chunk form forms (Δu) Bᵀ once and runs e ⊙ h + · twice (the local
-    pass and the true one), multiplies the chunk's total decay (DN per token) and carries the
-    state across chunks (2DN per chunk).
+    (2D) per token, in the recurrent and the scan form alike; the chunk form forms (Δu) Bᵀ once
+    and runs e ⊙ h + · twice (the local pass and the true one), multiplies the chunk's total decay
+    (DN per token) and carries the state across chunks (2DN per chunk).
     """
     if form in ("recurrent", "scan"):
         return Flops(2 * D * N * T, (5 * D * N + 2 * D) * T)
