@@ -67,6 +67,16 @@ class Mamba(RecurrentMixer):
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
+    @staticmethod
+    def form(T: int) -> str:
+        """One token is a decode step (the recurrent form); longer inputs run the fused scan."""
+        return "recurrent" if T == 1 else "scan"
+
+    def core_bytes(self, T: int, grad: bool) -> int:
+        """The scan form's decay factors and states, [T, d_inner, d_state] each in float32 (kept
+        for backward with `grad`, formed whole without it too)."""
+        return 2 * T * self.d_inner * self.config.d_state * 4
+
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         c = self.config
         return {
@@ -91,7 +101,6 @@ class Mamba(RecurrentMixer):
             initial_state=None if state is None else state["h"],
             output_final_state=True,
             form=self.form(T),
-            chunk_size=self.config.chunk_size,
         )
         return self.out_proj(y * F.silu(z)), {"h": h, "conv": conv_state}
 
@@ -100,14 +109,10 @@ class Mamba(RecurrentMixer):
         proj = 2 * self.d_model * 2 * E + 2 * E * (R + 2 * c.d_state) + 2 * R * E
         proj += 2 * E * self.d_model + 2 * c.d_conv * E  # out_proj, the depthwise conv
         dims = {"D": E, "N": c.d_state}
-        prefill = selective_scan_flops(
-            "default", self.form(T), T, 1, chunk_size=c.chunk_size, **dims
-        )
+        prefill = selective_scan_flops("default", self.form(T), T, 1, **dims)
         decode = selective_scan_flops("default", "recurrent", 1, 1, **dims)
         return LayerFlops(Flops(proj, 0), prefill, decode)
 
     def op_call(self) -> OpCall:
         c = self.config
-        return OpCall(
-            "default", 1, {"D": self.d_inner, "N": c.d_state}, {"chunk_size": c.chunk_size}
-        )
+        return OpCall("default", 1, {"D": self.d_inner, "N": c.d_state}, {})

@@ -1,4 +1,5 @@
-"""Mamba-1's selective scan (S6) in two forms: recurrent (the reference) and chunk.
+"""Mamba-1's selective scan (S6) in three forms: recurrent (the reference), scan (the fast one)
+and chunk.
 
     Δ_t = softplus(delta_t + delta_bias)  (or delta_t + delta_bias without delta_softplus)
     h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) B_tᵀ,    y_t = h_t C_t + D ⊙ u_t
@@ -14,6 +15,23 @@ return_last_state)` takes u, delta [B, D, T] and B, C [B, N, T] (or [B, G, N, T]
 map to these by `u.transpose(1, 2)`, `delta.transpose(1, 2)`, `B.transpose(1, 2)`,
 `C.transpose(1, 2)`, and its y [B, D, T] is ours transposed; A, D, delta_bias and the last state
 [B, D, N] are the same. Its optional z gate (y · silu(z)) is left to the caller (the Mamba mixer).
+The family's peer "mamba-ssm" (an optional extra, see `_mamba_ssm_peer`) is that function called
+through exactly this mapping.
+
+The scan form (the family's fast form, what the Mamba mixer runs) is one autograd node. It forms
+every decay factor E_t = exp(Δ_t A) and every input (Δ_t u_t) B_tᵀ once, as time-major
+[T, B, D, N] buffers, runs the recurrence in place with one fused multiply-add per token over all
+channels and states (h_t += E_t ⊙ h_{t−1}), and reads all outputs out with one batched product.
+Its backward is the adjoint recurrence run the same way in reverse,
+
+    g_t = C_t dy_tᵀ + E_{t+1} ⊙ g_{t+1}   (g_T also takes the final state's gradient),
+
+then ∂(ΔA)_t = g_t ⊙ E_t ⊙ h_{t−1}, ∂(Δu)_t = g_t B_t, ∂B_t = g_tᵀ Δ_t u_t, ∂C_t = h_tᵀ dy_t and
+∂h_0 = E_1 ⊙ g_1: a handful of passes over O(B T D N) buffers (E, the states, g) and T small
+in-place steps each way, instead of autograd's graph of T steps. Decays are only ever
+multiplied (no cumulative sums of log-decays, no ratios), so no gate value overflows, and the exp
+argument is clamped at `_common.exp_floor` (exp there is 0 in effect), so strong decays cost no
+time in subnormal arithmetic.
 
 The chunk form cuts T into chunks of C steps. Every decay factor exp(Δ A) is taken once over the
 whole input (its argument clamped at `_common.exp_floor`, so strong decays cost no time), then
@@ -29,7 +47,10 @@ a ratio, so no strong decay overflows (a cumulative-sum-and-divide scan would).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +62,7 @@ from seqlab.ops._common import (
     chunk_count,
     compute_dtype,
     decay_exp,
+    exp_floor,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -153,6 +175,85 @@ def _chunk(u, delta, A, B, C, h0, chunk_size):
     return y[:, :T], s
 
 
+class _Scan(torch.autograd.Function):
+    """h_t = E_t h_{t−1} + Δ_t u_t B_t, y_t = h_t C_t over time-major [T, B, D, N] buffers, with
+    its adjoint as backward: g_t = C_t dy_t + E_{t+1} g_{t+1} (g_T also takes the final state's
+    gradient), a reverse scan of the same kind. Saves E and every state (O(B T D N))."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        Bsz, T, Dd = u.shape
+        N = A.shape[1]
+        dt = delta.transpose(0, 1)  # [T, B, D]
+        x = dt * u.transpose(0, 1)  # Δu
+        Bt, Ct = B.transpose(0, 1), C.transpose(0, 1)  # [T, B, N]
+        E = torch.mul(dt[..., None], A, out=u.new_empty(T, Bsz, Dd, N))
+        # factors clamped at the floor become exactly 0, as exp(Δ A) is for a huge Δ: else the
+        # backward's ∂A = Σ (g ⊙ E ⊙ h) Δ would multiply a floored e^−30 by that Δ and overflow
+        F.threshold(decay_exp(E, inplace=True), math.exp(exp_floor(E.dtype) + 0.5), 0.0, True)
+        H = u.new_empty(T + 1, Bsz, Dd, N)  # H[0] = h0, H[t + 1] = h_t
+        H[0] = 0 if h0 is None else h0
+        torch.mul(x[..., None], Bt[:, :, None, :], out=H[1:])
+        Hs, Es = H.unbind(0), E.unbind(0)
+        for t in range(T):
+            Hs[t + 1].addcmul_(Es[t], Hs[t])
+        y = torch.bmm(H[1:].view(T * Bsz, Dd, N), Ct.reshape(T * Bsz, N, 1))
+        ctx.save_for_backward(u, delta, A, B, C, E, H)
+        ctx.has_h0 = h0 is not None
+        return y.view(T, Bsz, Dd).transpose(0, 1), H[T].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dS):
+        u, delta, A, B, C, E, H = ctx.saved_tensors
+        Bsz, T, Dd = u.shape
+        N, TB = A.shape[1], T * Bsz
+
+        def flat(x):  # [B, T, ...] → contiguous time-major [T·B, ...] (y.sum() gives stride 0)
+            return x.transpose(0, 1).reshape(TB, *x.shape[2:]).contiguous()
+
+        dt, ut, Bt, Ct, dy = flat(delta), flat(u), flat(B), flat(C), flat(dy)
+        G = torch.mul(dy[:, :, None], Ct[:, None, :], out=u.new_empty(TB, Dd, N))
+        Gs, Es = G.view(T, Bsz, Dd, N).unbind(0), E.unbind(0)
+        if dS is not None:
+            Gs[T - 1].add_(dS)
+        for t in range(T - 2, -1, -1):
+            Gs[t].addcmul_(Es[t + 1], Gs[t + 1])
+        dh0 = Es[0] * Gs[0] if ctx.has_h0 else None
+        Hf = H[1:].view(TB, Dd, N)
+        dC = torch.bmm(dy[:, None, :], Hf)
+        dB = torch.bmm((dt * ut)[:, None, :], G)
+        s = torch.bmm(G, Bt[:, :, None])[..., 0]  # ∂L/∂(Δu)
+        Q = G.mul_(E.view(TB, Dd, N)).mul_(H[:-1].view(TB, Dd, N))  # ∂L/∂(Δ A), in place of g
+        dA = torch.einsum("tdn,td->dn", Q, dt)
+        ddelta = torch.einsum("tdn,dn->td", Q, A).addcmul_(s, ut)
+
+        def unflat(x):
+            return x.view(T, Bsz, *x.shape[1:]).transpose(0, 1)
+
+        return unflat(s * dt), unflat(ddelta), dA, unflat(dB[:, 0]), unflat(dC[:, 0]), dh0
+
+
+def scan_selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    output_final_state=False,
+):
+    """Fused-step form (the training form): one in-place step per token over all channels,
+    backward by the reverse (adjoint) scan."""
+    uf, df, Af, Bf, Cf, Df, h0 = _prepare(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, initial_state
+    )
+    y, h = _Scan.apply(uf, df, Af, Bf, Cf, h0)
+    return _finish(y, h, u, Df, uf, output_final_state)
+
+
 def recurrent_selective_scan(
     u,
     delta,
@@ -195,13 +296,15 @@ def chunk_selective_scan(
     return _finish(y, h, u, Df, uf, output_final_state)
 
 
-def selective_scan(*args, form="chunk", chunk_size=64, **kwargs):
-    """The selective scan in the named form ("recurrent" or "chunk")."""
+def selective_scan(*args, form="scan", chunk_size=64, **kwargs):
+    """The selective scan in the named form ("recurrent", "scan" or "chunk")."""
+    if form == "scan":
+        return scan_selective_scan(*args, **kwargs)
     if form == "chunk":
         return chunk_selective_scan(*args, chunk_size=chunk_size, **kwargs)
     if form == "recurrent":
         return recurrent_selective_scan(*args, **kwargs)
-    raise ValueError(f"form must be one of 'recurrent', 'chunk', got {form!r}")
+    raise ValueError(f"form must be one of 'recurrent', 'scan', 'chunk', got {form!r}")
 
 
 def selective_scan_flops(
@@ -219,11 +322,11 @@ def selective_scan_flops(
     matmul (what torch's FlopCounterMode sees): the readout y_t = h_t C_t, one [D, N] @ [N, 1]
     product per token (2DN), over the padded length in the chunk form. other: the decay factor
     exp(Δ A) (a multiply and an exp, 2DN), the update h ← e ⊙ h + (Δu) Bᵀ (3DN) and Δ u, D u
-    (2D) per token; the chunk form forms (Δu) Bᵀ once and runs e ⊙ h + · twice (the local
-    pass and the true one), multiplies the chunk's total decay (DN per token) and carries the
-    state across chunks (2DN per chunk).
+    (2D) per token, in the recurrent and the scan form alike; the chunk form forms (Δu) Bᵀ once
+    and runs e ⊙ h + · twice (the local pass and the true one), multiplies the chunk's total decay
+    (DN per token) and carries the state across chunks (2DN per chunk).
     """
-    if form == "recurrent":
+    if form in ("recurrent", "scan"):
         return Flops(2 * D * N * T, (5 * D * N + 2 * D) * T)
     if form != "chunk":
         raise ValueError(f"selective_scan has no form {form!r}")
@@ -271,16 +374,59 @@ def make_selective_scan_inputs(
     }
 
 
+def _mamba_ssm_peer():
+    """mamba-ssm's pure-PyTorch `selective_scan_ref` as fn(**inputs) → y [B, T, D] in seqlab's
+    layout, or None where mamba-ssm is not installed.
+
+    Its module imports the CUDA extension `selective_scan_cuda` at the top; a CPU-only install
+    (MAMBA_SKIP_CUDA_BUILD=TRUE) has none, so an empty stand-in is put in sys.modules for the
+    import and taken out again (selective_scan_ref never touches it).
+    """
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return None
+    stub = (
+        "selective_scan_cuda" not in sys.modules
+        and importlib.util.find_spec("selective_scan_cuda") is None
+    )
+    if stub:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    finally:
+        if stub:
+            del sys.modules["selective_scan_cuda"]
+
+    def peer(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+        y = selective_scan_ref(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D,
+            delta_bias=delta_bias,
+            delta_softplus=delta_softplus,
+        )
+        return y.transpose(1, 2)
+
+    return peer
+
+
 register_family(
     OpFamily(
         name="selective_scan",
-        forms={"recurrent": recurrent_selective_scan, "chunk": chunk_selective_scan},
+        forms={
+            "recurrent": recurrent_selective_scan,
+            "scan": scan_selective_scan,
+            "chunk": chunk_selective_scan,
+        },
         reference="recurrent",
-        fast="chunk",
+        fast="scan",
         make_inputs=make_selective_scan_inputs,
         flops=selective_scan_flops,
         state_bytes=selective_scan_state_bytes,
         dims={"D": 64, "N": 16},
+        peers={"mamba-ssm": _mamba_ssm_peer},
         variants=("default",),
         doc="Mamba-1's selective scan (S6): per-channel diagonal decays exp(Δ A)",
     )

@@ -1,4 +1,4 @@
-"""The selective scan (Mamba-1's S6): chunk against recurrent, both against mamba-ssm's
+"""The selective scan (Mamba-1's S6): scan and chunk against recurrent, both against mamba-ssm's
 selective_scan_ref transcribed in its [B, D, T] layout, float64 forward and backward."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from seqlab.ops.selective_scan import (
     chunk_selective_scan,
     make_selective_scan_inputs,
     recurrent_selective_scan,
+    scan_selective_scan,
     selective_scan_flops,
 )
 
@@ -86,6 +87,51 @@ def test_chunk_matches_recurrent_float64(B, T, D, N, chunk, init, seed):
         torch.testing.assert_close(g_c[k], g_r[k], **F64, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 45),
+    D=st.integers(1, 6),
+    N=st.integers(1, 5),
+    init=st.booleans(),
+    strong=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_scan_matches_recurrent_float64(B, T, D, N, init, strong, seed):
+    x = _inputs(B, T, D, N, seed, strong=strong)
+    h0 = torch.randn(B, D, N, dtype=torch.float64) if init else None
+    y_r, S_r, g_r = _run(recurrent_selective_scan, x, h0)
+    y_s, S_s, g_s = _run(scan_selective_scan, x, h0)
+    torch.testing.assert_close(y_s, y_r, **F64)
+    torch.testing.assert_close(S_s, S_r, **F64)
+    assert set(g_s) == set(g_r)
+    for k in g_r:
+        torch.testing.assert_close(g_s[k], g_r[k], **F64, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shift", [30.0, 1e6, 1e30])
+def test_scan_huge_delta_stays_finite(dtype, shift):
+    """Δ·|A| per step from ~30 to 1e30: every decay is 0 in effect, and nothing the recurrent
+    form keeps finite (output, state, any gradient) becomes NaN or Inf."""
+    x = _inputs(2, 37, 4, 3, seed=5, dtype=dtype)
+    x["delta_bias"] = x["delta_bias"] + shift
+    y_r, S_r, g_r = _run(recurrent_selective_scan, x)
+    y_s, S_s, g_s = _run(scan_selective_scan, x)
+    tol = {"rtol": 1e-9, "atol": 0} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 0}
+    torch.testing.assert_close(y_s, y_r, **tol)
+    torch.testing.assert_close(S_s, S_r, **tol)
+    for k in g_r:
+        assert torch.isfinite(g_s[k])[torch.isfinite(g_r[k])].all(), k
+
+
+def test_scan_empty_batch():
+    x = _inputs(0, 6, 3, 2, seed=0)
+    y, S, g = _run(scan_selective_scan, x, torch.zeros(0, 3, 2, dtype=torch.float64))
+    assert y.shape == (0, 6, 3) and S.shape == (0, 3, 2)
+    assert not g["A"].any() and g["D"].shape == (3,)
+
+
 @pytest.mark.parametrize("T", [1, 7, 33])
 def test_matches_mamba_ssm_reference(T):
     x = _inputs(2, T, 5, 3, seed=T)
@@ -100,7 +146,8 @@ def test_matches_mamba_ssm_reference(T):
         "delta_softplus": True,
     }
     y_ref, S_ref = selective_scan_ref(**ref_args)
-    for fn, kw in ((recurrent_selective_scan, {}), (chunk_selective_scan, {"chunk_size": 4})):
+    forms = ((recurrent_selective_scan, {}), (scan_selective_scan, {}))
+    for fn, kw in (*forms, (chunk_selective_scan, {"chunk_size": 4})):
         y, S = fn(**x, output_final_state=True, **kw)
         torch.testing.assert_close(y.transpose(1, 2), y_ref, **F64)
         torch.testing.assert_close(S, S_ref, **F64)
@@ -110,11 +157,14 @@ def test_matches_mamba_ssm_reference(T):
 def test_strong_decays(dtype):
     x = _inputs(1, 50, 4, 3, seed=3, dtype=dtype, strong=True)
     y_r, S_r = recurrent_selective_scan(**x, output_final_state=True)
-    y_c, S_c = chunk_selective_scan(**x, output_final_state=True, chunk_size=8)
-    assert torch.isfinite(y_c).all()
     tol = F64 if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(y_c, y_r, **tol)
-    torch.testing.assert_close(S_c, S_r, **tol)
+    for y, S in (
+        chunk_selective_scan(**x, output_final_state=True, chunk_size=8),
+        scan_selective_scan(**x, output_final_state=True),
+    ):
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, y_r, **tol)
+        torch.testing.assert_close(S, S_r, **tol)
 
 
 @pytest.mark.parametrize("T", [1, 20, 64, 100])
@@ -127,6 +177,9 @@ def test_flops_matmul_matches_counter(T):
     assert selective_scan_flops("default", "chunk", T, 1, chunk_size=16, **dims).matmul == (
         counter.get_total_flops()
     )
+    with FlopCounterMode(display=False) as counter:
+        fam.forms["scan"](**x)
+    assert fam.flops("default", "scan", T, 1, **dims).matmul == counter.get_total_flops()
     assert fam.flops("default", "recurrent", T, 1, **dims).other > 0
 
 
@@ -142,3 +195,13 @@ def test_errors():
         chunk_selective_scan(**x, chunk_size=0)
     with pytest.raises(TypeError, match="floating-point"):
         chunk_selective_scan(**{**x, "A": x["A"].long()})
+
+
+def test_mamba_ssm_peer_matches_the_recurrent_form():
+    peer = family("selective_scan").peers["mamba-ssm"]()
+    if peer is None:
+        pytest.skip("mamba-ssm is not installed (the transcription above stands in for it)")
+    x = _inputs(2, 19, 5, 3, seed=2, dtype=torch.float32)  # it computes in float32 only
+    y = peer(**x)
+    assert y.shape == x["u"].shape
+    torch.testing.assert_close(y, recurrent_selective_scan(**x)[0], rtol=1e-5, atol=1e-5)
