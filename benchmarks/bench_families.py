@@ -1,14 +1,15 @@
 """Every registered op family on the CPU: each fast form against the family's recurrent form, and
 against every installed peer, in one process.
 
-    .venv/bin/python benchmarks/bench_families.py --out benchmarks/results/cpu-DATE/families.md
-    .venv/bin/python benchmarks/bench_families.py --families s4d,hyena --skip-slow --repeats 3
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_families.py --out DIR/families.md
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_families.py --families s4d,hyena --skip-slow
 
 For each family (seqlab.ops.registry) and variant, on the family's make_inputs (realistic gates)
 with B = 1, H = 4 and the family's dims (float32): forward+backward at T = 2048 and forward at
 T = 8192 (`--seq-lens` changes both), the forms and peers taking turns call by call (load from
 other processes falls on all alike), each entry the median of the repeats. The slow form is the
-family's "recurrent" form (else its reference); a measurement whose first call takes longer than
+family's "recurrent" form (else its reference; a family whose only form is its fast form, such
+as attention, has no ratio there); a measurement whose first call takes longer than
 `--cap` seconds is timed once, and `--skip-slow` leaves the slow form out at the longest length.
 The targets are those of the op-family issue: every fast form ≥ 10x its recurrent form
 forward+backward at T = 2048, FFT forms ≥ 20x at T = 8192.
@@ -131,7 +132,7 @@ def rows(
                         "s": s,
                         "fast": name == fam.fast,
                     }
-                    if isinstance(s, float) and isinstance(m.get(slow), float):
+                    if slow != fam.fast and isinstance(s, float) and isinstance(m.get(slow), float):
                         row["vs_recurrent"] = m[slow] / s
                     if name == fam.fast and isinstance(fast, float):
                         row["vs_peers"] = {
@@ -225,7 +226,7 @@ def main(argv=None) -> None:
         f"# Op families on CPU\n\n{machine()}\n\n"
         f"float32, median of {args.repeats} interleaved calls after a warm-up (1 where the first "
         f"call took over {args.cap:g} s); {time.monotonic() - start:.0f} s in all. "
-        "Bold: the family's fast form. Command: `python benchmarks/bench_families.py "
+        "Bold: the family's fast form. Command: `PYTHONPATH=. python benchmarks/bench_families.py "
         f"--seq-lens {args.seq_lens} --repeats {args.repeats}"
         + (" --skip-slow" if args.skip_slow else "")
         + "`"
