@@ -37,8 +37,18 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
+from seqlab.ops.registry import family
+
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
-CASES = ("gated_delta", "delta", "gla_scalar", "gla_channel")
+# --cases name → (op family, variant) in seqlab.ops.registry; the inputs stay this script's own
+# (its gate settings and seeds), so the committed tables stay reproducible
+FAMILY_CASES = {
+    "gated_delta": ("delta_rule", "gated"),
+    "delta": ("delta_rule", "delta"),
+    "gla_scalar": ("gated_linear", "head"),
+    "gla_channel": ("gated_linear", "channel"),
+}
+CASES = tuple(FAMILY_CASES)
 GATES = ("mild", "logsigmoid", "strong")
 
 
@@ -55,31 +65,33 @@ def make_gate(gates: str, z: torch.Tensor) -> torch.Tensor:
 
 def make_inputs(case: str, T: int, seed: int = 0, gates: str = "mild") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
+    fam_name, variant = FAMILY_CASES[case]
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
 
     q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
-    if case in ("gated_delta", "delta"):
+    if fam_name == "delta_rule":
         x = dict(q=q, k=F.normalize(k, dim=-1), v=v, beta=torch.sigmoid(rand(B, T, H)))
         x["g"] = make_gate(gates, rand(B, T, H))
-        if case == "delta":
+        if variant == "delta":
             x["g"] = torch.zeros(B, T, H)  # peers need a gate; seqlab gets g=None
         return x
-    if case == "gla_scalar":
+    if variant == "head":
         return dict(q=q, k=k, v=v, g=make_gate(gates, rand(B, T, H)))
     return dict(q=q, k=k, v=v, g=make_gate(gates, rand(B, T, H, K)))
 
 
 def seqlab_fn(case: str) -> Callable:
-    from seqlab.ops.delta_rule import chunk_delta_rule
-    from seqlab.ops.gated_linear import chunk_gated_linear
+    """The case's family's chunk form (registry), on this script's inputs."""
+    fam_name, variant = FAMILY_CASES[case]
+    chunk = family(fam_name).forms["chunk"]
 
     def fn(q, k, v, g, beta=None):
-        if case in ("gated_delta", "delta"):
-            gate = None if case == "delta" else g
-            return chunk_delta_rule(q, k, v, beta, gate, output_final_state=True, chunk_size=CHUNK)
-        return chunk_gated_linear(q, k, v, g, output_final_state=True, chunk_size=CHUNK)
+        x = dict(q=q, k=k, v=v, g=None if variant == "delta" else g)
+        if beta is not None:
+            x["beta"] = beta
+        return chunk(**x, output_final_state=True, chunk_size=CHUNK)
 
     return fn
 
@@ -241,6 +253,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     cases = args.cases.split(",")
+    if not set(cases) <= set(CASES):
+        p.error(f"--cases: any of {', '.join(CASES)}")
     gates = tuple(args.gates.split(","))
     if not set(gates) <= set(GATES):
         p.error(f"--gates: any of {', '.join(GATES)}")

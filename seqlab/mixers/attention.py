@@ -6,7 +6,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, MixerConfig, State, TokenMixer
+from seqlab.mixers.base import LayerFlops, MixerConfig, OpCall, State, TokenMixer
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.rope import positions, rotate, start_positions
 from seqlab.ops.attention import KVCache, attention, attention_flops
@@ -87,6 +87,14 @@ class Attention(TokenMixer):
             attention_flops(T, H, d, d, window=w),
             attention_flops(1, H, d, d, cached=cached, window=w),
         )
+
+    def op_call(self) -> OpCall:
+        d = self.head_dim
+        dims = {"K": d, "V": d}
+        if self.num_kv_heads != self.num_heads:
+            dims["Hkv"] = self.num_kv_heads
+        options = {} if self.config.window is None else {"window": self.config.window}
+        return OpCall("default", self.num_heads, dims, options)
 
     def core_bytes(self, T: int, grad: bool) -> int:
         """Causal SDPA is a fused kernel (no T × T tensor); a window builds a bool mask and the

@@ -15,7 +15,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, State
+from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import NORM_EPS, GatedRMSNorm
@@ -70,6 +70,14 @@ class DeltaRuleMixer(RecurrentMixer):
         else:
             self.o_norm = nn.RMSNorm(self.head_v, eps=NORM_EPS)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
+
+    def op_call(self) -> OpCall:
+        c = self.config
+        options = {"chunk_size": c.chunk_size}
+        if c.allow_neg_eigval:
+            options["allow_neg_eigval"] = True
+        dims = {"K": self.head_k, "V": self.head_v}
+        return OpCall("gated" if self.gated else "delta", self.num_heads, dims, options)
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         width = self.num_heads * (2 * self.head_k + self.head_v)

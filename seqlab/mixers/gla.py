@@ -12,7 +12,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, State
+from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
@@ -65,6 +65,10 @@ class GLA(RecurrentMixer):
         """The chunk form's blocks, and the [c, c, K] sub-chunk blocks (c = 16) in float32."""
         extra = 2 * self.num_heads * 16 * self.head_k * 4
         return super().core_bytes(T, grad) + extra * (T if grad else min(T, 8192))
+
+    def op_call(self) -> OpCall:
+        dims = {"K": self.head_k, "V": self.head_v}
+        return OpCall("channel", self.num_heads, dims, {"chunk_size": self.config.chunk_size})
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"S": (batch_size, self.num_heads, self.head_k, self.head_v)}

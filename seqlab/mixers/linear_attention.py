@@ -12,7 +12,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, State
+from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import gated_linear
@@ -119,6 +119,11 @@ class LinearAttention(RecurrentMixer):
             per_token += Flops(2 * 2 * H * K * m)  # q and k through their [H, K, m] maps
         V = self.head_v + 1 if self.config.normalize else self.head_v  # Σφ(k) rides along
         return LayerFlops(per_token, *self.gated_linear_flops(T, self.head_f, V, "none"))
+
+    def op_call(self) -> OpCall:
+        V = self.head_v + 1 if self.config.normalize else self.head_v
+        dims = {"K": self.head_f, "V": V}
+        return OpCall("none", self.num_heads, dims, {"chunk_size": self.config.chunk_size})
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         V = self.head_v + 1 if self.config.normalize else self.head_v

@@ -12,7 +12,7 @@ from einops import rearrange, repeat
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, State
+from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer, init_a_log, init_dt_bias
@@ -59,6 +59,11 @@ class Mamba2(RecurrentMixer):
         c = self.config
         core = self.gated_linear_flops(T, c.d_state, c.head_dim, "head")
         return LayerFlops(self.projection_flops(), *core)
+
+    def op_call(self) -> OpCall:
+        c = self.config
+        dims = {"K": c.d_state, "V": c.head_dim}
+        return OpCall("head", self.num_heads, dims, {"scale": 1.0, "chunk_size": c.chunk_size})
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         c = self.config

@@ -13,7 +13,7 @@ from einops import rearrange
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from seqlab.mixers.base import LayerFlops, State
+from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import NORM_EPS
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
@@ -57,6 +57,10 @@ class RetNet(RecurrentMixer):
         return LayerFlops(
             self.projection_flops(), *self.gated_linear_flops(T, self.head_k, self.head_v, "head")
         )
+
+    def op_call(self) -> OpCall:
+        dims = {"K": self.head_k, "V": self.head_v}
+        return OpCall("head", self.num_heads, dims, {"chunk_size": self.config.chunk_size})
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"S": (batch_size, self.num_heads, self.head_k, self.head_v)}

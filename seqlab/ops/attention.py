@@ -308,11 +308,37 @@ def attention_flops(
     return Flops(2 * pairs * (K + V) * H)
 
 
-def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, V=64):
+def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, V=64, Hkv=None):
+    """q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] (Hkv: grouped-query heads, default H)."""
+
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
 
-    return {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    Hkv = Hkv or H
+    return {"q": randn(B, T, H, K), "k": randn(B, T, Hkv, K), "v": randn(B, T, Hkv, V)}
+
+
+def sdpa_peer():
+    """torch's F.scaled_dot_product_attention, causal, on the same q, k, v (other inputs ignored).
+
+    Read through a transposed view of the [B, T, H, ·] inputs, as `attention` does: the peer
+    every op with q, k, v is timed against, at its shapes."""
+
+    def run(q, k, v, **_):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+
+    return run
+
+
+def sdpa_workspace_bytes(T, H, K, V, window=None):
+    """A fused causal kernel holds no T × T tensor where q/k and v share a head dim (and there
+    is no window mask); else (on a CPU) the math path holds T × T scores and weights in float32
+    (with a window: a bool mask and the scores, measured)."""
+    if window is not None:
+        return T * T * (1 + 2 * H)
+    return 0 if K == V else 12 * H * T * T
 
 
 register_family(
@@ -322,10 +348,17 @@ register_family(
         reference="parallel",
         fast="parallel",
         make_inputs=_family_inputs,
-        flops=lambda variant, form, T, H, K=64, V=64: attention_flops(T, H, K, V),
-        state_bytes=lambda variant, T, H, K=64, V=64: T * H * (K + V) * 4,  # the KV cache
+        flops=lambda variant, form, T, H, K=64, V=64, window=None, **_: attention_flops(
+            T, H, K, V, window=window
+        ),
+        state_bytes=lambda variant, T, H, K=64, V=64, Hkv=None, **_: T * (Hkv or H) * (K + V) * 4,
         dims={"K": 64, "V": 64},
         packed=True,
+        peers={"sdpa": sdpa_peer},
+        workspace_bytes=lambda variant, form, T, H, grad, K=64, V=64, window=None, **_: (
+            sdpa_workspace_bytes(T, H, K, V, window)
+        ),
+        backend=lambda form, inputs, **_: "sdpa",
         doc="causal softmax attention (SDPA), optional sliding window, grouped-query heads",
     )
 )

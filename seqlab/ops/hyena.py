@@ -210,6 +210,18 @@ def state_bytes(variant, T, H, D=DIMS["D"], **_):
     return T * ORDER * H * D * 4
 
 
+def workspace_bytes(variant, form, T, H, grad, D=DIMS["D"], L=None, **_):
+    """Per order, the FFT buffers of the H·D channels at the padded length (complex64, twice
+    with `grad`); the direct form's [T, L] lag products per channel block; the recurrent form's
+    cache."""
+    L = T if L is None else L
+    if form == "fft":
+        return ORDER * H * D * 2 * T * 8 * (2 if grad else 1)
+    if form == "direct":
+        return ORDER * H * D * T * 4 * (3 if grad else 2)
+    return ORDER * H * D * (T + L) * 4 * (2 if grad else 1)
+
+
 register_family(
     OpFamily(
         name="hyena",
@@ -220,6 +232,7 @@ register_family(
         dims=DIMS,
         reference="direct",
         fast="fft",
+        workspace_bytes=workspace_bytes,
         doc="Order-2 Hyena: gated long causal convolutions (Poli et al. 2023); the state is "
         "the cache of past inputs of each order.",
     )

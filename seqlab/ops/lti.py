@@ -290,6 +290,29 @@ def lmu_state_bytes(variant, T, H, d=8, **_):
     return H * d * 4
 
 
+def _fft_buffers(T: int, channels: int, grad: bool) -> int:
+    """`causal_conv_fft`'s spectra (input, kernel, product: complex64) and real output, float32;
+    twice with `grad` (autograd keeps the spectra)."""
+    n = _fft_size(2 * T - 1)
+    return (3 * (n // 2 + 1) * 8 + n * 4) * channels * (2 if grad else 1)
+
+
+def s4d_workspace_bytes(variant, form, T, H, grad, N=16, **_):
+    """The fft form: the Vandermonde powers [H, N, T] (complex and as real pairs) and the FFT
+    buffers; the recurrent form: a few states per step, kept for backward."""
+    if form == "recurrent":
+        return H * N * 4 * (2 * T if grad else 4)
+    return H * N * T * 12 + _fft_buffers(T, H, grad)
+
+
+def lmu_workspace_bytes(variant, form, T, H, grad, d=8, **_):
+    """The fft form: the FFT buffers of the H·d memory channels; the recurrent form: the memory
+    at every step, kept for backward."""
+    if form == "recurrent":
+        return H * d * 4 * (2 * T if grad else 4)
+    return T * d * 4 + _fft_buffers(T, H * d, grad)
+
+
 register_family(
     OpFamily(
         name="s4d",
@@ -299,6 +322,7 @@ register_family(
         state_bytes=s4d_state_bytes,
         dims={"N": 16},
         fast="fft",
+        workspace_bytes=s4d_workspace_bytes,
         doc="S4D: diagonal complex SSM per channel, ZOH (Gu et al. 2022)",
     )
 )
@@ -311,6 +335,7 @@ register_family(
         state_bytes=lmu_state_bytes,
         dims={"d": 8},
         fast="fft",
+        workspace_bytes=lmu_workspace_bytes,
         doc="LMU linear memory: Legendre delay system, ZOH (Voelker et al. 2019)",
     )
 )

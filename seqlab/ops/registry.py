@@ -18,6 +18,7 @@ Form names: "recurrent" (a loop over time, the decode step; every family with a 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -78,7 +79,16 @@ class OpFamily:
     fast: the form a model trains with and the benchmarks time.
     packed: the forms take `cu_seqlens` (variable-length sequences packed in a batch of one).
     peers: peer name → loader; the loader returns fn(**inputs) → o, or None where the peer is
-        not installed (peers are optional extras).
+        not installed or cannot run here (peers are optional extras; a peer needing CUDA
+        returns None without a CUDA device).
+    workspace_bytes(variant, form, T, H, grad, **dims, **options) → bytes a form (or a peer, by
+        its name) holds at once beyond its inputs, output and their float32 copies, on one
+        sequence of T tokens; with `grad`, what it keeps for the backward pass. A coarse bound
+        for `seqlab bench`'s memory guard. None (the default): four states per token
+        (4 · T · state_bytes), what a form that materialises every step's state holds, a
+        generous bound; declare a formula for a tighter one.
+    backend(form, inputs, **options) → what the form runs these inputs on ("torch", "triton",
+        "sdpa", "torch (because ...)"); None (the default): "torch".
     """
 
     name: str
@@ -93,6 +103,8 @@ class OpFamily:
     stateful: bool = True
     packed: bool = False
     peers: Mapping[str, Callable[[], Callable | None]] = field(default_factory=dict)
+    workspace_bytes: Callable[..., int] | None = None
+    backend: Callable[..., str] | None = None
     doc: str = ""
 
     def __post_init__(self):
@@ -111,6 +123,30 @@ class OpFamily:
             valid = ", ".join(self.variants)
             raise ValueError(f"family {self.name!r} has no variant {variant!r}; valid: {valid}")
         return variant
+
+    def workspace(self, variant: str, form: str, T: int, H: int, grad: bool, **kw) -> int:
+        """`workspace_bytes`, or its default: four states per token (dims and options in `kw`
+        that a callable does not take are left out)."""
+        if self.workspace_bytes is not None:
+            return call_with(self.workspace_bytes, variant, form, T, H, grad, **kw)
+        if not self.stateful:
+            return 0
+        return 4 * T * call_with(self.state_bytes, variant, T, H, **kw)
+
+    def describe_backend(self, form: str, inputs: Mapping, **options) -> str:
+        if self.backend is None:
+            return "torch"
+        return call_with(self.backend, form, inputs, **options)
+
+
+def call_with(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) without the keywords fn does not take (all of them where it takes
+    **kwargs): dims and options meant for some forms reach each callable that knows them."""
+    params = inspect.signature(fn).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        names = {p.name for p in params}
+        kwargs = {k: v for k, v in kwargs.items() if k in names}
+    return fn(*args, **kwargs)
 
 
 _FAMILIES: dict[str, OpFamily] = {}

@@ -9,15 +9,17 @@ mixer) and each length T: forward and forward+backward latency, prefill tokens/s
 one decoded token at context T (prefill T tokens, then time successive single steps, each from
 the last one's state, as generation runs them: the context grows by a few dozen tokens), peak
 memory, the state bytes the model really holds after prefill, and the analytic cost.
-Op level: the core op of each distinct mixer (chunk form; SDPA for attention) at that mixer's
-shapes, against peers timed in the same run (seqlab.profile.peers).
+Op level: the core op of each distinct mixer (its family's fast form, from the op-family
+registry) at that mixer's shapes, against the family's peers timed in the same run
+(seqlab.profile.peers).
 
 A measurement is skipped, with the reason recorded, when the wall time of its calls — predicted
 from the previous length by the ratio of analytic FLOPs — exceeds `max_seconds`, when its peak
 memory exceeds `max_memory_gb` (default: 60 % of the memory available when the run starts) —
-predicted analytically (seqlab.profile.cost.memory_bytes, OpSpec.memory_bytes) for every length,
-the first included, and extrapolated linearly in T from the previous length's measured peak —
-or when it runs out of memory; the longer lengths of that measurement are then skipped too.
+predicted analytically (seqlab.profile.cost.memory_bytes; OpSpec.memory_bytes, from the
+family's workspace_bytes) for every length, the first included, and extrapolated linearly in
+T from the previous length's measured peak — or when it runs out of memory; the longer lengths
+of that measurement are then skipped too.
 A length whose every measurement is skipped makes no inputs, so nothing large is allocated.
 With `time_limit` the whole run starts no measurement past that many seconds (nor one predicted
 to end past it), so a run under a wall-clock limit ends with results. `progress(result)` is
@@ -27,7 +29,6 @@ rewrites its files then, so a run that is killed keeps what it had measured.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
@@ -47,14 +48,7 @@ from seqlab.config import Config, parse_device
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.profile.cost import memory_bytes, meta_model, model_cost
 from seqlab.profile.measure import is_out_of_memory, memory_method, peak_memory, time_call
-from seqlab.profile.peers import (
-    OpSpec,
-    implementations,
-    make_inputs,
-    op_spec,
-    peers_available,
-    seqlab_backend,
-)
+from seqlab.profile.peers import OpSpec, implementations, op_spec, peers_available
 
 SCHEMA = "seqlab.bench/1"
 MODEL_PASSES = ("forward", "forward_backward", "decode")
@@ -405,8 +399,6 @@ def distinct_ops(config: BenchConfig) -> list[tuple[OpSpec, list[str]]]:
     for arch in config.archs:
         for block in meta_model(config.arch_config(arch)).blocks:
             spec = op_spec(block.mixer)
-            if spec is None:  # a core op without peers here
-                continue
             archs = used.setdefault(spec, [])
             if arch not in archs:
                 archs.append(arch)
@@ -419,10 +411,14 @@ def _op_calls(impl: Callable, x: dict[str, torch.Tensor]) -> dict[str, Callable[
             impl(x)
 
     def forward_backward():
-        leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
-        impl(leaves).sum().backward()
+        leaves = {n: t.detach().requires_grad_() if _differentiable(t) else t for n, t in x.items()}
+        impl(leaves).float().sum().backward()
 
     return {"forward": lambda: (forward, {}), "forward_backward": lambda: (forward_backward, {})}
+
+
+def _differentiable(t: object) -> bool:
+    return torch.is_tensor(t) and t.is_floating_point()
 
 
 def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, entry, save) -> None:
@@ -430,7 +426,7 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)
     impls = implementations(spec, peers)
-    entry.update(op=spec.name, spec=dataclasses.asdict(spec), used_by=archs, impls=list(impls))
+    entry.update(op=spec.name, spec=spec.to_dict(), used_by=archs, impls=list(impls))
     entry.update(points=[], fits={})
     for T in config.seq_lens:
         flops = spec.flops(T).total
@@ -447,9 +443,9 @@ def _bench_op(config, spec: OpSpec, archs, device, dtype, peers, budget, log, en
             _add_op_point(entry, point, impls)
             save()
             continue
-        x = make_inputs(spec, B, T, dtype, device, gen)
+        x = spec.make_inputs(B, T, dtype, device, gen)
         if "seqlab_backend" not in entry:
-            entry["seqlab_backend"] = seqlab_backend(spec, x)
+            entry["seqlab_backend"] = spec.backend(x)
         for impl_name, impl in impls.items():
             calls = _op_calls(impl, x)
             point[impl_name] = {}
@@ -580,7 +576,8 @@ def _run(config: BenchConfig, log, progress) -> dict:
     device, dtype = parse_device(config.device), parse_dtype(config.dtype)
     max_bytes = _memory_budget(config, device)
     budget = _Budget(config.max_seconds, max_bytes, config.time_limit)
-    peers = peers_available(device)
+    ops = distinct_ops(config) if config.level in ("op", "all") else []
+    peers = peers_available(device, [spec for spec, _ in ops])
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "settings": {**config.model_dump(), "max_memory_bytes": max_bytes},
@@ -605,7 +602,7 @@ def _run(config: BenchConfig, log, progress) -> dict:
         for arch in config.archs:
             _bench_model(config, arch, device, dtype, budget, log, entry("models"), save)
     if config.level in ("op", "all"):
-        for spec, archs in distinct_ops(config):
+        for spec, archs in ops:
             args = (config, spec, archs, device, dtype, peers, budget, log, entry("ops"), save)
             _bench_op(*args)
     if budget.stopped:

@@ -1,211 +1,196 @@
 """Op-level cases: the core op of each mixer at its shapes, and the peers it is timed against.
 
-    spec = op_spec(mixer)                          # e.g. gdn H=6 K=256 V=512 C=64
+    spec = op_spec(mixer)                          # e.g. delta_rule/gated H=6 K=256 V=512 ...
     impls = implementations(spec, peers_available(device))
     inputs = make_inputs(spec, B, T, dtype, device, generator)
-    o = impls["seqlab"](inputs)                    # and impls["sdpa"], impls["fla"] where present
+    o = impls["seqlab"](inputs)                    # and impls[peer] for each available peer
 
-Every op takes [B, T, H, ·] tensors. Peers: a bare causal `scaled_dot_product_attention` on the
-same B, T, H and head dims (always; q/k head dim K, v head dim V), and, on CUDA with fla-core
-installed (flash-linear-attention's ops, `pip install seqlab[peers]`), fla's `chunk_gla`,
-`chunk_simple_gla` and `chunk_gated_delta_rule` for the matching ops. fla's kernels are Triton
-GPU kernels, so on CPU it is reported as unavailable, never imported.
+Everything comes from the op-family registry (seqlab.ops.registry): the spec is the mixer's
+`core_op` family with its `op_call()` (variant, heads, per-head dims, options); the inputs are the
+family's `make_inputs` (realistic gates); seqlab's implementation is the family's fast form,
+called with the options as the mixer calls it (no value checks, which would sync); the peers are
+the family's `peers`, each timed where its loader finds it installed and runnable here (fla's
+Triton kernels need CUDA; on CPU they are reported unavailable, never imported). The predicted
+memory adds the family's `workspace_bytes` to the inputs, output and their float32 copies.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from seqlab.mixers.attention import Attention
 from seqlab.mixers.base import TokenMixer
-from seqlab.mixers.deltanet import DeltaNet
-from seqlab.mixers.gated_deltanet import GatedDeltaNet
-from seqlab.mixers.gla import GLA
-from seqlab.mixers.linear_attention import LinearAttention
-from seqlab.mixers.mamba2 import Mamba2
-from seqlab.mixers.retnet import RetNet
-from seqlab.ops import delta_rule, gated_linear
-from seqlab.ops.attention import attention
-from seqlab.ops.triton import describe_backend
-from seqlab.profile.flops import Flops, attention_flops, delta_rule_flops, gated_linear_flops
-
-# op kind → the fla function that computes the same recurrence
-FLA_OPS = {
-    "gla": ("fla.ops.gla", "chunk_gla"),
-    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
-    "gdn": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
-}
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """kind: attn, linear_attn, simple_gla (per-head gate), gla (per-channel gate), deltanet or
-    gdn; chunk_size 0 for attention."""
-
-    kind: str
-    heads: int
-    kv_heads: int
-    head_k: int
-    head_v: int
-    chunk_size: int
-
-    @property
-    def name(self) -> str:
-        heads = f"H={self.heads}" + (f"/{self.kv_heads}" if self.kv_heads != self.heads else "")
-        chunk = f" C={self.chunk_size}" if self.chunk_size else ""
-        return f"{self.kind} {heads} K={self.head_k} V={self.head_v}{chunk}"
-
-    def flops(self, T: int) -> Flops:
-        """Forward FLOPs of the seqlab op on one sequence of T tokens."""
-        H, K, V, C = self.heads, self.head_k, self.head_v, self.chunk_size
-        if self.kind == "attn":
-            return attention_flops(T, H, K, V)
-        if self.kind in ("deltanet", "gdn"):
-            return delta_rule_flops(T, H, K, V, "chunk", C, gated=self.kind == "gdn")
-        gate = {"linear_attn": "none", "simple_gla": "head", "gla": "channel"}[self.kind]
-        return gated_linear_flops(T, H, K, V, gate, "chunk", C)
-
-    def memory_bytes(
-        self, T: int, batch_size: int, element_size: int, impl: str = "seqlab"
-    ) -> dict[str, int]:
-        """Predicted peak bytes of the op's inputs (made in float32, then cast) and of each
-        pass of `impl` on a batch, "forward" and "forward_backward": a coarse bound, like
-        seqlab.profile.cost.memory_bytes, to skip a length before its inputs are made.
-        Measured on CPU at T = 8192: within 1.5x above the peak, the inputs included."""
-        H, Hkv, K, V, C = self.heads, self.kv_heads, self.head_k, self.head_v, self.chunk_size
-        gates = {"simple_gla": H, "gla": H * K, "gdn": 2 * H, "deltanet": H}.get(self.kind, 0)
-        width = (H + Hkv) * K + Hkv * V
-        made = batch_size * T * (width * (4 + element_size) + gates * 4)
-        out = batch_size * T * H * V * element_size
-        if impl == "sdpa" or self.kind == "attn":
-            # a fused causal kernel where q/k and v share a head dim; else (on a CPU) the math
-            # path, with T × T scores and weights in float32
-            square = 0 if K == V else 12 * batch_size * H * T * T
-            forward = made + out + square
-            backward = 2 * (made + out) + square
-        else:  # [C, C] blocks in float32 (GLA: [c, c, K]; delta rule: [K, K] per chunk)
-            per_token = 6 * H * C * 4
-            if self.kind == "gla":
-                per_token += 6 * H * 16 * K * 4
-            if self.kind in ("gdn", "deltanet"):  # W, U', U and the [K, K] maps per chunk
-                per_token += 4 * H * (K + V) * 4 + 2 * H * K * K * 4 // C
-            copies = batch_size * T * (width + gates + H * V) * 4  # float32 copies of inputs
-            sliced = batch_size * min(T, 8192) * per_token  # no autograd: a slice at a time
-            forward = made + out + copies + sliced
-            backward = 2 * (made + out) + 3 * copies + batch_size * T * per_token
-        return {"forward": int(1.25 * forward), "forward_backward": int(1.25 * backward)}
-
-
-def op_spec(mixer: TokenMixer) -> OpSpec | None:
-    """The core op a mixer runs, at the mixer's head shapes; None for a core op this
-    comparison has no peers for (its family's own benchmark times it)."""
-    if isinstance(mixer, Attention):
-        d = mixer.head_dim
-        return OpSpec("attn", mixer.num_heads, mixer.num_kv_heads, d, d, 0)
-    if mixer.core_op not in ("gated_linear", "delta_rule"):
-        return None
-    C = mixer.config.chunk_size
-    H = mixer.num_heads
-    if isinstance(mixer, LinearAttention):
-        V = mixer.head_v + 1 if mixer.config.normalize else mixer.head_v
-        return OpSpec("linear_attn", H, H, mixer.head_f, V, C)
-    if isinstance(mixer, RetNet):
-        return OpSpec("simple_gla", H, H, mixer.head_k, mixer.head_v, C)
-    if isinstance(mixer, Mamba2):
-        return OpSpec("simple_gla", H, H, mixer.config.d_state, mixer.config.head_dim, C)
-    if isinstance(mixer, GLA):
-        return OpSpec("gla", H, H, mixer.head_k, mixer.head_v, C)
-    if isinstance(mixer, GatedDeltaNet):
-        return OpSpec("gdn", H, H, mixer.head_k, mixer.head_v, C)
-    if isinstance(mixer, DeltaNet):
-        return OpSpec("deltanet", H, H, mixer.head_k, mixer.head_v, C)
-    raise TypeError(f"no op-level case for mixer {type(mixer).__name__}")
-
-
-def peers_available(device: torch.device) -> dict[str, str]:
-    """Each peer → what it is, or why it is not in this run (the text starts 'unavailable')."""
-    peers = {"sdpa": f"torch {torch.__version__} F.scaled_dot_product_attention, causal"}
-    if importlib.util.find_spec("fla") is None:
-        peers["fla"] = "unavailable: fla-core is not installed (pip install seqlab[peers])"
-    elif device.type != "cuda":
-        peers["fla"] = "unavailable: fla's Triton kernels need a CUDA device"
-    else:
-        peers["fla"] = f"fla-core {importlib.import_module('fla').__version__}"
-    return peers
-
+from seqlab.ops.registry import Flops, OpFamily, call_with, families, family
 
 Inputs = dict[str, Tensor]
 
 
-def make_inputs(
-    spec: OpSpec, B: int, T: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
-) -> Inputs:
-    """q, k, v [B, T, H, ·] in `dtype`; log-gates g (float32, ≤ 0) and β in (0, 1) where the op
-    has them; keys L2-normalised for the delta rule."""
-    H, Hkv, K, V = spec.heads, spec.kv_heads, spec.head_k, spec.head_v
-
-    def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen).to(device)
-
-    x = {"q": rand(B, T, H, K), "k": rand(B, T, Hkv, K), "v": rand(B, T, Hkv, V)}
-    if spec.kind in ("deltanet", "gdn"):
-        x["k"] = F.normalize(x["k"], dim=-1)
-        x["beta"] = torch.sigmoid(rand(B, T, H))
-    if spec.kind in ("simple_gla", "gdn"):
-        x["g"] = F.logsigmoid(rand(B, T, H) + 3)
-    elif spec.kind == "gla":
-        x["g"] = F.logsigmoid(rand(B, T, H, K)) / 16
-    return {n: t if n == "g" else t.to(dtype) for n, t in x.items()}
+def _items(d: dict) -> tuple[tuple[str, object], ...]:
+    return tuple(sorted(d.items()))
 
 
-def _sdpa(x: Inputs) -> Tensor:
-    q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
-    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+@dataclass(frozen=True)
+class OpSpec:
+    """A family's op at one call's shapes: variant, heads H, per-head dims and the options the
+    forms are called with (chunk_size, scale, window, ...), as sorted (name, value) pairs so
+    equal calls are one spec."""
+
+    family: str
+    variant: str
+    heads: int
+    dims: tuple[tuple[str, int], ...]
+    options: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def make(cls, family: str, variant: str, H: int, dims: dict, options: dict) -> OpSpec:
+        return cls(family, variant, H, _items(dims), _items(options))
+
+    @property
+    def fam(self) -> OpFamily:
+        return family(self.family)
+
+    @cached_property
+    def kwargs(self) -> dict[str, object]:
+        """The dims and options, as the family's callables take them."""
+        return {**dict(self.dims), **dict(self.options)}
+
+    @property
+    def name(self) -> str:
+        fam = self.fam
+        head = fam.name + (f"/{self.variant}" if len(fam.variants) > 1 else "")
+        parts = [head, f"H={self.heads}"]
+        parts += [f"{k}={v}" for k, v in self.dims]
+        parts += [f"{_short(k)}={v}" for k, v in self.options]
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "variant": self.variant,
+            "H": self.heads,
+            "dims": dict(self.dims),
+            "options": dict(self.options),
+            "form": self.fam.fast,
+        }
+
+    def flops(self, T: int) -> Flops:
+        """Forward FLOPs of the fast form on one sequence of T tokens."""
+        fam = self.fam
+        return call_with(fam.flops, self.variant, fam.fast, T, self.heads, **self.kwargs)
+
+    def memory_bytes(
+        self, T: int, batch_size: int, element_size: int, impl: str = "seqlab"
+    ) -> dict[str, int]:
+        """Predicted peak bytes of the op's inputs (made in float32, then cast), its output, their
+        float32 copies and the family's workspace for `impl` (the fast form, or a peer by name)
+        on a batch, "forward" and "forward_backward": a coarse bound, like
+        seqlab.profile.cost.memory_bytes, to skip a length before its inputs are made."""
+        fam = self.fam
+        fixed, per_token = self._io_bytes
+        io = batch_size * (fixed + per_token * T)  # float32 inputs and output
+        made = io * (4 + element_size) // 4
+        form = fam.fast if impl == "seqlab" else impl
+        work = {
+            grad: batch_size * fam.workspace(self.variant, form, T, self.heads, grad, **self.kwargs)
+            for grad in (False, True)
+        }
+        forward = made + io + work[False]
+        backward = 2 * made + 3 * io + work[True]
+        return {"forward": int(1.25 * forward), "forward_backward": int(1.25 * backward)}
+
+    @cached_property
+    def _io_bytes(self) -> tuple[int, int]:
+        """(bytes that do not grow with T, bytes per token) of one sequence's float32 inputs and
+        output, from the fast form run at T = 1 and T = 2 (parameters sized by T, such as a
+        long filter, count as per token)."""
+        sizes = []
+        for T in (1, 2):
+            x = self.make_inputs(1, T, torch.float32, torch.device("cpu"), torch.Generator())
+            o = self.seqlab()(x)
+            sizes.append(sum(_nbytes(t) for t in (*x.values(), o)))
+        return 2 * sizes[0] - sizes[1], sizes[1] - sizes[0]
+
+    def make_inputs(
+        self, B: int, T: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    ) -> Inputs:
+        x = self.fam.make_inputs(
+            self.variant, B, T, self.heads, dtype=dtype, generator=gen, **dict(self.dims)
+        )
+        return {n: t.to(device) if torch.is_tensor(t) else t for n, t in x.items()}
+
+    def seqlab(self) -> Callable[[Inputs], Tensor]:
+        """The fast form with the options, as mixers call it: no value checks where it has them
+        (they read gates back to the host)."""
+        fn = self.fam.forms[self.fam.fast]
+        options = {**dict(self.options), "check_values": False}
+
+        def run(x: Inputs) -> Tensor:
+            return call_with(fn, **x, **options)[0]
+
+        return run
+
+    def backend(self, x: Inputs) -> str:
+        """What seqlab's fast form runs these inputs on (its backend="auto" choice)."""
+        return self.fam.describe_backend(self.fam.fast, x, **dict(self.options))
 
 
-def _seqlab(spec: OpSpec) -> Callable[[Inputs], Tensor]:
-    def run(x: Inputs) -> Tensor:
-        if spec.kind == "attn":
-            return attention(x["q"], x["k"], x["v"])[0]
-        q, k, v, g, C = x["q"], x["k"], x["v"], x.get("g"), spec.chunk_size
-        # as the mixers call it: no value checks (they read g and β back to the host)
-        opts = {"form": "chunk", "chunk_size": C, "check_values": False}
-        if spec.kind in ("deltanet", "gdn"):
-            return delta_rule(q, k, v, x["beta"], g, **opts)[0]
-        return gated_linear(q, k, v, g, **opts)[0]
-
-    return run
+def _short(option: str) -> str:
+    return {"chunk_size": "C"}.get(option, option)
 
 
-def seqlab_backend(spec: OpSpec, x: Inputs) -> str:
-    """What seqlab's op runs these inputs on (its backend="auto" choice): "sdpa" for attention,
-    else "triton" or "torch", with the reason where a GPU call falls back to PyTorch."""
-    if spec.kind == "attn":
-        return "sdpa"
-    tensors = (x["q"], x["k"], x["v"], x.get("beta"), x.get("g"))
-    return describe_backend("chunk", spec.chunk_size, tensors)
+def _nbytes(t: object) -> int:
+    return t.numel() * t.element_size() if torch.is_tensor(t) else 0
 
 
-def _fla(kind: str) -> Callable[[Inputs], Tensor]:
-    module, name = FLA_OPS[kind]
-    fn = getattr(importlib.import_module(module), name)
-    if kind == "gdn":
-        return lambda x: fn(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"])[0]
-    return lambda x: fn(x["q"], x["k"], x["v"], g=x["g"])[0]
+def op_spec(mixer: TokenMixer) -> OpSpec:
+    """The core op a mixer runs, at the mixer's shapes (its `core_op` and `op_call()`)."""
+    call = mixer.op_call()
+    fam = family(mixer.core_op)
+    fam.check_variant(call.variant)
+    return OpSpec.make(fam.name, call.variant, call.H, call.dims, call.options)
+
+
+def peer_names() -> list[str]:
+    """Every peer any registered family declares, in registration order."""
+    names: list[str] = []
+    for fam in families().values():
+        names += [p for p in fam.peers if p not in names]
+    return names
+
+
+def peers_available(device: torch.device, specs: list[OpSpec] | None = None) -> dict[str, str]:
+    """Each peer of these specs' families (default: of every family) → what it is, or why it is
+    not in this run (the text starts 'unavailable')."""
+    fams = families().values() if specs is None else [s.fam for s in specs]
+    peers: dict[str, str] = {}
+    for fam in fams:
+        for name, loader in fam.peers.items():
+            if name in peers and not peers[name].startswith("unavailable"):
+                continue
+            fn = loader()
+            if fn is None:
+                peers[name] = f"unavailable: not installed or not runnable here (for {fam.name})"
+            else:
+                doc = (loader.__doc__ or name).strip().split("\n")[0]
+                peers[name] = doc
+    return peers
 
 
 def implementations(spec: OpSpec, peers: dict[str, str]) -> dict[str, Callable[[Inputs], Tensor]]:
-    """ "seqlab" and each available peer for this op, all on the same inputs; the SDPA peer reads
-    the [B, T, H, ·] inputs through a transposed view, as the seqlab attention op does."""
-    impls = {"seqlab": _seqlab(spec), "sdpa": _sdpa}
-    if spec.kind in FLA_OPS and not peers["fla"].startswith("unavailable"):
-        impls["fla"] = _fla(spec.kind)
+    """ "seqlab" and each available peer of the spec's family, all on the same inputs."""
+    impls = {"seqlab": spec.seqlab()}
+    for name, loader in spec.fam.peers.items():
+        if peers.get(name, "unavailable").startswith("unavailable"):
+            continue
+        fn = loader()
+        if fn is not None:
+            impls[name] = _peer(fn)
     return impls
+
+
+def _peer(fn: Callable) -> Callable[[Inputs], Tensor]:
+    return lambda x: fn(**x)

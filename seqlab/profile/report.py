@@ -96,7 +96,7 @@ def fit_rows(result: dict[str, Any]) -> Rows:
 
 
 def op_rows(result: dict[str, Any]) -> Rows:
-    peers = [p for p in ("sdpa", "fla") if any(p in op["impls"] for op in result["ops"])]
+    peers = list(dict.fromkeys(p for op in result["ops"] for p in op["impls"] if p != "seqlab"))
     headers = ["op", "T", "pass", "seqlab ms"]
     for peer in peers:
         headers += [f"{peer} ms", f"seqlab/{peer}"]

@@ -159,7 +159,7 @@ def test_bench_command_end_to_end(tmp_path):
             )
             assert point["decode"]["state_bytes"] == point["analytic"]["state_bytes"]
             assert point["prefill_tokens_per_s"] > 0
-    assert [op["op"].split()[0] for op in data["ops"]] == ["attn", "gdn"]
+    assert [op["op"].split()[0] for op in data["ops"]] == ["attention", "delta_rule/gated"]
     assert [op["seqlab_backend"] for op in data["ops"]] == ["sdpa", "torch"]  # CPU: no Triton
     for op in data["ops"]:
         assert op["impls"] == ["seqlab", "sdpa"]
@@ -168,7 +168,7 @@ def test_bench_command_end_to_end(tmp_path):
 
     markdown = (out / "results.md").read_text()
     assert "| arch | params | T |" in markdown and "seqlab/sdpa" in markdown
-    assert "seqlab gdn H=2 K=8 V=16 C=64 runs on torch" in markdown
+    assert "seqlab delta_rule/gated H=2 K=8 V=16 C=64 runs on torch" in markdown
     for name in ("time", "decode", "state", "ops"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -294,3 +294,37 @@ def test_default_memory_limit_skips_what_this_machine_cannot_hold():
     result = run_bench(config)  # a billion tokens: no machine this runs on holds that
     assert result["settings"]["max_memory_bytes"] > 0
     assert "GiB > max" in result["models"][0]["points"][0]["forward"]["skipped"]
+
+
+def test_op_level_times_every_mixers_core_op(tmp_path):
+    """`seqlab bench --level op` over every registered mixer: one op entry per distinct core op,
+    each family's fast form timed (with its peers where installed), every family present."""
+    from seqlab.mixers import MIXERS
+    from seqlab.ops.registry import families
+
+    archs = [a for name in MIXERS for a in ("--arch", name)]
+    args = ["bench", *archs, "--level", "op", "--seq-lens", "16", *TINY, "--d-model", "32"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert not data["models"]
+    used = {arch for op in data["ops"] for arch in op["used_by"]}
+    assert used == set(MIXERS)
+    assert {op["spec"]["family"] for op in data["ops"]} == set(families())
+    for op in data["ops"]:
+        (point,) = op["points"]
+        for name in ("forward", "forward_backward"):
+            assert point["seqlab"][name]["median_s"] > 0, (op["op"], point["seqlab"][name])
+        assert point["predicted_peak_bytes"]["seqlab"]["forward"] > 0
+
+
+def test_the_first_length_of_every_family_is_skipped_by_predicted_memory():
+    from seqlab.mixers import MIXERS
+
+    config = BenchConfig.make(
+        archs=tuple(MIXERS), seq_lens=(1024**3,), d_model=32, n_layers=1, level="op",
+        repeats=1, warmup=0, max_memory_gb=2,
+    )  # fmt: skip
+    for op in run_bench(config)["ops"]:
+        (point,) = op["points"]
+        assert "GiB > max 2.0 GiB" in point["seqlab"]["forward"]["skipped"], op["op"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqlab.mixers import Attention, build_mixer
+from seqlab.mixers import MIXERS, Attention, build_mixer
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.profile.cost import memory_bytes, meta_model, mixer_cost, model_cost
 from seqlab.profile.flops import attention_flops
-from seqlab.profile.peers import OpSpec
+from seqlab.profile.peers import OpSpec, op_spec
 from tests.mixers.conftest import CASES
 from tests.profile.conftest import count_flops
 
@@ -181,7 +181,29 @@ def test_memory_prediction_grows_as_the_passes_do():
 
     assert 1.9 < growth("gdn") < 2.1 and 1.9 < growth("attn") < 2.1
     assert growth("attn(window=64)") > 3.5
-    spec = OpSpec("gdn", 1, 1, 192, 384, 64)
+    spec = OpSpec.make("delta_rule", "gated", 1, {"K": 192, "V": 384}, {"chunk_size": 64})
     seqlab = [spec.memory_bytes(T, 1, 4)["forward_backward"] for T in (8192, 16384)]
     sdpa = [spec.memory_bytes(T, 1, 4, "sdpa")["forward_backward"] for T in (8192, 16384)]
     assert seqlab[1] / seqlab[0] < 2.1 and sdpa[1] / sdpa[0] > 3.5
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_every_mixers_core_op_has_a_memory_prediction_above_its_peak(name):
+    """The op-level memory guard holds for every family: the prediction, from the family's
+    workspace_bytes (or its default), bounds the peak measured on CPU at a modest length."""
+    from seqlab.profile.measure import peak_memory
+
+    spec = op_spec(build_mixer(name, 64))
+    T = 2048
+    x = spec.make_inputs(1, T, torch.float32, torch.device("cpu"), torch.Generator())
+    run = spec.seqlab()
+    predicted = spec.memory_bytes(T, 1, 4)
+    assert 0 < predicted["forward"] <= predicted["forward_backward"]
+
+    def forward():
+        with torch.no_grad():
+            run(x)
+
+    peak = peak_memory(forward, torch.device("cpu"))
+    if peak is not None:
+        assert peak <= predicted["forward"], (spec.name, peak, predicted)

@@ -1,0 +1,44 @@
+"""benchmarks/bench_families.py: its table builder over every registered family at tiny T, in
+seconds (nothing asserts on speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from seqlab.ops.registry import families
+from tests.benchmarks.scripts import ROOT
+
+
+def load():
+    spec = importlib.util.spec_from_file_location(
+        "bench_families", ROOT / "benchmarks" / "bench_families.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_covers_every_family_variant_and_form(tmp_path):
+    bench = load()
+    table = bench.rows(passes=(("fwd+bwd", 16), ("fwd", 32)), repeats=1, skip_slow=True)
+    seen = {(r["family"], r["variant"]) for r in table}
+    assert seen == {(n, v) for n, fam in families().items() for v in fam.variants}
+    for r in table:
+        fam = families()[r["family"]]
+        skipped = fam.fast != "fft" and r["form"] != fam.fast and r["T"] == 32
+        if r["form"] == bench.slow_form(fam) and skipped:
+            assert r["s"] == "skipped"
+        elif not r["form"].startswith("peer:"):
+            assert isinstance(r["s"], float) and r["s"] > 0, r
+    fast = [r for r in table if r["fast"] and r["pass"] == "fwd+bwd"]
+    with_slow = [r for r in fast if bench.slow_form(families()[r["family"]]) != r["form"]]
+    assert with_slow and all("vs_recurrent" in r for r in with_slow)
+    text = bench.markdown(table, "# header")
+    assert text.count("\n| ") == len(table) + 1 and "Targets:" in text
+
+
+def test_main_writes_the_markdown(tmp_path):
+    out = tmp_path / "families.md"
+    load().main(["--families", "lmu", "--seq-lens", "8,16", "--repeats", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "| lmu | default | **fft** | fwd+bwd | 8 |" in text and "torch" in text
