@@ -6,10 +6,10 @@ A channel mixer acts on each token alone, so it holds no state. `aux_loss` is wh
 to the task loss: zero for dense mixers, the load-balancing loss already multiplied by its
 coefficient for MoE.
 
-Initialisation: every weight matrix is drawn from N(0, init_std²), the output projection from
-N(0, out_init_std²) (init_std when unset), biases are zero. A mixer does not know the depth of its
-model, so the model, which does, passes out_init_std = init_std / √(2·n_layers) for GPT-2's
-residual scaling.
+Initialisation follows seqlab.init_policy: every weight matrix is drawn from N(0, init_std²),
+the output projection from N(0, out_init_std²) (init_std when unset), biases are zero. A mixer
+does not know the depth of its model, so the model, which does, passes
+out_init_std = init_std / √(2·n_layers) for GPT-2's residual scaling.
 """
 
 from __future__ import annotations
@@ -17,21 +17,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import PositiveFloat
 from torch import nn
 
-from seqlab.config import Config, check_positive_int
+from seqlab.config import check_positive_int
+from seqlab.init_policy import InitOptions
 
 
-class ChannelConfig(Config):
+class ChannelConfig(InitOptions):
     """Options shared by every channel mixer's config (each mixer subclasses it)."""
-
-    init_std: PositiveFloat = 0.02
-    out_init_std: PositiveFloat | None = None
-
-    @property
-    def output_std(self) -> float:
-        return self.init_std if self.out_init_std is None else self.out_init_std
 
 
 class ChannelMixer(nn.Module):
@@ -46,9 +39,3 @@ class ChannelMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-
-def init_linear(layer: nn.Linear, std: float) -> None:
-    nn.init.normal_(layer.weight, std=std)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)

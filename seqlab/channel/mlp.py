@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from pydantic import PositiveInt
 from torch import nn
 
-from seqlab.channel.base import ChannelConfig, ChannelMixer, init_linear
+from seqlab.channel.base import ChannelConfig, ChannelMixer
+from seqlab.init_policy import init_linear
 
 
 def swiglu_hidden(d_model: int, multiple_of: int) -> int:

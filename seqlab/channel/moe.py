@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
-from seqlab.channel.base import ChannelConfig, ChannelMixer, init_linear
+from seqlab.channel.base import ChannelConfig, ChannelMixer
 from seqlab.channel.mlp import swiglu_hidden
+from seqlab.init_policy import init_linear
 
 
 class MoEConfig(ChannelConfig):

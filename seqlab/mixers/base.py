@@ -13,6 +13,12 @@ grows with T: a KV cache, a cache of inputs), `examples` (small option sets, by 
 conformance suite builds at d_model 32), `flops(T)` (its FLOPs per token and in the core op) and
 `op_call()` (how the op level of `seqlab bench` calls its core op). Parameters are counted from
 the module itself.
+
+Initialisation follows seqlab.init_policy, applied once the mixer is built (a subclass adds
+layers after its parent's __init__): every nn.Linear N(0, init_std²) with zero bias, the one named
+`output_proj` N(0, out_init_std²); the Linear layers under the names in `paper_init`, and every
+parameter that is not a Linear, keep the init the mixer gives them. Every norm inside a mixer
+takes `config.norm_eps`.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+from pydantic import PositiveFloat
 from torch import nn
 
-from seqlab.config import Config, check_positive_int
+from seqlab.config import check_positive_int
+from seqlab.init_policy import NORM_EPS, InitOptions, init_linears
 from seqlab.ops.registry import Flops
 
 State = dict[str, torch.Tensor]
@@ -46,15 +54,29 @@ class OpCall(NamedTuple):
     options: dict[str, Any]
 
 
-class MixerConfig(Config):
-    """Options shared by every token mixer's config (each mixer subclasses it)."""
+class MixerConfig(InitOptions):
+    """Options shared by every token mixer's config (each mixer subclasses it): the init policy's
+    init_std, out_init_std, and the eps of the norms inside the mixer."""
+
+    norm_eps: PositiveFloat = NORM_EPS
 
 
-class TokenMixer(nn.Module):
+class _InitOnceBuilt(type):
+    """Applies the init policy after the outermost __init__, so that it sees every layer."""
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        mixer = super().__call__(*args, **kwargs)
+        mixer.reset_linears()
+        return mixer
+
+
+class TokenMixer(nn.Module, metaclass=_InitOnceBuilt):
     """Subclasses set `Config`, take (d_model, config) and implement the three calls."""
 
     Config: ClassVar[type[MixerConfig]] = MixerConfig
     core_op: ClassVar[str]
+    output_proj: ClassVar[str] = "o_proj"  # the Linear that writes into the residual stream
+    paper_init: ClassVar[tuple[str, ...]] = ()  # submodules whose Linear layers keep their init
     state_grows: ClassVar[bool] = False
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -62,6 +84,10 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.config = self.Config.for_component(type(self), config)
+
+    def reset_linears(self) -> None:
+        c = self.config
+        init_linears(self, c.init_std, c.output_std, self.output_proj, self.paper_init)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError

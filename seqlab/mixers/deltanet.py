@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.dims import per_head
-from seqlab.mixers.norm import NORM_EPS, GatedRMSNorm
+from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import delta_rule
 from seqlab.ops.delta_rule import delta_rule_flops
@@ -66,9 +66,9 @@ class DeltaRuleMixer(RecurrentMixer):
         self.b_proj = nn.Linear(d_model, H, bias=False)
         if c.use_output_gate:
             self.g_proj = nn.Linear(d_model, H * self.head_v, bias=False)
-            self.o_norm = GatedRMSNorm(self.head_v)
+            self.o_norm = GatedRMSNorm(self.head_v, c.norm_eps)
         else:
-            self.o_norm = nn.RMSNorm(self.head_v, eps=NORM_EPS)
+            self.o_norm = nn.RMSNorm(self.head_v, eps=c.norm_eps)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
 
     def op_call(self) -> OpCall:

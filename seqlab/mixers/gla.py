@@ -54,7 +54,7 @@ class GLA(RecurrentMixer):
             nn.Linear(c.gate_low_rank_dim, H * self.head_k, bias=True),
         )
         self.g_proj = nn.Linear(d_model, H * self.head_v, bias=False)
-        self.o_norm = GatedRMSNorm(self.head_v)
+        self.o_norm = GatedRMSNorm(self.head_v, c.norm_eps)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
 
     def flops(self, T: int) -> LayerFlops:

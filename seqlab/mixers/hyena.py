@@ -109,6 +109,9 @@ class Hyena(TokenMixer):
         "direct": {"filter_order": 16, "form": "direct"},
     }
 
+    output_proj = "out_proj"
+    paper_init = ("filter",)  # the implicit filter's MLP keeps its fan-in init
+
     def __init__(self, d_model: int, config: HyenaConfig | None = None):
         super().__init__(d_model, config)
         c = self.config

@@ -38,6 +38,8 @@ class LMU(TokenMixer):
     matrices: ClassVar[tuple[str, ...]] = ("m",)
     examples: ClassVar[dict] = {"lmu": {"d_u": 4, "order": 8, "theta": 32.0}}
 
+    output_proj = "out_proj"
+
     def __init__(self, d_model: int, config: LMUConfig | None = None):
         super().__init__(d_model, config)
         c = self.config

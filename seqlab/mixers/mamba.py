@@ -50,6 +50,9 @@ class Mamba(RecurrentMixer):
         "mamba_rank4": {"d_state": 4, "dt_rank": 4, "expand": 1, "chunk_size": 8},
     }
 
+    output_proj = "out_proj"
+    paper_init = ("dt_proj",)  # Δ: uniform ±dt_rank^-1/2 weights, log-uniform Δ bias
+
     def __init__(self, d_model: int, config: MambaConfig | None = None):
         super().__init__(d_model, config)
         c = self.config

@@ -36,6 +36,8 @@ class Mamba2(RecurrentMixer):
     core_op = "gated_linear"
     examples = {"mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 16}}
 
+    output_proj = "out_proj"
+
     def __init__(self, d_model: int, config: Mamba2Config | None = None):
         super().__init__(d_model, config)
         c = self.config
@@ -52,7 +54,7 @@ class Mamba2(RecurrentMixer):
         self.dt_bias = nn.Parameter(init_dt_bias(H))
         self.A_log = nn.Parameter(init_a_log(H, 1.0, 16.0))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(self.d_inner, norm_before_gate=False)
+        self.norm = GatedRMSNorm(self.d_inner, c.norm_eps, norm_before_gate=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def flops(self, T: int) -> LayerFlops:

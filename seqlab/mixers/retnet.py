@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.dims import per_head
-from seqlab.mixers.norm import NORM_EPS
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.mixers.rope import positions, rotate, start_positions
 from seqlab.ops import gated_linear
@@ -50,7 +49,7 @@ class RetNet(RecurrentMixer):
         self.k_proj = nn.Linear(d_model, H * self.head_k, bias=False)
         self.v_proj = nn.Linear(d_model, H * self.head_v, bias=False)
         self.g_proj = nn.Linear(d_model, H * self.head_v, bias=False)
-        self.group_norm = nn.GroupNorm(H, H * self.head_v, eps=NORM_EPS)
+        self.group_norm = nn.GroupNorm(H, H * self.head_v, eps=c.norm_eps)
         self.o_proj = nn.Linear(H * self.head_v, d_model, bias=False)
 
     def flops(self, T: int) -> LayerFlops:

@@ -50,6 +50,8 @@ class S4D(TokenMixer):
         "s4d_inv": {"d_state": 8, "init": "inv"},
     }
 
+    output_proj = "out_proj"
+
     def __init__(self, d_model: int, config: S4DConfig | None = None):
         super().__init__(d_model, config)
         c = self.config

@@ -4,6 +4,10 @@ config = ModelConfig(vocab_size=256, d_model=128, n_layers=4, pattern="gdn*3,att
 model = CausalLM(config)
 out = model(ids)                        # ids [B, T] → logits [B, T, vocab], state, aux_loss
 out = model(next_ids, state=out.state)  # continue from the state (T = 1: the recurrent step)
+
+Weights follow seqlab.init_policy: init_std and norm_eps reach every mixer and channel mixer
+through their configs, each block's output projections get init_std / √(2·n_layers); a pattern
+option overrides them for one layer ("gdn(init_std=0.01)").
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from seqlab.channel import build_channel_mixer
 from seqlab.config import Config
+from seqlab.init_policy import INIT_STD, NORM_EPS, depth_scaled_std
 from seqlab.mixers import build_mixer
 from seqlab.mixers.base import State, TokenMixer
 from seqlab.model.pattern import LayerSpec, expand_pattern
@@ -29,8 +34,8 @@ class ModelConfig(Config):
     pattern: str = "attn"
     # Channel mixers in the same syntax, e.g. "moe(num_experts=8)"; None: no channel mixer.
     channel: str | None = "swiglu"
-    norm_eps: float = Field(default=1e-5, gt=0)
-    init_std: float = Field(default=0.02, gt=0)
+    norm_eps: float = Field(default=NORM_EPS, gt=0)
+    init_std: float = Field(default=INIT_STD, gt=0)
     tie_embeddings: bool = True
 
     def mixer_specs(self) -> list[LayerSpec]:
@@ -40,6 +45,14 @@ class ModelConfig(Config):
         if self.channel is None:
             return [None] * self.n_layers
         return expand_pattern(self.channel, self.n_layers)
+
+    def layer_options(self, spec: LayerSpec, norm: bool) -> dict:
+        """spec's options over the model-wide init options (and norm_eps with `norm`); the output
+        std scales the layer's own init_std with depth unless the pattern gives out_init_std."""
+        options = {"init_std": self.init_std, **({"norm_eps": self.norm_eps} if norm else {})}
+        options |= spec.options
+        options.setdefault("out_init_std", depth_scaled_std(options["init_std"], self.n_layers))
+        return options
 
 
 class Block(nn.Module):
@@ -78,8 +91,12 @@ class CausalLM(nn.Module):
         self.blocks = nn.ModuleList()
         for i, (m, c) in enumerate(zip(config.mixer_specs(), config.channel_specs(), strict=True)):
             try:
-                mixer = build_mixer(m.name, D, **m.options)
-                channel = None if c is None else build_channel_mixer(c.name, D, **c.options)
+                mixer = build_mixer(m.name, D, **config.layer_options(m, norm=True))
+                channel = (
+                    None
+                    if c is None
+                    else build_channel_mixer(c.name, D, **config.layer_options(c, norm=False))
+                )
             except (ValueError, TypeError) as e:
                 raise ValueError(f"layer {i} ({m}): {e}") from None
             self.blocks.append(Block(D, mixer, channel, config.norm_eps))

@@ -61,7 +61,7 @@ def test_positions_continue_from_the_start():
 
 @pytest.mark.parametrize("norm_before_gate", [True, False])
 def test_gated_rms_norm(norm_before_gate):
-    norm = GatedRMSNorm(8, norm_before_gate=norm_before_gate).double()
+    norm = GatedRMSNorm(8, 1e-5, norm_before_gate=norm_before_gate).double()
     with torch.no_grad():
         norm.norm.weight.copy_(randn(8, seed=3))
     x, z = randn(3, 8, seed=4), randn(3, 8, seed=5)
