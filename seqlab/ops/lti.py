@@ -103,6 +103,18 @@ def s4d_recurrent(u, log_dt, A_re, A_im, B, C, D, initial_state=None, output_fin
     return y.to(u.dtype), S
 
 
+def _powers(dtA: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """exp(l · dtA) for l = 0..L−1, complex [..., L], as exp(jb · dtA) · exp(i · dtA) with
+    l = jb + i, b ≈ √L: about 2√L complex exps and L complex products instead of L exps (a
+    CPU's complex exp took 13 ms for [4, 8, 8192], this 1.2 ms; same error against float64)."""
+    b = max(1, math.isqrt(L))
+    nb = -(-L // b)
+    i = torch.arange(b, dtype=dtype, device=dtA.device)
+    j = torch.arange(nb, dtype=dtype, device=dtA.device) * b
+    lo, hi = (dtA[..., None] * i).exp(), (dtA[..., None] * j).exp()
+    return (hi[..., :, None] * lo[..., None, :]).reshape(*dtA.shape, nb * b)[..., :L]
+
+
 def s4d_fft(u, log_dt, A_re, A_im, B, C, D, initial_state=None, output_final_state=False):
     """Kernel K_l = 2 Re(C Ā^l B̄) by a Vandermonde product, then `causal_conv_fft`."""
     Bn, T, H, N2 = _check_s4d(u, log_dt, A_re, A_im, B, C, D, initial_state)
@@ -110,7 +122,7 @@ def s4d_fft(u, log_dt, A_re, A_im, B, C, D, initial_state=None, output_final_sta
     Abar, Bbar, Cc, dtA = _s4d_discrete(log_dt, A_re, A_im, B, C, dtype)
     L = T + 1 if initial_state is not None else T
     # Vandermonde Ā^l = exp(l Δ A), l = 0..L−1, as real pairs [H, 2·N/2, L]
-    P = (dtA[..., None] * torch.arange(L, dtype=dtype, device=u.device)).exp()
+    P = _powers(dtA, L, dtype)
     Pr = torch.cat([P.real, P.imag], dim=1)
     CB = Cc * Bbar
     W = torch.cat([CB.real, -CB.imag], dim=-1)[:, None, :]  # [H, 1, N]: Re(CB · P)
