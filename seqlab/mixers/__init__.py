@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from seqlab.mixers.attention import Attention
-from seqlab.mixers.base import MixerConfig, State, TokenMixer
+from seqlab.mixers.base import MixerConfig, State, TokenMixer, copy_state, state_tensors
 from seqlab.mixers.deltanet import DeltaNet
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
@@ -41,4 +41,12 @@ def build_mixer(name: str, d_model: int, **options: Any) -> TokenMixer:
     return cls(d_model, cls.Config.make(**options))
 
 
-__all__ = ["MIXERS", "MixerConfig", "State", "TokenMixer", "build_mixer"]
+__all__ = [
+    "MIXERS",
+    "MixerConfig",
+    "State",
+    "TokenMixer",
+    "build_mixer",
+    "copy_state",
+    "state_tensors",
+]

@@ -23,10 +23,10 @@ class AttentionConfig(MixerConfig):
 
 
 class Attention(TokenMixer):
-    """State: the KV cache k, v [B, Tc, Hkv, D] (RoPE already applied; Tc ≤ window − 1 when
-    windowed) and pos [B], the position of the next token. State bytes count the Tc tokens held;
-    while decoding, an unwindowed cache's buffer also keeps room for up to a quarter more (at
-    least 64 tokens) so that a step need not copy it (seqlab.ops.attention)."""
+    """State: "kv", the KVCache of k, v [B, Tc, Hkv, D] (RoPE already applied; Tc ≤ window − 1
+    when windowed), and "pos" [B], the position of the next token. State bytes count the Tc
+    tokens held; while decoding, an unwindowed cache's buffers also keep room for as many more
+    (at least 64 tokens), so that a step need not copy them (seqlab.ops.attention)."""
 
     Config = AttentionConfig
     core_op = "attention"
@@ -65,12 +65,12 @@ class Attention(TokenMixer):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         q, k = rotate(q, pos, self.config.rope_base), rotate(k, pos, self.config.rope_base)
-        cache = None if state is None else KVCache(state["k"], state["v"])
+        cache = None if state is None else state["kv"]
         o, cache = attention(
             q, k, v, window=self.config.window, initial_state=cache, output_final_state=True
         )
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
-        return y, {"k": cache.k, "v": cache.v, "pos": start + T}
+        return y, {"kv": cache, "pos": start + T}
 
     def state_bytes_for(self, batch_size: int, seq_len: int) -> int:
         """KV cache of min(seq_len, window − 1) tokens, plus the position counter."""
@@ -104,4 +104,5 @@ class Attention(TokenMixer):
     def init_state(self, batch_size: int) -> State:
         w = self.k_proj.weight
         empty = w.new_zeros(batch_size, 0, self.num_kv_heads, self.head_dim)
-        return {"k": empty, "v": empty.clone(), "pos": start_positions(batch_size, w.device)}
+        cache = KVCache(empty, empty.clone())
+        return {"kv": cache, "pos": start_positions(batch_size, w.device)}

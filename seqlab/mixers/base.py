@@ -4,7 +4,9 @@
     state = mixer.init_state(batch_size) # what a stream starts from
     mixer.state_bytes(state)             # bytes of the tensors the state really holds
 
-A state is a dict of tensors. `forward` with T > 1 runs the parallel/chunk form (training, prefill);
+A state is a dict of tensors and cache objects (an object that grows, such as attention's
+`KVCache`, says which tensors it holds through `tensors()`; nothing is stored on a tensor).
+`forward` with T > 1 runs the parallel/chunk form (training, prefill);
 with T = 1 and a state it runs the recurrent step (decode). Both return the state after x.
 
 What the shared suites (tests/mixers, seqlab.profile) read from a mixer, declared on its class:
@@ -23,7 +25,7 @@ takes `config.norm_eps`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from pydantic import PositiveFloat
@@ -33,7 +35,38 @@ from seqlab.config import check_positive_int
 from seqlab.init_policy import NORM_EPS, InitOptions, init_linears
 from seqlab.ops.registry import Flops
 
-State = dict[str, torch.Tensor]
+
+class Cache(Protocol):
+    """A state entry that is not one tensor: a cache with room to grow."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of what it holds (not its room), by name."""
+        ...
+
+    def copy(self) -> Cache:
+        """The same contents in memory of its own."""
+        ...
+
+
+State = dict[str, "torch.Tensor | Cache"]
+
+
+def state_tensors(state: State) -> dict[str, torch.Tensor]:
+    """The tensors a state holds, a cache's under "name.part" (its contents, not its room)."""
+    out = {}
+    for name, x in state.items():
+        if isinstance(x, torch.Tensor):
+            out[name] = x
+        else:
+            out |= {f"{name}.{part}": t for part, t in x.tensors().items()}
+    return out
+
+
+def copy_state(state: State) -> State:
+    """A state that shares no memory with `state` (beam search, two continuations)."""
+    return {
+        name: x.clone() if isinstance(x, torch.Tensor) else x.copy() for name, x in state.items()
+    }
 
 
 class LayerFlops(NamedTuple):
@@ -97,7 +130,7 @@ class TokenMixer(nn.Module, metaclass=_InitOnceBuilt):
 
     @staticmethod
     def state_bytes(state: State) -> int:
-        return sum(t.numel() * t.element_size() for t in state.values())
+        return sum(t.numel() * t.element_size() for t in state_tensors(state).values())
 
     def state_bytes_for(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the state after `seq_len` tokens. Mixers whose state grows override this."""

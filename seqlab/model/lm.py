@@ -22,7 +22,7 @@ from seqlab.channel import build_channel_mixer
 from seqlab.config import Config
 from seqlab.init_policy import INIT_STD, NORM_EPS, depth_scaled_std
 from seqlab.mixers import build_mixer
-from seqlab.mixers.base import State, TokenMixer
+from seqlab.mixers.base import State, TokenMixer, copy_state
 from seqlab.model.pattern import LayerSpec, expand_pattern
 
 
@@ -145,6 +145,12 @@ class CausalLM(nn.Module):
     def state_bytes_for(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the state the model holds after `seq_len` tokens of `batch_size` sequences."""
         return sum(block.mixer.state_bytes_for(batch_size, seq_len) for block in self.blocks)
+
+    @staticmethod
+    def copy_state(state: list[State]) -> list[State]:
+        """A model state that shares no memory with `state`: continue each copy on its own (beam
+        search, several continuations of one prompt)."""
+        return [copy_state(s) for s in state]
 
     @staticmethod
     def state_bytes(state: list[State]) -> int:

@@ -5,21 +5,22 @@ kernels of whatever device it runs on; `naive_attention` forms the scores and th
 is the oracle the tests compare it to. Decoding is `attention` with T = 1 and the cache of the
 earlier tokens; with a window the returned cache keeps only the last `window - 1` tokens.
 
-A full (unwindowed) cache is a view of a buffer with room to grow, so a decode step writes its
-token after the others instead of copying the whole cache (which would cost O(T) per token, more
-memory traffic than the attention itself). A buffer that is full grows to GROWTH times its tokens
-(at least MIN_ROOM more), so tokens are copied O(1) times each on average. The ops stay
-functional: a cache's tokens are never changed. Only the very tensors a call returned can grow in
-place (a slice, copy or detached view of them is a new tensor, and is copied), the room after a
-cache's tokens is claimed under a lock by the first continuation (a second one, in any thread,
-gets a copy), and with grad mode on, or any input requiring grad, a step concatenates instead,
-since an in-place write could invalidate tensors autograd saved.
+The cache is an explicit object, `KVCache`: buffers [B, capacity, Hkv, ·] and the number of
+tokens they hold. A full (unwindowed) cache keeps room to grow, so a decode step writes its token
+after the others instead of copying the whole cache (which would cost O(T) per token, more memory
+traffic than the attention itself). A buffer that is full grows to GROWTH times its tokens (at
+least MIN_ROOM more), so tokens are copied O(1) times each on average. The ops stay functional: a
+cache's tokens are never changed. Only the first continuation of a cache object writes into its
+room (the cache records it, atomically, without a lock); a second continuation of the same cache,
+in any thread, gets a copy, and so does a cache made from tensors (`KVCache(k, v)`, which has no
+room). With grad mode on, or any input requiring grad, a step concatenates instead, since an
+in-place write could invalidate tensors autograd saved. `KVCache.copy()` is a cache of its own
+(beam search, a prompt cache): its continuations never touch the original's buffers.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,22 +29,64 @@ from torch import Tensor
 from seqlab.ops._common import check_cu_seqlens, check_qkv, check_scale, check_shape, check_tensor
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
-GROWTH = 1.25
+GROWTH = 2  # a full buffer grows to GROWTH times its tokens
 MIN_ROOM = 64  # tokens
-_BUFFER = "_seqlab_buffer"  # attribute of a returned cache tensor: the buffer it views
-_FILLED = "_seqlab_filled"  # attribute of a cache buffer: how many of its tokens are claimed
-_CLAIM = threading.Lock()  # makes "is the room after these tokens free? take it" one step
 
 
-class KVCache(NamedTuple):
-    """Keys and values of the earlier tokens of each sequence, oldest first."""
+@dataclass(eq=False)
+class KVCache:
+    """Keys and values of the earlier tokens of each sequence, oldest first: the first `length`
+    tokens of the buffers (all of them when None); the rest is room for later tokens.
 
-    k: Tensor  # [B, Tc, Hkv, K]
-    v: Tensor  # [B, Tc, Hkv, V]
+    KVCache(k, v) wraps k [B, Tc, Hkv, K], v [B, Tc, Hkv, V] as a cache without room.
+    """
+
+    k_buffer: Tensor  # [B, capacity, Hkv, K]
+    v_buffer: Tensor  # [B, capacity, Hkv, V]
+    length: int | None = None
+    # One token per continuation, appended (atomic in CPython): the first owns the room.
+    _continuations: list[object] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if self.length is None:
+            self.length = self.k_buffer.shape[1]
+
+    @property
+    def k(self) -> Tensor:  # [B, Tc, Hkv, K]
+        return self.k_buffer[:, : self.length]
+
+    @property
+    def v(self) -> Tensor:  # [B, Tc, Hkv, V]
+        return self.v_buffer[:, : self.length]
+
+    def __iter__(self):
+        return iter((self.k, self.v))
+
+    @property
+    def capacity(self) -> int:
+        return self.k_buffer.shape[1]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tokens held (not of the room)."""
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.k_buffer.nbytes + self.v_buffer.nbytes
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"k": self.k, "v": self.v}
+
+    def copy(self) -> KVCache:
+        """A cache of the same tokens in buffers of its own, with the same room."""
+        return KVCache(self.k_buffer.clone(), self.v_buffer.clone(), self.length)
+
+    def claim(self) -> bool:
+        """True for the first continuation of this cache: it may write into the room."""
+        token = object()
+        self._continuations.append(token)
+        return self._continuations[0] is token
 
 
 def _check_window(window: object) -> int | None:
@@ -65,7 +108,12 @@ def _check_cache(cache: object, q: Tensor, B: int, Hkv: int, K: int, V: int) -> 
     check_tensor("initial_state.k", cache.k)
     check_tensor("initial_state.v", cache.v)
     check_shape("initial_state.k", cache.k, "BTHK", (B, None, Hkv, K))
-    check_shape("initial_state.v", cache.v, "BTHV", (B, cache.k.shape[1], Hkv, V))
+    check_shape("initial_state.v", cache.v_buffer, "BTHV", (B, cache.capacity, Hkv, V))
+    if not 0 <= cache.length <= cache.capacity:
+        raise ValueError(
+            f"initial_state.length must lie in [0, {cache.capacity}] (its buffers' tokens), "
+            f"got {cache.length}"
+        )
     if cache.k.dtype != q.dtype or cache.v.dtype != q.dtype:
         raise TypeError(
             f"initial_state must match q's dtype {q.dtype}, "
@@ -116,56 +164,31 @@ def _visible(T: int, Tc: int, window: int | None, cu: Tensor | None, device) -> 
     return visible
 
 
-def _view(buf: Tensor, n: int) -> Tensor:
-    """The first n tokens of `buf`, as a cache tensor that knows its buffer."""
-    kv = buf[:, :n]
-    setattr(kv, _BUFFER, buf)
-    return kv
-
-
 def _buffer(parts: list[Tensor], capacity: int) -> Tensor:
-    """The tokens of `parts` (concatenated along T) as a view of a new [B, capacity, H, D]
-    buffer that records how many of its tokens are taken."""
+    """The tokens of `parts` (concatenated along T) at the start of a new [B, capacity, H, D]
+    buffer."""
     B, _, H, D = parts[0].shape
     buf = parts[0].new_empty(B, capacity, H, D)
     n = 0
     for p in parts:
         buf[:, n : n + p.shape[1]] = p
         n += p.shape[1]
-    setattr(buf, _FILLED, n)
-    return _view(buf, n)
-
-
-def _claim(old: Tensor, T: int) -> Tensor | None:
-    """old's buffer, with the room for T tokens after old's claimed, if old is a cache tensor
-    this module returned (not a slice or copy of one) and that room is there and unclaimed."""
-    buf = getattr(old, _BUFFER, None)
-    n = old.shape[1]
-    if buf is None or buf.shape[1] < n + T:
-        return None
-    if buf.data_ptr() != old.data_ptr() or buf.stride() != old.stride():
-        return None
-    if buf.shape[0] != old.shape[0] or buf.shape[2:] != old.shape[2:]:
-        return None
-    with _CLAIM:
-        if getattr(buf, _FILLED) != n:  # another continuation of old took the room first
-            return None
-        setattr(buf, _FILLED, n + T)
     return buf
 
 
-def _extend(old: Tensor, new: Tensor, in_place: bool) -> Tensor:
-    """old ++ new along T: written into old's buffer when `in_place` and the room after old's
-    tokens is there and unclaimed, else into a new buffer with room (`in_place` False: a plain
+def _extend(old: KVCache, k: Tensor, v: Tensor, in_place: bool) -> KVCache:
+    """old ++ (k, v) along T: written into old's room when `in_place`, the room is there and this
+    is old's first continuation, else into new buffers with room (`in_place` False: a plain
     concatenation, which autograd can differentiate)."""
     if not in_place:
-        return torch.cat([old, new], dim=1)
-    n, T = old.shape[1], new.shape[1]
-    buf = _claim(old, T)
-    if buf is None:
-        return _buffer([old, new], max(int(GROWTH * (n + T)), n + T + MIN_ROOM))
-    buf[:, n : n + T] = new
-    return _view(buf, n + T)
+        return KVCache(torch.cat([old.k, k], dim=1), torch.cat([old.v, v], dim=1))
+    n, T = old.length, k.shape[1]
+    if old.capacity >= n + T and old.claim():
+        old.k_buffer[:, n : n + T] = k
+        old.v_buffer[:, n : n + T] = v
+        return KVCache(old.k_buffer, old.v_buffer, n + T)
+    capacity = max(GROWTH * (n + T), n + T + MIN_ROOM)
+    return KVCache(_buffer([old.k, k], capacity), _buffer([old.v, v], capacity), n + T)
 
 
 def _cache(kv: Tensor, keep: int, fresh: bool) -> Tensor:
@@ -200,6 +223,7 @@ def attention(
         q, k, v, scale, window, initial_state, output_final_state, cu_seqlens
     )
     T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
+    cache = None
     if initial_state is None:
         k_all, v_all = k, v
     elif window is None:
@@ -207,8 +231,8 @@ def attention(
         # saves it when q requires grad), and a cache made under autograd stays concatenated
         inputs = (q, k, v, *initial_state)
         in_place = not torch.is_grad_enabled() and not any(t.requires_grad for t in inputs)
-        k_all = _extend(initial_state.k, k, in_place)
-        v_all = _extend(initial_state.v, v, in_place)
+        cache = _extend(initial_state, k, v, in_place)
+        k_all, v_all = cache.k, cache.v
     else:  # the window bounds the cache: concatenate, then trim below
         k_all = torch.cat([initial_state.k, k], dim=1)
         v_all = torch.cat([initial_state.v, v], dim=1)
@@ -236,7 +260,7 @@ def attention(
     if window is None:  # a prefill's cache is a buffer of its own (never the caller's k, v)
         if initial_state is None:
             return o, KVCache(_buffer([k], T), _buffer([v], T))
-        return o, KVCache(k_all, v_all)
+        return o, cache
     fresh = initial_state is not None
     return o, KVCache(_cache(k_all, window - 1, fresh), _cache(v_all, window - 1, fresh))
 

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from seqlab.mixers import MIXERS
+from seqlab.mixers import MIXERS, state_tensors
 from seqlab.mixers.recurrent import RecurrentMixer
 from tests.host_reads import HostReads
 from tests.mixers.conftest import CASES, B, D, T, make_mixer, make_x
@@ -31,6 +31,7 @@ def stream(mixer, x, cuts):
 
 
 def assert_same_state(actual, expected):
+    actual, expected = state_tensors(actual), state_tensors(expected)
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(
@@ -48,7 +49,8 @@ def test_shapes_and_state_layout(case):
     y, state = mixer(make_x())
     assert y.shape == (B, T, D) and y.dtype == torch.float32
     assert torch.isfinite(y).all()
-    init = mixer.init_state(B)
+    init = state_tensors(mixer.init_state(B))
+    state = state_tensors(state)
     assert state.keys() == init.keys()
     for name, t in state.items():
         assert t.dtype == init[name].dtype, name
@@ -76,6 +78,7 @@ def test_seeded_determinism(case):
     y2, s2 = make_mixer(case, seed=3)(make_x(seed=3))
     y3, _ = make_mixer(case, seed=4)(make_x(seed=3))
     assert torch.equal(y1, y2)
+    s1, s2 = state_tensors(s1), state_tensors(s2)
     assert all(torch.equal(s1[n], s2[n]) for n in s1)
     assert not torch.equal(y1, y3)
 
@@ -124,7 +127,7 @@ def test_outputs_do_not_see_the_future(case):
 
 
 def nbytes(state):
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return sum(t.numel() * t.element_size() for t in state_tensors(state).values())
 
 
 @pytest.mark.parametrize("case", RECURRENT)
@@ -159,10 +162,10 @@ def test_windowed_attention_state_bytes_are_bounded_by_the_window():
     per_token = 2 * B * mixer.num_kv_heads * mixer.head_dim * 4
     for t in (2, 9, 40):
         state = mixer(make_x(T=t))[1]
-        assert state["k"].shape[1] == min(t, window - 1)
+        assert state["kv"].length == min(t, window - 1)
         assert mixer.state_bytes(state) == nbytes(state) == B * 8 + min(t, window - 1) * per_token
     _, state = stream(mixer, make_x(T=12), list(range(1, 12)))
-    assert state["k"].shape[1] == window - 1
+    assert state["kv"].length == window - 1
 
 
 @pytest.mark.parametrize("case", MATRICES)
@@ -171,7 +174,7 @@ def test_low_precision_parameters_keep_a_float32_recurrent_state(case):
     assert all(mixer.init_state(B)[m].dtype == torch.float32 for m in mixer.matrices)
     y, state = stream(mixer, make_x(T=20, dtype=torch.bfloat16), [17])
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    for name, t in state.items():
+    for name, t in state_tensors(state).items():
         if t.is_floating_point():  # conv tails in the parameters' dtype; positions are ints
             assert t.dtype == (torch.float32 if name in mixer.matrices else torch.bfloat16), name
 
@@ -180,7 +183,7 @@ def test_low_precision_parameters_keep_a_float32_recurrent_state(case):
 def test_float64_parameters_give_a_float64_state(case):
     mixer = make_mixer(case, dtype=torch.float64)
     _, state = mixer(make_x(dtype=torch.float64))
-    floats = [t for t in state.values() if t.is_floating_point()]
+    floats = [t for t in state_tensors(state).values() if t.is_floating_point()]
     assert floats and all(t.dtype == torch.float64 for t in floats)
 
 

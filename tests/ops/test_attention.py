@@ -265,8 +265,9 @@ def test_a_slice_of_a_cache_is_a_cache_of_its_own(part):
 
 
 def test_continuations_in_threads_get_their_own_tokens():
-    """The room after a cache is claimed under a lock: threads continuing one shared prefix
-    (a server with a prompt cache) never write into each other's caches. Each appends 512 tokens
+    """The first continuation of a cache object claims its room, atomically and without a lock:
+    threads continuing one shared prefix (a server with a prompt cache) never write into each
+    other's caches. Each appends 512 tokens
     at once, so the copies (which release the GIL) overlap."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, 1, 4098, 8, 64, generator=g)
@@ -275,7 +276,7 @@ def test_continuations_in_threads_get_their_own_tokens():
         _, prefix = attention(  # a decode step: the cache moves to a buffer with room
             q[:, -1:], k[:, -1:], v[:, -1:], initial_state=prefix, output_final_state=True
         )
-    assert prefix.k.shape[1] == 4098 and prefix.k._seqlab_buffer.shape[1] >= 4098 + 512
+    assert prefix.k.shape[1] == 4098 and prefix.capacity >= 4098 + 512
     tails = [torch.randn(3, 1, 512, 8, 64, generator=g) for _ in range(4)]
     start = threading.Barrier(len(tails))
     results = [None] * len(tails)
