@@ -38,7 +38,7 @@ from seqlab.ops._common import (
 from seqlab.ops.attention import sdpa_peer
 from seqlab.ops.gated_linear import fla_loader, gated_linear_workspace_bytes
 from seqlab.ops.registry import Flops, OpFamily, register_family
-from seqlab.ops.triton import describe_backend, use_triton
+from seqlab.ops.triton import family_backend, use_triton
 
 
 def _check(q, k, v, beta, g, scale, initial_state, cu_seqlens, allow_neg_eigval, check_values=True):
@@ -491,11 +491,6 @@ def _workspace_bytes(variant, form, T, H, grad, K=64, V=64, chunk_size=64, **_):
     return base + rows * (4 * H * (K + V) * 4 + 2 * H * K * K * 4 // chunk_size)
 
 
-def _backend(form, inputs, chunk_size=64, **_):
-    tensors = [inputs.get(n) for n in ("q", "k", "v", "beta", "g")]
-    return describe_backend(form, chunk_size, tensors)
-
-
 register_family(
     OpFamily(
         name="delta_rule",
@@ -514,7 +509,7 @@ register_family(
         packed=True,
         peers={"sdpa": sdpa_peer, "fla": _fla_peer},
         workspace_bytes=_workspace_bytes,
-        backend=_backend,
+        backend=family_backend,
         doc="S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ (DeltaNet; gated: Gated "
         "DeltaNet)",
     )

@@ -41,7 +41,7 @@ from seqlab.ops._common import (
 )
 from seqlab.ops.attention import sdpa_peer, sdpa_workspace_bytes
 from seqlab.ops.registry import Flops, OpFamily, register_family
-from seqlab.ops.triton import describe_backend, use_triton
+from seqlab.ops.triton import family_backend, use_triton
 
 
 def _check(q, k, v, g, scale, initial_state, cu_seqlens, check_values=True):
@@ -411,11 +411,6 @@ def gated_linear_workspace_bytes(variant, form, T, H, grad, K=64, V=64, chunk_si
     return rows * per_token
 
 
-def _backend(form, inputs, chunk_size=64, **_):
-    tensors = [inputs.get(n) for n in ("q", "k", "v", "g")]
-    return describe_backend(form, chunk_size, tensors)
-
-
 register_family(
     OpFamily(
         name="gated_linear",
@@ -434,7 +429,7 @@ register_family(
         packed=True,
         peers={"sdpa": sdpa_peer, "fla": _fla_peer},
         workspace_bytes=gated_linear_workspace_bytes,
-        backend=_backend,
+        backend=family_backend,
         doc="S_t = diag(exp(g_t)) S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t (no, per-head or "
         "per-key-channel gate)",
     )

@@ -108,6 +108,12 @@ def use_triton(backend: str, form: str, chunk_size: int, tensors) -> bool:
     return triton_
 
 
+def family_backend(form: str, inputs, chunk_size: int = 64, **_) -> str:
+    """`OpFamily.backend` of the chunked families: `describe_backend` on their keyword inputs."""
+    tensors = [inputs.get(n) for n in ("q", "k", "v", "beta", "g")]
+    return describe_backend(form, chunk_size, tensors)
+
+
 def describe_backend(form: str, chunk_size: int, tensors, backend: str = "auto") -> str:
     """What an op would run these tensors on: "triton", "torch", or "torch (because ...)"."""
     triton_, reason = _choose(backend, form, chunk_size, tensors)
