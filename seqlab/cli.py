@@ -399,6 +399,15 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's)")
     ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 or bf16 (autocast; float32 weights) (default fp32)")
+    ] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="micro-batches per update (default 1)")
+    ] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model")
+    ] = None,
 ) -> None:
     """Train one architecture on a task; resume from the out folder if it holds a checkpoint.
     The experiment is --config's file (or the defaults), then the flags given, then --set."""
@@ -425,6 +434,9 @@ def train(
             "train.device": device,
             "train.out_dir": None if out is None else str(out),
             "train.progress": progress,
+            "train.precision": precision,
+            "train.grad_accum": grad_accum,
+            "train.compile": compile_model,
         },
     )
     try:

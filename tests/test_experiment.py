@@ -27,7 +27,7 @@ from tests.train.conftest import TINY_MQAR
 # Every field of TrainConfig and ModelSpec: (--set text, the value it gives), none a default.
 SETTINGS = {
     "train.steps": ("7", 7),
-    "train.batch_size": ("3", 3),
+    "train.batch_size": ("4", 4),
     "train.lr": ("3e-3", 3e-3),
     "train.warmup_steps": ("0", 0),
     "train.min_lr_ratio": ("0.25", 0.25),
@@ -42,6 +42,9 @@ SETTINGS = {
     "train.device": ("cpu", "cpu"),
     "train.out_dir": ("runs/x", "runs/x"),
     "train.progress": ("false", False),
+    "train.precision": ('"bf16"', "bf16"),
+    "train.grad_accum": ("2", 2),
+    "train.compile": ("true", True),
     "model.d_model": ("32", 32),
     "model.n_layers": ("4", 4),
     "model.pattern": ("gdn*3,attn", "gdn*3,attn"),

@@ -6,10 +6,31 @@ Checks live here, at the boundary of the public ops; the cores they call trust t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+
+def outside_autocast(fn: Callable) -> Callable:
+    """fn run with autocast off on its inputs' device. An op casts its inputs to its compute
+    dtype itself (float32 for 16-bit inputs); under a bf16 autocast its inner products would go
+    back to 16 bits, losing the float32 state and the decays' range, and solves have no bf16
+    kernel on a CPU. Outputs keep the dtype the op gives them (its inputs')."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor):
+                if torch.is_autocast_enabled(x.device.type):
+                    with torch.autocast(x.device.type, enabled=False):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+
+    return run
+
 
 FORMS = ("recurrent", "chunk", "parallel")
 

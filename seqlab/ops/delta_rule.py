@@ -31,6 +31,7 @@ from seqlab.ops._common import (
     compute_dtype,
     decay_exp,
     floor_log_gate,
+    outside_autocast,
     run_packed,
     run_sliced,
     to_chunks,
@@ -278,6 +279,7 @@ def _finish(o, S, q, output_final_state):
     return o.to(q.dtype), (S if output_final_state else None)
 
 
+@outside_autocast
 def recurrent_delta_rule(
     q,
     k,
@@ -300,6 +302,7 @@ def recurrent_delta_rule(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def chunk_delta_rule(
     q,
     k,
@@ -324,6 +327,7 @@ def chunk_delta_rule(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def parallel_delta_rule(
     q,
     k,
@@ -347,6 +351,7 @@ def parallel_delta_rule(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def delta_rule(
     q,
     k,

@@ -35,6 +35,7 @@ from seqlab.ops._common import (
     compute_dtype,
     decay_exp,
     floor_log_gate,
+    outside_autocast,
     run_packed,
     run_sliced,
     to_chunks,
@@ -217,6 +218,7 @@ def _finish(o, S, q, output_final_state):
     return o.to(q.dtype), (S if output_final_state else None)
 
 
+@outside_autocast
 def recurrent_gated_linear(
     q,
     k,
@@ -236,6 +238,7 @@ def recurrent_gated_linear(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def chunk_gated_linear(
     q,
     k,
@@ -257,6 +260,7 @@ def chunk_gated_linear(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def parallel_gated_linear(
     q,
     k,
@@ -277,6 +281,7 @@ def parallel_gated_linear(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def gated_linear(
     q,
     k,

@@ -29,6 +29,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    outside_autocast,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -66,6 +67,7 @@ def _cached(z: torch.Tensor, cache: torch.Tensor | None, order: int) -> torch.Te
 
 
 def _conv_form(conv):
+    @outside_autocast
     def form(v, x1, x2, h1, h2, bias1, bias2, initial_state=None, output_final_state=False, **_):
         _check(v, x1, x2, h1, h2, bias1, bias2, initial_state)
         dtype = compute_dtype(v.dtype)
@@ -97,6 +99,7 @@ hyena_direct = _conv_form(causal_conv_direct)
 hyena_direct.__doc__ = "The order-2 Hyena operator summed term by term (the reference)."
 
 
+@outside_autocast
 def hyena_recurrent(
     v, x1, x2, h1, h2, bias1, bias2, initial_state=None, output_final_state=False, **_
 ):
@@ -134,6 +137,7 @@ def hyena_recurrent(
 FORMS_ = {"fft": hyena_fft, "direct": hyena_direct, "recurrent": hyena_recurrent}
 
 
+@outside_autocast
 def hyena(*args, form: str = "fft", **kwargs):
     """`form` ∈ fft, direct, recurrent; see the module docstring."""
     if form not in FORMS_:

@@ -36,6 +36,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    outside_autocast,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -84,6 +85,7 @@ def _s4d_discrete(log_dt, A_re, A_im, B, C, dtype):
     return Abar.to(cdt), Bbar.to(cdt), Cc.to(cdt), dtA
 
 
+@outside_autocast
 def s4d_recurrent(u, log_dt, A_re, A_im, B, C, D, initial_state=None, output_final_state=False):
     """The S4D recurrence step by step (the reference and the decode step)."""
     Bn, T, H, N2 = _check_s4d(u, log_dt, A_re, A_im, B, C, D, initial_state)
@@ -115,6 +117,7 @@ def _powers(dtA: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
     return (hi[..., :, None] * lo[..., None, :]).reshape(*dtA.shape, nb * b)[..., :L]
 
 
+@outside_autocast
 def s4d_fft(u, log_dt, A_re, A_im, B, C, D, initial_state=None, output_final_state=False):
     """Kernel K_l = 2 Re(C Ā^l B̄) by a Vandermonde product, then `causal_conv_fft`."""
     Bn, T, H, N2 = _check_s4d(u, log_dt, A_re, A_im, B, C, D, initial_state)
@@ -224,6 +227,7 @@ def _check_lmu(u, Abar, Bbar, initial_state):
     return Bn, T, H, d
 
 
+@outside_autocast
 def lmu_recurrent(u, Abar, Bbar, initial_state=None, output_final_state=False):
     """m_t = Ā m_{t−1} + B̄ u_t step by step; returns m [B, T, H, d]."""
     Bn, T, H, d = _check_lmu(u, Abar, Bbar, initial_state)
@@ -259,6 +263,7 @@ def _apply_powers(A: torch.Tensor, X: torch.Tensor, L: int) -> torch.Tensor:
     return out
 
 
+@outside_autocast
 def lmu_fft(u, Abar, Bbar, initial_state=None, output_final_state=False):
     """Impulse response H_l = Ā^l B̄ [T, d] by doubling, then `causal_conv_fft`."""
     Bn, T, H, d = _check_lmu(u, Abar, Bbar, initial_state)

@@ -63,6 +63,7 @@ from seqlab.ops._common import (
     compute_dtype,
     decay_exp,
     exp_floor,
+    outside_autocast,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -233,6 +234,7 @@ class _Scan(torch.autograd.Function):
         return unflat(s * dt), unflat(ddelta), dA, unflat(dB[:, 0]), unflat(dC[:, 0]), dh0
 
 
+@outside_autocast
 def scan_selective_scan(
     u,
     delta,
@@ -254,6 +256,7 @@ def scan_selective_scan(
     return _finish(y, h, u, Df, uf, output_final_state)
 
 
+@outside_autocast
 def recurrent_selective_scan(
     u,
     delta,
@@ -274,6 +277,7 @@ def recurrent_selective_scan(
     return _finish(y, h, u, Df, uf, output_final_state)
 
 
+@outside_autocast
 def chunk_selective_scan(
     u,
     delta,
@@ -296,6 +300,7 @@ def chunk_selective_scan(
     return _finish(y, h, u, Df, uf, output_final_state)
 
 
+@outside_autocast
 def selective_scan(*args, form="scan", chunk_size=64, **kwargs):
     """The selective scan in the named form ("recurrent", "scan" or "chunk")."""
     if form == "scan":

@@ -17,6 +17,7 @@ whole, so a step folder without `checkpoint.json` can only come from an older se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,12 +32,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
@@ -54,7 +55,7 @@ MODEL, TRAINER = "model.safetensors", "trainer.pt"
 MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
-RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress"})
+RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress", "compile"})
 
 
 class Diverged(Exception):
@@ -81,6 +82,22 @@ class TrainConfig(Config):
     out_dir: str | None = None  # checkpoints; None: keep nothing on disk
     # On a terminal a progress bar; elsewhere (nohup, CI) one line on stderr per evaluation.
     progress: bool = True
+    # "bf16": the forward (and evaluation) under torch.autocast to bfloat16; weights, gradients
+    # and the optimizer state stay float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Micro-batches per update: each update still sees batch_size sequences, in grad_accum
+    # pieces of batch_size / grad_accum, and its loss is the same token mean.
+    grad_accum: int = Field(1, ge=1)
+    compile: bool = False  # torch.compile the model for the training forward
+
+    @model_validator(mode="after")
+    def _accumulation_divides_the_batch(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                f"({self.grad_accum}): each update splits its batch into grad_accum equal pieces"
+            )
+        return self
 
 
 @dataclass
@@ -309,6 +326,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         self.model = CausalLM(model_config).to(self.device)
+        # The training forward; checkpoints, evaluation and the result use the model itself.
+        self.train_model = torch.compile(self.model) if config.compile else self.model
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -343,9 +362,28 @@ class Trainer:
         overflows or leaves a parameter that is not finite."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(inputs.to(self.device))
-        loss = lm_loss(out.logits, targets.to(self.device)) + out.aux_loss
-        loss.backward()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        n = self.config.grad_accum
+        if n == 1:
+            with self.autocast():
+                out = self.train_model(inputs)
+            loss = lm_loss(out.logits, targets) + out.aux_loss
+            loss.backward()
+        else:  # each piece's summed token losses over the whole batch's scored tokens
+            scored = (targets != IGNORE).sum()
+            loss = torch.zeros((), device=self.device)
+            for x, y in zip(inputs.chunk(n), targets.chunk(n), strict=True):
+                with self.autocast():
+                    out = self.train_model(x)
+                part = F.cross_entropy(
+                    out.logits.flatten(0, 1).float(),
+                    y.flatten(),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                part = part / scored + out.aux_loss / n  # MoE balance: the pieces' mean
+                part.backward()
+                loss = loss + part.detach()
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         loss_value, norm_value = loss.item(), norm.item()
@@ -368,8 +406,15 @@ class Trainer:
             self.scheduler.step()
         return loss_value, norm_value
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on this device with precision "bf16", else nothing."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def predict(self, inputs: Tensor) -> Tensor:
-        return self.model(inputs.to(self.device)).logits.argmax(-1).cpu()
+        with self.autocast():
+            return self.model(inputs.to(self.device)).logits.argmax(-1).cpu()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -384,7 +429,8 @@ class Trainer:
         nats = correct = count = 0.0
         stream = self.task.batches(held_out, self.config.eval_batch_size, self.config.seed)
         for inputs, targets in itertools.islice(stream, self.config.eval_batches):
-            logits = self.model(inputs.to(self.device)).logits.float()
+            with self.autocast():
+                logits = self.model(inputs.to(self.device)).logits.float()
             targets = targets.to(self.device)
             scored = targets != IGNORE
             nats += F.cross_entropy(

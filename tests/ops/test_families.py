@@ -117,3 +117,22 @@ def test_flop_formula_matches_the_counter(name, variant, T):
         counted = counter.get_total_flops()
         expected = fam.flops(variant, form, T, 3, **small_dims(fam)).matmul
         assert counted == expected, form
+
+
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_a_bf16_autocast_leaves_the_fast_form_in_float32(name, variant):
+    """Under torch.autocast (bf16 training) a form computes in its own dtype: float32 inputs
+    give exactly the float32 result (autocast would put its inner products in bf16)."""
+    fam = family(name)
+    if name == "attention":
+        pytest.skip("attention runs SDPA, which autocast is meant to put in bf16")
+    x = inputs(name, variant, 40, dtype=torch.float32)
+    fast = fam.forms[fam.fast]
+    kwargs = {"output_final_state": True} if fam.stateful else {}
+    want = fast(**x, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(**x, **kwargs)
+    for a, b in zip(got, want, strict=True):
+        if torch.is_tensor(b):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -23,7 +23,9 @@ def tiny_task():
 
 
 def tiny_model(pattern: str = "gla", **options) -> ModelConfig:
-    return ModelConfig(vocab_size=32, d_model=16, n_layers=1, pattern=pattern, **options)
+    return ModelConfig(
+        **{"vocab_size": 32, "d_model": 16, "n_layers": 1, "pattern": pattern, **options}
+    )
 
 
 def tiny_train(**options) -> TrainConfig:
