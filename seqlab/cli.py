@@ -338,6 +338,31 @@ def _fail(e: ValueError):
 
 
 @app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (seqlab train --out ...)")],
+    out: Annotated[Path, typer.Option(help="the PNG to write")] = Path("curves.png"),
+    label: Annotated[
+        list[str] | None, typer.Option(help="a name per run, in order (default: its pattern)")
+    ] = None,
+) -> None:
+    """Draw the learning curves of training runs (loss and held-out metric against steps and
+    wall time) into one PNG, from the curves.json each run folder keeps."""
+    from seqlab.train.watch import plot_curves, read_curves
+
+    try:
+        data = [read_curves(r) for r in runs]
+    except ValueError as e:
+        raise _fail(e) from None
+    if label and len(label) != len(runs):
+        raise _fail(ValueError(f"--label given {len(label)} times for {len(runs)} runs"))
+    if not out.parent.exists():
+        raise _fail(ValueError(f"--out {out}: folder {out.parent} does not exist"))
+    names = label or [f"{d['label']} ({Path(r).name})" for d, r in zip(data, runs, strict=True)]
+    path = plot_curves(data, out, names)
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,

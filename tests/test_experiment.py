@@ -45,6 +45,7 @@ SETTINGS = {
     "train.precision": ('"bf16"', "bf16"),
     "train.grad_accum": ("2", 2),
     "train.compile": ("true", True),
+    "train.tensorboard": ("false", False),
     "model.d_model": ("32", 32),
     "model.n_layers": ("4", 4),
     "model.pattern": ("gdn*3,attn", "gdn*3,attn"),

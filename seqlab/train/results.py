@@ -164,6 +164,8 @@ def run_record(
                 # (step, mean training loss since the previous evaluation), one per evaluation.
                 "curve": [(h["step"], h["train_loss"]) for h in result.history],
             },
+            # every evaluation: step, wall_time_s, tokens, train_loss, lr, grad_norm, metrics
+            "curve": result.curve,
         },
         "cost": {
             "params": result.model.num_params(),

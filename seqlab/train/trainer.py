@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, 
 from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
+from seqlab.train.watch import EVENTS, EventLog, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ MODEL, TRAINER = "model.safetensors", "trainer.pt"
 MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
-RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress", "compile"})
+RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress", "compile", "tensorboard"})
 
 
 class Diverged(Exception):
@@ -89,6 +90,8 @@ class TrainConfig(Config):
     # pieces of batch_size / grad_accum, and its loss is the same token mean.
     grad_accum: int = Field(1, ge=1)
     compile: bool = False  # torch.compile the model for the training forward
+    # TensorBoard event files under <out_dir>/tensorboard (seqlab.train.watch); needs out_dir.
+    tensorboard: bool = True
 
     @model_validator(mode="after")
     def _accumulation_divides_the_batch(self):
@@ -133,6 +136,8 @@ class TrainResult:
     train_time_s: float  # training steps only
     tokens: int  # input tokens trained on
     resumed_from: int | None = None  # the step this process resumed at, if it did
+    # history's records with wall_time_s and tokens at each evaluation (seqlab.train.watch)
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -342,6 +347,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        # history's records with wall_time_s and tokens at each evaluation: the learning curves
+        self.curve: list[dict[str, Any]] = []
+        self.events: EventLog | None = None
         self.wall_before_s = 0.0  # wall time of the run before this process took it over
         self.started = time.perf_counter()
         self.train_time_s = 0.0
@@ -452,6 +460,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            "curve": self.curve,
             "wall_time_s": self.wall_time_s,
             "train_time_s": self.train_time_s,
             "tokens": self.tokens,
@@ -537,6 +546,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["data_position"]
         self.history = state["history"]
+        self.curve = state.get("curve", [])  # absent from an older seqlab's checkpoints
         self.wall_before_s = state["wall_time_s"]
         self.train_time_s = state["train_time_s"]
         self.tokens = state["tokens"]
@@ -584,6 +594,17 @@ class Trainer:
         stop_reason, message = "steps", f"trained {c.steps} steps"
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
+        if c.out_dir is not None and c.tensorboard:
+            self.events = EventLog(Path(c.out_dir) / EVENTS, resumed_at=self.step)
+        try:
+            return self.train_steps(stop_reason, message)
+        finally:
+            if self.events is not None:
+                self.events.close()
+                self.events = None
+
+    def train_steps(self, stop_reason: str, message: str) -> TrainResult:
+        c = self.config
         losses, norms = [], []
         terminal = sys.stderr.isatty()
         self.log_lines = c.progress and not terminal
@@ -594,6 +615,7 @@ class Trainer:
             batches = self.batches()
             while stop_reason == "steps" and self.step < c.steps:
                 inputs, targets = next(batches)
+                lr = self.scheduler.get_last_lr()[0]
                 t0 = time.perf_counter()
                 try:
                     loss, norm = self.train_step(inputs, targets)
@@ -614,6 +636,8 @@ class Trainer:
                 self.tokens += inputs.numel()
                 losses.append(loss)
                 norms.append(norm)
+                if self.events is not None:
+                    self.events.update(self.step, loss, lr, norm)
                 progress.update(bar, advance=1, description=f"{label} loss {loss:.3f}{held_out}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     metrics = self.log_eval(losses, norms)
@@ -644,6 +668,7 @@ class Trainer:
             train_time_s=self.train_time_s,
             tokens=self.tokens,
             resumed_from=self.resumed_from,
+            curve=self.curve,
         )
 
     def stopped(self, why: str) -> str:
@@ -664,6 +689,15 @@ class Trainer:
                 "metrics": metrics,
             }
         )
+        self.curve.append(
+            {**self.history[-1], "wall_time_s": self.wall_time_s, "tokens": self.tokens}
+        )
+        if self.events is not None:
+            tokens_per_s = self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0
+            self.events.evaluation(self.step, metrics, tokens_per_s)
+        if self.config.out_dir is not None:
+            task = type(self.task).__name__
+            write_curves(Path(self.config.out_dir), self.model_config.pattern, task, self.curve)
         if self.log_lines:
             self.print_log_line()
         return metrics

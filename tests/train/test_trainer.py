@@ -126,7 +126,13 @@ def test_rejects_autoencode_tasks_and_small_vocabularies():
 
 def test_checkpoints_every_evaluation_keep_only_the_latest(tmp_path):
     result = train(tiny_model(), tiny_task(), tiny_train(out_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        "curves.json",
+        "latest.json",
+        "step-00000030",
+        "tensorboard",
+    ]
     assert sorted(p.name for p in (tmp_path / "step-00000030").iterdir()) == [
         "checkpoint.json",
         "model.safetensors",
@@ -463,4 +469,10 @@ def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error(tmp_path, monke
     with pytest.raises(CheckpointError, match=r"step-00000020.*No space left on device"):
         checkpointed_run(tmp_path, steps=30)
     assert latest_checkpoint(tmp_path).name == "step-00000010"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step-00000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        "curves.json",
+        "latest.json",
+        "step-00000010",
+        "tensorboard",
+    ]
