@@ -410,19 +410,24 @@ def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, 
 
 
 def _kernels_peer(kind: str):
-    """mlstm_kernels' native (PyTorch) `kind` kernel ("chunkwise": custom backward, sequence
-    padded to a whole number of 64-token chunks; "parallel") on this module's layout, or None
-    where mlstm_kernels is not installed."""
+    """mlstm_kernels' native (PyTorch) `kind` kernel on this module's layout, or None where
+    mlstm_kernels is not installed: "chunkwise" (their hand-written backward, which leaves out the
+    gradient through the denominator, so dq, dk, di, df are not the output's gradients: they
+    rely on the multi-head norm that follows), "chunkwise_autograd" (their chunkwise forward under
+    autograd: exact gradients), both on the sequence padded to a whole number of 64-token
+    chunks; "parallel" (their [T, T] kernel, hand-written backward)."""
     if importlib.util.find_spec("mlstm_kernels") is None:
         return None
     if kind == "chunkwise":
         from mlstm_kernels.torch.chunkwise.native import mlstm_chunkwise__native_custbw as fn
+    elif kind == "chunkwise_autograd":
+        from mlstm_kernels.torch.chunkwise.native import mlstm_chunkwise__native_autograd as fn
     else:
         from mlstm_kernels.torch.parallel.native import mlstm_parallel__native_custbw as fn
 
     def run(q, k, v, i, f, **_):
         T = q.shape[1]
-        pad = -T % 64 if kind == "chunkwise" else 0
+        pad = 0 if kind == "parallel" else -T % 64
         xs = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).transpose(1, 2) for x in (q, k, v, i, f)]
         return fn(*xs).transpose(1, 2)[:, :T]
 
@@ -455,6 +460,7 @@ register_family(
         dims={"K": 64, "V": 64},
         peers={
             "mlstm_kernels_chunkwise": lambda: _kernels_peer("chunkwise"),
+            "mlstm_kernels_chunkwise_autograd": lambda: _kernels_peer("chunkwise_autograd"),
             "mlstm_kernels_parallel": lambda: _kernels_peer("parallel"),
         },
         workspace_bytes=mlstm_workspace_bytes,
