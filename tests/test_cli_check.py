@@ -24,7 +24,7 @@ def test_forms_that_do_not_fit_are_skipped_with_the_reason():
     # the parallel form would need tens of GiB at T = 4096 (T × T × K blocks in float64)
     result, text = run("--seq-len", "4096", "--max-memory-gb", "0.5")
     assert result.exit_code == 0, result.output
-    assert text.count("skipped: predicted") == 6  # 5 parallel rows and naive attention
+    assert text.count("skipped: predicted") == 7  # 6 parallel rows (mlstm's too), naive attention
     assert "max 0.5 GiB" in text
     assert "chunk" in text and "e-1" in text  # the chunk form still ran and matched
 

@@ -14,6 +14,7 @@ from seqlab.mixers.linear_attention import LinearAttention
 from seqlab.mixers.lmu import LMU
 from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
+from seqlab.mixers.mlstm import MLSTM
 from seqlab.mixers.mom import MoM
 from seqlab.mixers.retnet import RetNet
 from seqlab.mixers.s4d import S4D
@@ -31,6 +32,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "s4d": S4D,
     "lmu": LMU,
     "hyena": Hyena,
+    "mlstm": MLSTM,
 }
 
 
