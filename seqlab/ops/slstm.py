@@ -8,9 +8,11 @@ and fused (the fast one). It has no parallel form: every gate reads h_{t−1}.
     c_t = f' c_{t−1} + i' tanh(z̃_t),   n_t = f' n_{t−1} + i',   h_t = σ(õ_t) c_t / n_t
 
 m is the stabiliser: c and n are the unstabilised cell and normaliser scaled by exp(−m_t), so no
-exponential gate overflows and h is what the unstabilised recurrence gives. A state whose n is 0
-is the empty state (c is 0 there too): its m is ignored and m_t = ĩ_t (a_t = −inf), as the xlstm
-package does for its zero initial state. The output is h_t.
+exponential gate overflows and h is what the unstabilised recurrence gives. A unit whose n is 0
+is empty (c is 0 there too, the zero initial state): there m_t = ĩ_t and f' = min(exp(a_t − ĩ_t),
+1), as the xlstm package's step does (i' = 1, and f' only multiplies zeros, so the values are
+those of any m; the clamp shapes the gradient to c_0, n_0). After one step n > 0 (i' or f' is 1),
+so the fused form checks for it at the first step only. The output is h_t.
 
 Shapes (H heads of D units; gate order i, f, z, o everywhere, as in the xlstm package):
 
@@ -28,10 +30,11 @@ The xlstm package's vanilla backend (`xlstm.blocks.slstm.src.vanilla.slstm_forwa
 external `recurrent_kernel` [H, D, 4, D]), the bias `b.transpose(0, 1).reshape(4·H·D)` (its
 `_bias`; our b is its external `bias` [H, 4, D]) and the state
 `initial_state.transpose(0, 1).reshape(4, B, H·D)`; its states_all[0][1:] [T, B, H·D] is our o
-transposed. Its pointwise step clamps i' and f' at 1 (a no-op: m_t ≥ both exponents) and takes
-m_t = ĩ_t when n is 0 in the whole batch (here: per unit). The family's peer "xlstm" is that
-function called through exactly this mapping (sigmoid forget gate only: the package has no
-exponential one).
+transposed. Its pointwise step clamps i' and f' at 1 (a no-op but for the empty state: m_t ≥
+both exponents) and takes m_t = ĩ_t where n is 0 in the whole batch (here: per unit, so that a
+sequence does not depend on the others in its batch; the same for every reachable state).
+The family's peer "xlstm" is that function called through exactly this mapping (sigmoid forget
+gate only: the package has no exponential one).
 
 The fused form (the family's fast form) is one autograd node. The forward runs the recurrence
 over time-major [T, H, B, ...] buffers with one batched product (R h_{t−1} added in place to the
@@ -124,9 +127,9 @@ def _recurrent(x, R, b, S0, forget):
     for t in range(T):
         rec = torch.einsum("bhk,hkgj->bghj", h, R)
         i, f, z, o = (x[:, t] + rec).unbind(1)
-        a = torch.where(n == 0, float("-inf"), _log_forget(f, forget) + m)
-        m = torch.maximum(i, a)
-        ip, fp = torch.exp(i - m), torch.exp(a - m)
+        a = _log_forget(f, forget) + m
+        m = torch.where(n == 0, i, torch.maximum(i, a))
+        ip, fp = torch.exp(i - m), torch.exp(a - m).clamp(max=1)
         c = fp * c + ip * torch.tanh(z)
         n = fp * n + ip
         h = torch.sigmoid(o) * c / n
@@ -142,9 +145,11 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, x, R, b, S0, forget):
         Bsz, T, _, H, D = x.shape
         # G[t] [H, B, 4, D]: the step's pre-activations, R h_{t−1} added in place
-        G = x.permute(1, 3, 0, 2, 4).contiguous()
-        if b is not None:
-            G += b[:, None]
+        G = x.new_empty(T, H, Bsz, 4, D)  # a new buffer: contiguous() may return x itself
+        if b is None:
+            G.copy_(x.permute(1, 3, 0, 2, 4))
+        else:
+            torch.add(x.permute(1, 3, 0, 2, 4), b[:, None], out=G)
         R2 = R.reshape(H, D, 4 * D)
         # St[0] = initial state, St[t + 1] = the state after step t; [T + 1, 4, H, B, D]
         St = x.new_empty(T + 1, 4, H, Bsz, D)
@@ -154,10 +159,8 @@ class _Fused(torch.autograd.Function):
             St[0] = S0.permute(1, 2, 0, 3)
         # a_t (needed for the max's branch), i', f', tanh(z̃), σ(õ): [T, 5, H, B, D]
         K = x.new_empty(T, 5, H, Bsz, D)
-        m_prev = St[0, 3]
-        if S0 is not None:  # the empty state: m_t = ĩ_t (a = −inf), as the package does
-            m_prev = torch.where(St[0, 2] == 0, float("-inf"), m_prev)
-        h_prev = St[0, 0]
+        m_prev, h_prev = St[0, 3], St[0, 0]
+        empty = St[0, 2] == 0  # units that start empty: m_1 = ĩ_1, f' clamped at 1
         Gs, Ss, Ks = G.unbind(0), St.unbind(0), K.unbind(0)
         for t in range(T):
             g = Gs[t]
@@ -170,11 +173,13 @@ class _Fused(torch.autograd.Function):
                 torch.add(F.logsigmoid(f), m_prev, out=a)
             else:
                 torch.add(f, m_prev, out=a)
-            if S0 is None and t == 0:  # the empty state
-                a.fill_(float("-inf"))
             torch.maximum(i, a, out=ms)
+            if t == 0:
+                torch.where(empty, i, ms, out=ms)
             torch.sub(i, ms, out=ip).exp_()
             torch.sub(a, ms, out=fp).exp_()
+            if t == 0:
+                fp.clamp_(max=1)
             torch.tanh(z, out=tz)
             torch.sigmoid(o, out=so)
             torch.mul(fp, Ss[t][1], out=cs).addcmul_(ip, tz)
@@ -200,7 +205,11 @@ class _Fused(torch.autograd.Function):
         dz_dc = ip * (1 - tz * tz)  # ∂c/∂z̃
         do_dh = Cs * inv_n * so * (1 - so)  # ∂h/∂õ
         sel_i = (i >= a).to(G.dtype)  # the max took ĩ
+        # first step: empty units took ĩ, and where their f' was clamped at 1 it has no slope
+        empty = St[0, 2] == 0
+        sel_i[0].masked_fill_(empty, 1.0)
         sel_a = 1 - sel_i
+        fp_slope0 = fp[0].masked_fill(a[0] > St[1, 3], 0.0)
         df_da = torch.sigmoid(-G[:, :, :, 1]) if ctx.forget == "sigmoid" else None
         # δo as time-major [T, H, B, D], R δg_{t+1} added in place as the loop goes
         dH = torch.zeros(T, H, Bsz, D, dtype=G.dtype, device=G.device)
@@ -225,7 +234,7 @@ class _Fused(torch.autograd.Function):
             dip = torch.addcmul(dn, dc, tz[t])
             dfp = torch.mul(dc, St[t, 1]).addcmul_(dn, St[t, 2])
             dip.mul_(ip[t])
-            dfp.mul_(fp[t])
+            dfp.mul_(fp[t] if t > 0 else fp_slope0)
             dm = dm_next - dip - dfp
             torch.addcmul(dip, dm, sel_i[t], out=di)
             da = torch.addcmul(dfp, dm, sel_a[t])
@@ -244,7 +253,6 @@ class _Fused(torch.autograd.Function):
         dS0 = None
         if ctx.has_S0:
             dh0 = torch.bmm(dG[0].view(H, Bsz, 4 * D), RT)
-            # the empty state's m is ignored (a = −inf there, so δa is 0 already)
             dS0 = torch.stack((dh0, dc_next, dn_next, dm_next)).permute(2, 0, 1, 3)
         return dx, dR.view(H, D, 4, D), db, dS0, None
 
