@@ -16,6 +16,7 @@ from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
 from seqlab.mixers.s4d import S4D
+from seqlab.mixers.slstm import SLSTM
 
 MIXERS: dict[str, type[TokenMixer]] = {
     "attn": Attention,
@@ -29,6 +30,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "s4d": S4D,
     "lmu": LMU,
     "hyena": Hyena,
+    "slstm": SLSTM,
 }
 
 
