@@ -111,7 +111,9 @@ def _prepare(x, R, b, initial_state, forget):
 
 
 def _log_forget(f, forget):
-    return F.logsigmoid(f) if forget == "sigmoid" else f
+    # contiguous first: on a strided view torch's CPU log_sigmoid may split even a few hundred
+    # elements over threads, costing up to milliseconds a call on a busy machine
+    return F.logsigmoid(f.contiguous()) if forget == "sigmoid" else f
 
 
 def _recurrent(x, R, b, S0, forget):
@@ -169,8 +171,8 @@ class _Fused(torch.autograd.Function):
             i, f, z, o = g.unbind(2)
             a, ip, fp, tz, so = Ks[t].unbind(0)
             hs, cs, ns, ms = Ss[t + 1].unbind(0)
-            if forget == "sigmoid":
-                torch.add(F.logsigmoid(f), m_prev, out=a)
+            if forget == "sigmoid":  # log σ on a contiguous copy (see _log_forget)
+                torch.add(F.logsigmoid(a.copy_(f)), m_prev, out=a)
             else:
                 torch.add(f, m_prev, out=a)
             torch.maximum(i, a, out=ms)
