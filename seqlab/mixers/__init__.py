@@ -18,6 +18,7 @@ from seqlab.mixers.mlstm import MLSTM
 from seqlab.mixers.mom import MoM
 from seqlab.mixers.retnet import RetNet
 from seqlab.mixers.s4d import S4D
+from seqlab.mixers.slstm import SLSTM
 
 MIXERS: dict[str, type[TokenMixer]] = {
     "attn": Attention,
@@ -33,6 +34,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "lmu": LMU,
     "hyena": Hyena,
     "mlstm": MLSTM,
+    "slstm": SLSTM,
 }
 
 

@@ -12,7 +12,8 @@ claim. A new family is one module in seqlab/ops and one line in `FAMILY_MODULES`
 
 Form names: "recurrent" (a loop over time, the decode step; every family with a state has it),
 "chunk" (chunkwise parallel), "parallel" (the full T × T form), "scan" (a parallel scan),
-"fft" (a long convolution by FFT), "direct" (a long convolution summed term by term).
+"fft" (a long convolution by FFT), "direct" (a long convolution summed term by term),
+"fused" (the recurrence as one autograd node: a loop of in-place steps, its adjoint as backward).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ FAMILY_MODULES = (
     "seqlab.ops.hyena",
     "seqlab.ops.selective_scan",
     "seqlab.ops.mlstm",
+    "seqlab.ops.slstm",
 )
 
-FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
+FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct", "fused")
 
 
 @dataclass(frozen=True)
