@@ -12,7 +12,8 @@ claim. A new family is one module in seqlab/ops and one line in `FAMILY_MODULES`
 
 Form names: "recurrent" (a loop over time, the decode step; every family with a state has it),
 "chunk" (chunkwise parallel), "parallel" (the full T × T form), "scan" (a parallel scan),
-"fft" (a long convolution by FFT), "direct" (a long convolution summed term by term).
+"fft" (a long convolution by FFT), "direct" (a long convolution summed term by term),
+"fused" (a call into PyTorch's fused recurrent kernels, as torch.nn.LSTM / GRU run).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ FAMILY_MODULES = (
     "seqlab.ops.lti",
     "seqlab.ops.hyena",
     "seqlab.ops.selective_scan",
+    "seqlab.ops.rnn",
 )
 
-FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
+FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct", "fused")
 
 
 @dataclass(frozen=True)
