@@ -15,6 +15,7 @@ from seqlab.mixers.lmu import LMU
 from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
+from seqlab.mixers.rnn import GRU, LSTM
 from seqlab.mixers.s4d import S4D
 
 MIXERS: dict[str, type[TokenMixer]] = {
@@ -29,6 +30,8 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "s4d": S4D,
     "lmu": LMU,
     "hyena": Hyena,
+    "lstm": LSTM,
+    "gru": GRU,
 }
 
 
