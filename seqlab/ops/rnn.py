@@ -23,7 +23,9 @@ is its batch_first output and state[:, 0] its h_n[0] (c_n[0]). For H heads, `tor
 the heads out as one module of hidden size H·N whose recurrent weight is block-diagonal: the
 same function (the family's peer "torch.nn", and tests/ops/test_rnn.py).
 
-The fused form runs H calls of the fused kernel, one per head (each reads the whole input). On
+The fused form runs the heads as H calls of the fused kernel (each reads the whole input), or
+where that measured slower (`dense_heads`: narrow recurrences, many heads) as one call with the
+block-diagonal weight of `torch_weights`, H times the recurrent products in one call. On
 the CPU the float32 LSTM call is oneDNN's fused LSTM (one op); the GRU call and float64 calls run
 ATen's native loop (one input-projection matmul, then a matmul and fused pointwise ops per step).
 Both take the initial state and return the final one, and both are differentiable (initial state
@@ -150,24 +152,54 @@ def _recurrent(cell, x, W_ih, W_hh, b_ih, b_hh, h, c):
     return o, h.transpose(0, 1), None if c is None else c.transpose(0, 1)
 
 
-def _fused(cell, x, W_ih, W_hh, b_ih, b_hh, h, c):
-    """One fused-kernel call per head on the whole input; the same returns as `_recurrent`."""
-    H = W_hh.shape[0]
-    bias = b_ih is not None
+HEADS = ("auto", "loop", "dense")
+
+
+def dense_heads(cell: str, H: int, N: int) -> bool:
+    """Whether the fused form's "auto" runs H > 1 heads as one dense call (block-diagonal
+    recurrent weight, H times the recurrent products) rather than one call per head.
+
+    Measured on the CPU (fwd+bwd, one thread, d_model 256-1024, B 1 and 16): per-head calls
+    cost a fixed amount per step and call (most for the GRU, whose ATen loop dispatches a
+    handful of ops per step), the dense call H times the recurrent products; the dense call won
+    where the recurrent width H·N ≤ 512 with H ≥ 8 (both cells) or H·N ≤ 256 (GRU, any H > 1),
+    and lost everywhere else (3-4x at H·N = 1024). Both compute the same function."""
+    return H > 1 and H * N <= 512 and (H >= 8 or (cell == "gru" and H * N <= 256))
+
+
+def _call(cell, x, h, c, weights, bias):
+    """One torch._VF call (1 layer, batch_first, no dropout) from h, c [1, B, N]."""
     train = torch.is_grad_enabled()  # dropout is 0: `train` only keeps what backward needs
+    if cell == "lstm":
+        return torch._VF.lstm(x, (h, c), weights, bias, 1, 0.0, train, False, True)
+    o, hn = torch._VF.gru(x, h, weights, bias, 1, 0.0, train, False, True)
+    return o, hn, None
+
+
+def _fused(cell, x, W_ih, W_hh, b_ih, b_hh, h, c, heads):
+    """The fused kernel on the whole input: one call per head ("loop"), or one call of hidden
+    size H·N with the heads laid out by `torch_weights` ("dense"); the same returns as
+    `_recurrent`."""
+    B, T, _ = x.shape
+    H, _, N = W_hh.shape
+    bias = b_ih is not None
+    if heads == "auto":
+        heads = "dense" if dense_heads(cell, H, N) else "loop"
+    if heads == "dense" or H == 1:
+        weights = list(torch_weights(cell, W_ih, W_hh, b_ih, b_hh).values())
+        c0 = None if c is None else c.reshape(1, B, H * N)
+        o, hn, cn = _call(cell, x, h.reshape(1, B, H * N), c0, weights, bias)
+        cn = None if cn is None else cn.view(B, H, N)
+        return o.view(B, T, H, N), hn.view(B, H, N), cn
     outs, hs, cs = [], [], []
     for k in range(H):
         weights = [W_ih[k], W_hh[k], *((b_ih[k], b_hh[k]) if bias else ())]
-        h0 = h[:, k].unsqueeze(0)  # [1 layer, B, N]
-        if cell == "lstm":
-            o, hk, ck = torch._VF.lstm(
-                x, (h0, c[:, k].unsqueeze(0)), weights, bias, 1, 0.0, train, False, True
-            )
-            cs.append(ck[0])
-        else:
-            o, hk = torch._VF.gru(x, h0, weights, bias, 1, 0.0, train, False, True)
+        c0 = None if c is None else c[:, k].unsqueeze(0)
+        o, hk, ck = _call(cell, x, h[:, k].unsqueeze(0), c0, weights, bias)
         outs.append(o)
         hs.append(hk[0])
+        if ck is not None:
+            cs.append(ck[0])
     o = torch.stack(outs, dim=2)
     return o, torch.stack(hs, dim=1), torch.stack(cs, dim=1) if cs else None
 
@@ -183,12 +215,23 @@ def recurrent_rnn(
 
 
 def fused_rnn(
-    x, W_ih, W_hh, b_ih=None, b_hh=None, cell="lstm", initial_state=None, output_final_state=False
+    x,
+    W_ih,
+    W_hh,
+    b_ih=None,
+    b_hh=None,
+    cell="lstm",
+    initial_state=None,
+    output_final_state=False,
+    heads="auto",
 ):
-    """Fast form (prefill, training): PyTorch's fused LSTM / GRU kernel, one call per head.
-    Returns (o [B, T, H, N], final state or None)."""
+    """Fast form (prefill, training): PyTorch's fused LSTM / GRU kernel, H > 1 heads as one
+    call per head (`heads="loop"`) or one block-diagonal call ("dense"); "auto" picks by
+    `dense_heads`. Returns (o [B, T, H, N], final state or None)."""
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {', '.join(map(repr, HEADS))}, got {heads!r}")
     xf, *w, h, c = _prepare(cell, x, W_ih, W_hh, b_ih, b_hh, initial_state)
-    o, h, c = _fused(cell, xf, *w, h, c)
+    o, h, c = _fused(cell, xf, *w, h, c, heads)
     return _finish(cell, o, h, c, x, output_final_state)
 
 
@@ -211,13 +254,14 @@ def torch_weights(cell, W_ih, W_hh, b_ih=None, b_hh=None) -> dict[str, torch.Ten
     G = GATES[cell]
     H, _, N = W_hh.shape
     D = W_ih.shape[-1]
-    eye = torch.eye(H, dtype=W_hh.dtype, device=W_hh.device)
+    if H == 1:
+        w_hh = W_hh[0]
+    else:  # [G, H, N, H, N] with zero blocks off the head diagonal (exact: products by 1 and 0)
+        eye = torch.eye(H, dtype=W_hh.dtype, device=W_hh.device)
+        w_hh = torch.einsum("kgnm,kl->gknlm", W_hh.view(H, G, N, N), eye)
     out = {
         "weight_ih_l0": W_ih.view(H, G, N, D).transpose(0, 1).reshape(G * H * N, D),
-        # [G, H, N, H, N] with zero blocks off the head diagonal (exact: products by 1 and 0)
-        "weight_hh_l0": torch.einsum("kgnm,kl->gknlm", W_hh.view(H, G, N, N), eye).reshape(
-            G * H * N, H * N
-        ),
+        "weight_hh_l0": w_hh.reshape(G * H * N, H * N),
     }
     if b_ih is not None:
         out["bias_ih_l0"] = b_ih.view(H, G, N).transpose(0, 1).reshape(G * H * N)
@@ -252,7 +296,8 @@ def rnn_flops(variant: str, form: str, T: int, H: int = 1, *, D: int, N: int) ->
     """One sequence of T tokens, H heads of N units each over an input of width D.
 
     The products: per token and head the input projection 2·G·N·D and the recurrent one
-    2·G·N·N. Elementwise, per token and head: LSTM 21·N (the gate sum 4N, two biases 8N, three
+    2·G·N·N (H·N·N where the fused form runs the heads as one dense call, `dense_heads`).
+    Elementwise, per token and head: LSTM 21·N (the gate sum 4N, two biases 8N, three
     sigmoids and two tanh 5N, the c and h updates 4N), GRU 16N (r and z sums 2N, biases 6N,
     r ⊙ hn and its sum 2N, two sigmoids and a tanh 3N, the h update 3N).
 
@@ -264,6 +309,8 @@ def rnn_flops(variant: str, form: str, T: int, H: int = 1, *, D: int, N: int) ->
     """
     G = GATES[variant]
     products = 2 * G * N * (D + N) * T * H
+    if form == "fused" and dense_heads(variant, H, N):  # zero blocks of the dense call too
+        products += 2 * G * N * (H - 1) * N * T * H
     pointwise = (21 if variant == "lstm" else 16) * N * T * H
     if form not in ("recurrent", "fused"):
         raise ValueError(f"rnn has no form {form!r}")

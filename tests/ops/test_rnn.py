@@ -5,6 +5,8 @@ streaming; FLOPs where the counter sees them; errors for bad input."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from seqlab.ops.registry import family
 from seqlab.ops.rnn import (
     GATES,
+    dense_heads,
     fused_rnn,
     make_rnn_inputs,
     recurrent_rnn,
@@ -24,6 +27,8 @@ from seqlab.ops.rnn import (
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 FORMS = {"recurrent": recurrent_rnn, "fused": fused_rnn}
+# the fused form with each layout of the heads: a call per head, one block-diagonal call
+FUSED = {f"fused/{heads}": partial(fused_rnn, heads=heads) for heads in ("loop", "dense")}
 
 
 def inputs(cell, B, T, H, D, N, seed, dtype=torch.float64, bias=True):
@@ -147,7 +152,7 @@ def test_both_forms_equal_torch_nn_modules_float64(cell, B, T, H, D, N, bias, in
     x = inputs(cell, B, T, H, D, N, seed, bias=bias)
     S0 = random_state(cell, B, H, N, seed) if init else None
     expected = run_module(x, S0, seed)
-    for form, fn in FORMS.items():
+    for form, fn in {**FORMS, **FUSED}.items():
         assert_same(run_op(fn, x, S0, seed), expected, f"{cell} {form} H={H}")
 
 
@@ -158,7 +163,7 @@ def test_realistic_widths_equal_torch_nn_modules(cell, T, H):
     x = inputs(cell, 2, T, H, 24, 16, seed=T)
     S0 = random_state(cell, 2, H, 16, seed=T)
     expected = run_module(x, S0, 5)
-    for form, fn in FORMS.items():
+    for form, fn in {**FORMS, **FUSED}.items():
         assert_same(run_op(fn, x, S0, 5), expected, f"{cell} {form}")
 
 
@@ -225,7 +230,7 @@ def test_float32_forms_are_close_to_float64(cell, H):
     S0 = random_state(cell, 2, H, 16, seed=1)
     S0_32 = tuple(s.float() for s in S0) if cell == "lstm" else S0.float()
     o_ref, S_ref = recurrent_rnn(**x64, initial_state=S0, output_final_state=True)
-    for form, fn in FORMS.items():
+    for form, fn in {**FORMS, **FUSED}.items():
         o, S = fn(**x32, initial_state=S0_32, output_final_state=True)
         assert o.dtype == torch.float32
         assert all(s.dtype == torch.float32 for s in state_tensors(S))
@@ -250,22 +255,32 @@ def test_half_inputs_run_in_float32_with_a_float32_state(cell, dtype):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_flops_where_the_counter_sees_the_products(cell, dtype):
+@pytest.mark.parametrize("H", [1, 2, 8])
+def test_flops_where_the_counter_sees_the_products(cell, dtype, H):
     """float64 fused calls run ATen's native loop, so the counter sees the products of both
     forms; float32 sees them in the recurrent form and the fused GRU, not in oneDNN's fused LSTM
-    (its products are in `other`); every form counts B sequences B times."""
-    B, T, H, D, N = 3, 17, 2, 6, 5
+    (its products are in `other`); a dense call of the heads counts its zero blocks; every form
+    counts B sequences B times."""
+    B, T, D, N = 3, 17, 6, 5
     x = inputs(cell, B, T, H, D, N, seed=0, dtype=dtype)
+    G = GATES[cell]
+    dense = H > 1 and (H == 8 or cell == "gru")
+    assert dense_heads(cell, H, N) == dense
     for form, fn in FORMS.items():
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             fn(**x, output_final_state=True)
         f = rnn_flops(cell, form, T, H, D=D, N=N)
         expected = f.matmul
+        products = (
+            2 * G * T * (H * N * D + (H * N * H * N if form == "fused" and dense else H * N * N))
+        )
         if dtype == torch.float64 and form == "fused" and cell == "lstm":
-            expected = rnn_flops(cell, "recurrent", T, H, D=D, N=N).matmul
+            expected = products
+        else:
+            assert f.matmul == (0 if form == "fused" and cell == "lstm" else products)
         assert counter.get_total_flops() == B * expected, form
-        assert f.total == rnn_flops(cell, "recurrent", T, H, D=D, N=N).total
+        assert f.total - products == rnn_flops(cell, "recurrent", T, H, D=D, N=N).other
 
 
 def test_lstm_and_gru_differ_and_gates_saturate():
@@ -318,5 +333,7 @@ def test_gru_state_errors_and_form_names():
         recurrent_rnn(**{**x, "W_hh": torch.zeros(2, 12, 3)})  # LSTM weights for a GRU
     with pytest.raises(ValueError, match="'recurrent', 'fused'"):
         rnn(**x, form="chunk")
+    with pytest.raises(ValueError, match="heads must be one of 'auto', 'loop', 'dense', got 'x'"):
+        fused_rnn(**x, heads="x")
     o, _ = rnn(**x, form="recurrent")
     assert o.shape == (2, 3, 2, 3)
