@@ -70,6 +70,11 @@ def _check_bytes(B: int, T: int, H: int, K: int, V: int, C: int) -> dict[str, in
     }
 
 
+def _tensors(S) -> tuple[torch.Tensor, ...]:
+    """The tensors of an op's state: one tensor, or a tuple of them (an LSTM's (h, c))."""
+    return (S,) if torch.is_tensor(S) else tuple(S)
+
+
 @app.command()
 def check(
     seq_len: int = typer.Option(300, help="sequence length T"),
@@ -123,9 +128,12 @@ def check(
             ref = fam.forms[fam.reference]
             S0 = None
             if fam.stateful:  # a random initial state shaped as the reference's final one
-                S0 = torch.randn(
-                    ref(**x, output_final_state=True)[1].shape, generator=gen, dtype=torch.float64
+                S_ref = ref(**x, output_final_state=True)[1]
+                S0 = tuple(
+                    torch.randn(s.shape, generator=gen, dtype=torch.float64)
+                    for s in _tensors(S_ref)
                 )
+                S0 = S0[0] if torch.is_tensor(S_ref) else S0
             ref_o, ref_s = (
                 ref(**x, initial_state=S0, output_final_state=True) if S0 is not None else ref(**x)
             )
@@ -138,7 +146,8 @@ def check(
                 extra = {"chunk_size": chunk_size} if form == "chunk" else {}
                 if fam.stateful:
                     o, S = fn(**x, initial_state=S0, output_final_state=True, **extra)
-                    gap_s = f"{(S - ref_s).abs().max().item():.2e}"
+                    pairs = zip(_tensors(S), _tensors(ref_s), strict=True)
+                    gap_s = f"{max((a - b).abs().max().item() for a, b in pairs):.2e}"
                 else:
                     o, gap_s = fn(**x, **extra)[0], "–"
                 table.add_row(label, form, f"{(o - ref_o).abs().max().item():.2e}", gap_s)

@@ -17,6 +17,7 @@ from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.mlstm import MLSTM
 from seqlab.mixers.mom import MoM
 from seqlab.mixers.retnet import RetNet
+from seqlab.mixers.rnn import GRU, LSTM
 from seqlab.mixers.s4d import S4D
 from seqlab.mixers.slstm import SLSTM
 
@@ -35,6 +36,8 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "hyena": Hyena,
     "mlstm": MLSTM,
     "slstm": SLSTM,
+    "lstm": LSTM,
+    "gru": GRU,
 }
 
 

@@ -13,7 +13,8 @@ claim. A new family is one module in seqlab/ops and one line in `FAMILY_MODULES`
 Form names: "recurrent" (a loop over time, the decode step; every family with a state has it),
 "chunk" (chunkwise parallel), "parallel" (the full T × T form), "scan" (a parallel scan),
 "fft" (a long convolution by FFT), "direct" (a long convolution summed term by term),
-"fused" (the recurrence as one autograd node: a loop of in-place steps, its adjoint as backward).
+"fused" (the recurrence in one fused call: PyTorch's fused RNN kernels, or one autograd node
+whose forward loops in place and whose backward is the adjoint loop).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ FAMILY_MODULES = (
     "seqlab.ops.selective_scan",
     "seqlab.ops.mlstm",
     "seqlab.ops.slstm",
+    "seqlab.ops.rnn",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct", "fused")

@@ -31,11 +31,22 @@ def inputs(name, variant, T, seed=0, dtype=torch.float64, B=2):
     return fam.make_inputs(variant, B, T, 3, dtype=dtype, generator=gen, **small_dims(fam))
 
 
+def tensors(S) -> list[torch.Tensor]:
+    """The tensors of a state: one tensor, or a tuple of them (an LSTM's (h, c))."""
+    if S is None:
+        return []
+    return [S] if torch.is_tensor(S) else [t for t in S if torch.is_tensor(t)]
+
+
+def like(S, fn):
+    """fn applied to each tensor of a state, keeping its structure."""
+    return fn(S) if torch.is_tensor(S) else tuple(fn(t) for t in S)
+
+
 def initial_state(fam, x, o_and_state):
     """A random state shaped like the one the reference returns."""
-    S = o_and_state[1]
     gen = torch.Generator().manual_seed(7)
-    return torch.randn(S.shape, generator=gen, dtype=S.dtype)
+    return like(o_and_state[1], lambda S: torch.randn(S.shape, generator=gen, dtype=S.dtype))
 
 
 def run(fn, x, S0, stateful):
@@ -44,18 +55,16 @@ def run(fn, x, S0, stateful):
         for n, t in x.items()
     }
     if S0 is not None:
-        S0 = S0.clone().requires_grad_()
+        S0 = like(S0, lambda t: t.clone().requires_grad_())
     if stateful:
         o, S = fn(**x, initial_state=S0, output_final_state=True)
     else:
         o, S = fn(**x)
     gen = torch.Generator().manual_seed(3)
     loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
-    if S is not None and torch.is_tensor(S):
-        loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
-    leaves = [t for t in x.values() if torch.is_tensor(t) and t.requires_grad] + (
-        [S0] if S0 is not None else []
-    )
+    for t in tensors(S):
+        loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum()
+    leaves = [t for t in x.values() if torch.is_tensor(t) and t.requires_grad] + tensors(S0)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return o, S, grads
 
@@ -78,8 +87,8 @@ def test_form_equals_the_reference_in_float64(name, variant, form, T):
     o, S, g = run(fam.forms[form], x, S0, fam.stateful)
     o_ref, S_ref, g_ref = run(fam.forms[fam.reference], x, S0, fam.stateful)
     torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
-    if torch.is_tensor(S_ref):
-        torch.testing.assert_close(S, S_ref, rtol=1e-9, atol=1e-9)
+    if tensors(S_ref):
+        torch.testing.assert_close(tensors(S), tensors(S_ref), rtol=1e-9, atol=1e-9)
     for a, b in zip(g, g_ref, strict=True):
         if b is None:
             assert a is None or not a.any()
@@ -95,8 +104,7 @@ def test_state_bytes_are_the_returned_state(name, variant):
     T = 40
     x = inputs(name, variant, T, dtype=torch.float32)
     S = fam.forms[fam.fast](**x, output_final_state=True)[1]
-    tensors = [S] if torch.is_tensor(S) else [t for t in S if torch.is_tensor(t)]
-    held = sum(t.numel() * t.element_size() for t in tensors)
+    held = sum(t.numel() * t.element_size() for t in tensors(S))
     per_sequence = fam.state_bytes(variant, T, 3, **small_dims(fam))
     assert held == 2 * per_sequence
 
