@@ -32,6 +32,7 @@ FAMILY_MODULES = (
     "seqlab.ops.lti",
     "seqlab.ops.hyena",
     "seqlab.ops.selective_scan",
+    "seqlab.ops.dplr",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct")
