@@ -302,16 +302,39 @@ def _family_inputs(variant, B, T, H, dtype=torch.float32, generator=None, K=64, 
     return {n: t.to(dtype) for n, t in x.items()}
 
 
+def fla_naive_dplr():
+    """(dplr_recurrence, dplr_chunkwise) from fla's `generalized_delta_rule/dplr/naive.py`, or
+    None where fla-core is not installed. The file (torch and einops only) is loaded by its path:
+    importing it as `fla.ops...` runs fla's package imports, which build its Triton and Gluon
+    kernels (seconds, and they fail under Triton's CPU interpreter, which the tests use)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fla")
+    if (
+        spec is None
+        or not spec.submodule_search_locations
+        or not importlib.util.find_spec("einops")
+    ):
+        return None
+    path = Path(spec.submodule_search_locations[0], "ops/generalized_delta_rule/dplr/naive.py")
+    if not path.is_file():
+        return None
+    module_spec = importlib.util.spec_from_file_location("_fla_dplr_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.dplr_recurrence, module.dplr_chunkwise
+
+
 def _fla_naive_peer():
     """fla's naive chunkwise DPLR (`dplr_chunkwise`, pure PyTorch, chunks of 32) on seqlab's
     [B, T, H, ·] inputs, or None where fla is not installed. It computes in float32, scales q
     by K^-1/2 and takes whole chunks only: T is zero-padded to a multiple of 32 (zero k, v, a, b
     and gk leave the state as it is; the padded outputs are dropped)."""
-    import importlib.util
-
-    if importlib.util.find_spec("fla") is None:
+    naive = fla_naive_dplr()
+    if naive is None:
         return None
-    from fla.ops.generalized_delta_rule.dplr.naive import dplr_chunkwise
+    dplr_chunkwise = naive[1]
 
     def peer(q, k, v, a, b, gk, **_):
         T = q.shape[1]
@@ -352,4 +375,4 @@ register_family(
     )
 )
 
-__all__ = ["chunk_dplr", "dplr", "dplr_flops", "recurrent_dplr"]
+__all__ = ["chunk_dplr", "dplr", "dplr_flops", "fla_naive_dplr", "recurrent_dplr"]
