@@ -37,6 +37,7 @@ FAMILY_MODULES = (
     "seqlab.ops.mlstm",
     "seqlab.ops.slstm",
     "seqlab.ops.rnn",
+    "seqlab.ops.dplr",
 )
 
 FORMS = ("recurrent", "chunk", "parallel", "scan", "fft", "direct", "fused")
