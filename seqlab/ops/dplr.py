@@ -32,6 +32,7 @@ from seqlab.ops._common import (
     decay_exp,
     exp_floor,
     floor_log_gate,
+    outside_autocast,
     run_sliced,
     to_chunks,
 )
@@ -184,6 +185,7 @@ def _finish(o, S, q, output_final_state):
     return o.to(q.dtype), (S if output_final_state else None)
 
 
+@outside_autocast
 def recurrent_dplr(
     q,
     k,
@@ -205,6 +207,7 @@ def recurrent_dplr(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def chunk_dplr(
     q,
     k,
@@ -234,6 +237,7 @@ def chunk_dplr(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def dplr(
     q,
     k,

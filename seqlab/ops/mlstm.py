@@ -57,6 +57,7 @@ from seqlab.ops._common import (
     compute_dtype,
     decay_exp,
     floor_log_gate,
+    outside_autocast,
     run_sliced,
     to_chunks,
 )
@@ -259,6 +260,7 @@ def _empty(q, v, S0):
     return q.new_zeros(B, T, H, V), S
 
 
+@outside_autocast
 def recurrent_mlstm(
     q,
     k,
@@ -284,6 +286,7 @@ def recurrent_mlstm(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def chunk_mlstm(
     q,
     k,
@@ -311,6 +314,7 @@ def chunk_mlstm(
     return _finish(o, S, q, output_final_state)
 
 
+@outside_autocast
 def parallel_mlstm(
     q,
     k,
@@ -338,6 +342,7 @@ def parallel_mlstm(
 FORMS = ("recurrent", "chunk", "parallel")
 
 
+@outside_autocast
 def mlstm(
     q,
     k,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from seqlab.ops._common import check_shape, check_tensor, compute_dtype
+from seqlab.ops._common import check_shape, check_tensor, compute_dtype, outside_autocast
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
 GATES = {"lstm": 4, "gru": 3}
@@ -204,6 +204,7 @@ def _fused(cell, x, W_ih, W_hh, b_ih, b_hh, h, c, heads):
     return o, torch.stack(hs, dim=1), torch.stack(cs, dim=1) if cs else None
 
 
+@outside_autocast
 def recurrent_rnn(
     x, W_ih, W_hh, b_ih=None, b_hh=None, cell="lstm", initial_state=None, output_final_state=False
 ):
@@ -214,6 +215,7 @@ def recurrent_rnn(
     return _finish(cell, o, h, c, x, output_final_state)
 
 
+@outside_autocast
 def fused_rnn(
     x,
     W_ih,
@@ -235,6 +237,7 @@ def fused_rnn(
     return _finish(cell, o, h, c, x, output_final_state)
 
 
+@outside_autocast
 def rnn(*args, form="fused", **kwargs):
     """The LSTM / GRU (keyword `cell`) in the named form ("fused" or "recurrent")."""
     if form == "fused":

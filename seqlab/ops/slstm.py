@@ -59,7 +59,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from seqlab.ops._common import check_shape, check_tensor, compute_dtype
+from seqlab.ops._common import check_shape, check_tensor, compute_dtype, outside_autocast
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
 FORGET = ("sigmoid", "exp")
@@ -263,6 +263,7 @@ def _finish(o, S, x, output_final_state):
     return o.to(x.dtype), (S if output_final_state else None)
 
 
+@outside_autocast
 def recurrent_slstm(x, R, b=None, forget="sigmoid", initial_state=None, output_final_state=False):
     """Reference form: the step as written, one per token (autograd through the loop). Also
     the decode step (T = 1)."""
@@ -271,6 +272,7 @@ def recurrent_slstm(x, R, b=None, forget="sigmoid", initial_state=None, output_f
     return _finish(o, S, x, output_final_state)
 
 
+@outside_autocast
 def fused_slstm(x, R, b=None, forget="sigmoid", initial_state=None, output_final_state=False):
     """Fused form (the training form): the loop over in-place buffers, one autograd node whose
     backward is the reverse (adjoint) loop."""
@@ -279,6 +281,7 @@ def fused_slstm(x, R, b=None, forget="sigmoid", initial_state=None, output_final
     return _finish(o, S, x, output_final_state)
 
 
+@outside_autocast
 def slstm(*args, form="fused", **kwargs):
     """The sLSTM in the named form ("recurrent" or "fused")."""
     if form == "fused":
