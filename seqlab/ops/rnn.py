@@ -128,7 +128,9 @@ def _recurrent(cell, x, W_ih, W_hh, b_ih, b_hh, h, c):
     xw = (x.reshape(B * T, D) @ W_ih.reshape(H * GN, D).T).view(B, T, H, GN)
     if b_ih is not None:
         xw = xw + b_ih
-    xw = xw.permute(1, 2, 0, 3)  # [T, H, B, G·N]
+    # [T, H, B, G·N], split once: indexing xw[t] per step makes backward add a full-size zero
+    # gradient per step (quadratic in T)
+    steps = xw.permute(1, 2, 0, 3).unbind(0)
     Wt = W_hh.transpose(1, 2)  # [H, N, G·N]
     h = h.transpose(0, 1)  # [H, B, N]
     c = None if c is None else c.transpose(0, 1)
@@ -138,11 +140,11 @@ def _recurrent(cell, x, W_ih, W_hh, b_ih, b_hh, h, c):
         if b_hh is not None:
             hw = hw + b_hh[:, None]
         if cell == "lstm":
-            i, f, g, o = (xw[t] + hw).chunk(4, dim=-1)
+            i, f, g, o = (steps[t] + hw).chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
         else:
-            xr, xz, xn = xw[t].chunk(3, dim=-1)
+            xr, xz, xn = steps[t].chunk(3, dim=-1)
             hr, hz, hn = hw.chunk(3, dim=-1)
             r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
             n = torch.tanh(xn + r * hn)
