@@ -374,6 +374,7 @@ register_family(
         state_bytes=lambda variant, T, H, K=64, V=64: H * K * V * 4,
         dims={"K": 64, "V": 64},
         peers={"fla_naive_chunk": _fla_naive_peer},
+        targets={"recurrent": 10.0, "peer:fla_naive_chunk": 2.0},
         workspace_bytes=_workspace_bytes,
         doc="S_t = (diag(exp(gk_t)) + b_t a_tᵀ) S_{t−1} + k_t v_tᵀ (RWKV-7: a = −κ̂, b = κ̂ ⊙ α)",
     )

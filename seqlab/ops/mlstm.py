@@ -468,6 +468,7 @@ register_family(
             "mlstm_kernels_chunkwise_autograd": lambda: _kernels_peer("chunkwise_autograd"),
             "mlstm_kernels_parallel": lambda: _kernels_peer("parallel"),
         },
+        targets={"recurrent": 10.0, "peer:mlstm_kernels_chunkwise": 2.0},
         workspace_bytes=mlstm_workspace_bytes,
         doc="xLSTM's mLSTM: C_t = f_t C_{t−1} + i_t v_t k_tᵀ, n_t = f_t n_{t−1} + i_t k_t, "
         "h_t = C_t q_t / max(|n_tᵀ q_t|, exp(−m_t)), exponential input and sigmoid forget gates "

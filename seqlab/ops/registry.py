@@ -95,6 +95,12 @@ class OpFamily:
         generous bound; declare a formula for a tighter one.
     backend(form, inputs, **options) → what the form runs these inputs on ("torch", "triton",
         "sdpa", "torch (because ...)"); None (the default): "torch".
+    targets: the speed-ups the fast form is held to by benchmarks/bench_families.py, as ratios of
+        times (other / fast): "recurrent" → the slow form's forward+backward time at the shorter
+        length over the fast form's (default 10: a chunk form beats its loop); "peer:NAME" → that
+        peer's time over the fast form's in every pass measured (2.0: at most half the peer's
+        time; 1/1.2: within 1.2x of it). A family whose fast form is itself a loop (an LSTM) has
+        no "recurrent" target; FFT forms are also held to 20x at the longer length.
     """
 
     name: str
@@ -111,12 +117,20 @@ class OpFamily:
     peers: Mapping[str, Callable[[], Callable | None]] = field(default_factory=dict)
     workspace_bytes: Callable[..., int] | None = None
     backend: Callable[..., str] | None = None
+    targets: Mapping[str, float] = field(default_factory=lambda: {"recurrent": 10.0})
     doc: str = ""
 
     def __post_init__(self):
         unknown = set(self.forms) - set(FORMS)
         if unknown:
             raise ValueError(f"family {self.name!r}: unknown forms {sorted(unknown)}; use {FORMS}")
+        known = {"recurrent"} | {f"peer:{p}" for p in self.peers}
+        for key, ratio in self.targets.items():
+            if key not in known or not ratio > 0:
+                raise ValueError(
+                    f"family {self.name!r}: target {key!r}: {ratio!r} must name one of "
+                    f"{sorted(known)} with a positive ratio"
+                )
         for role, form in (("reference", self.reference), ("fast", self.fast)):
             if form not in self.forms:
                 raise ValueError(

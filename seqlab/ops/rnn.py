@@ -382,6 +382,8 @@ register_family(
         workspace_bytes=rnn_workspace_bytes,
         dims={"D": 64, "N": 64},
         peers={"torch.nn": _torch_nn_peer},
+        # the fused form is torch's own kernel, held to torch.nn's modules; no chunk form exists
+        targets={"peer:torch.nn": 1 / 1.2},
         doc="LSTM and GRU (torch.nn's equations), H heads with block-diagonal recurrence",
     )
 )

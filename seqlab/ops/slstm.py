@@ -396,6 +396,8 @@ register_family(
         workspace_bytes=slstm_workspace_bytes,
         dims={"D": 64},
         peers={"xlstm": _xlstm_peer},
+        # a non-linear recurrence: no chunk form to beat the loop with, half the xlstm CPU cell
+        targets={"peer:xlstm": 2.0},
         doc="xLSTM's sLSTM: exponential input gate, sigmoid or exponential forget gate, "
         "stabiliser m, normaliser n, block-diagonal recurrence per head",
     )

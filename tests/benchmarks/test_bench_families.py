@@ -42,3 +42,37 @@ def test_main_writes_the_markdown(tmp_path):
     load().main(["--families", "lmu", "--seq-lens", "8,16", "--repeats", "1", "--out", str(out)])
     text = out.read_text()
     assert "| lmu | default | **fft** | fwd+bwd | 8 |" in text and "torch" in text
+
+
+def test_verdicts_hold_each_family_to_its_own_targets():
+    """rnn is held to torch.nn (within 1.2x), not to its loop; mlstm to both its loop and half of
+    mlstm_kernels' chunkwise time; a missed target says MISSED."""
+    bench = load()
+
+    def row(family, form, what, **ratios):
+        base = {"family": family, "variant": "v", "form": form, "pass": what, "T": 16}
+        return base | {"fast": True} | ratios
+
+    table = [
+        row("rnn", "fused", "fwd+bwd", vs_recurrent=2.0, vs_peers={"peer:torch.nn": 0.9}),
+        row("mlstm", "chunk", "fwd+bwd", vs_recurrent=12.0),
+        row("mlstm", "chunk", "fwd", vs_peers={"peer:mlstm_kernels_chunkwise": 1.5}),
+    ]
+    lines = bench._verdicts(table)
+    assert lines == [
+        "rnn/v fused fwd+bwd T=16 vs peer:torch.nn: 0.90x (≥ 0.83x met)",
+        "mlstm/v chunk fwd+bwd T=16 vs recurrent: 12.00x (≥ 10.00x met)",
+        "mlstm/v chunk fwd T=16 vs peer:mlstm_kernels_chunkwise: 1.50x (≥ 2.00x MISSED)",
+    ]
+
+
+def test_a_target_must_name_the_loop_or_a_registered_peer():
+    import dataclasses
+
+    import pytest
+
+    fam = families()["rnn"]
+    with pytest.raises(ValueError, match="target 'peer:cudnn'"):
+        dataclasses.replace(fam, targets={"peer:cudnn": 1.0})
+    with pytest.raises(ValueError, match="positive ratio"):
+        dataclasses.replace(fam, targets={"recurrent": 0.0})
