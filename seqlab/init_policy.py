@@ -18,10 +18,14 @@ Keeps the init its paper prescribes (not σ):
 - parameters that are not `nn.Linear` layers: Mamba's A_log (S4D-real) and D; Mamba-2's and
   Gated DeltaNet's A_log and dt_bias (Δ log-uniform); S4D's log_dt, A (S4D-Lin / S4D-Inv), B, C,
   D; Hyena's order biases and Sin frequencies; the Hedgehog feature map (identity); LMU's A, B
-  (fixed Legendre matrices, not parameters);
+  (fixed Legendre matrices, not parameters); the LSTM's and GRU's input and recurrent weights
+  and biases (torch.nn.LSTM / GRU's uniform ±N^-1/2: a recurrence at σ would barely mix its
+  state); sLSTM's recurrent weights R (zeros, as the xlstm package, or uniform ±d_model^-1/2)
+  and forget-gate biases (the xlstm package's power-law ramp from 5 down to −7 per head);
 - the `nn.Linear` layers under a mixer's `TokenMixer.paper_init`: Mamba's dt_proj (uniform
   ±dt_rank^-1/2 and the Δ bias), Hyena's implicit-filter MLP (PyTorch's fan-in init, which the
-  Sin activations are tuned to);
+  Sin activations are tuned to), mLSTM's input and forget gates (zero weights, forget bias
+  linspace(3, 6), input bias N(0, 0.1²));
 - the depthwise short convolutions (`nn.Conv1d`): PyTorch's default, as the reference
   implementations keep it.
 """
