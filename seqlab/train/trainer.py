@@ -690,7 +690,12 @@ class Trainer:
             }
         )
         self.curve.append(
-            {**self.history[-1], "wall_time_s": self.wall_time_s, "tokens": self.tokens}
+            {
+                **self.history[-1],
+                "wall_time_s": self.wall_time_s,
+                "train_time_s": self.train_time_s,  # the steps alone: throughput between points
+                "tokens": self.tokens,
+            }
         )
         if self.events is not None:
             tokens_per_s = self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0

@@ -5,8 +5,8 @@ A run with an out_dir writes, beside its checkpoints:
     <out>/tensorboard/   event files: train/loss, train/lr, train/grad_norm every update;
                          eval/<metric> (accuracy per slice, all, bits_per_byte) and
                          perf/tokens_per_s at each evaluation (`tensorboard --logdir <out>`)
-    <out>/curves.json    {"label", "task", "evaluations": [{step, wall_time_s, tokens,
-                         train_loss, lr, grad_norm, metrics}, ...]}, rewritten atomically at
+    <out>/curves.json    {"label", "task", "evaluations": [{step, wall_time_s, train_time_s,
+                         tokens, train_loss, lr, grad_norm, metrics}, ...]}, rewritten atomically at
                          each evaluation
 
 A resumed run drops the events past the step it resumes from (SummaryWriter's purge_step), so
