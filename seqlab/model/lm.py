@@ -65,8 +65,12 @@ class Block(nn.Module):
         self.channel_norm = nn.RMSNorm(d_model, eps=eps) if channel is not None else None
         self.channel = channel
 
-    def forward(self, x: torch.Tensor, state: State | None = None):
-        h, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: torch.Tensor, state: State | None = None, context: dict | None = None):
+        """context: the model's dict for this call, passed to a mixer that `takes_context`."""
+        if self.mixer.takes_context:
+            h, state = self.mixer(self.mixer_norm(x), state, context=context)
+        else:
+            h, state = self.mixer(self.mixer_norm(x), state)
         x = x + h
         if self.channel is None:
             return x, state, x.new_zeros(())
@@ -129,8 +133,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"state holds {len(state)} layers, the model has {len(self.blocks)}")
         x = self.embed(input_ids)
         states, aux = [], x.new_zeros(())
+        context = {}  # what a layer leaves later ones on these tokens (TokenMixer.takes_context)
         for i, block in enumerate(self.blocks):
-            x, s, a = block(x, None if state is None else state[i])
+            x, s, a = block(x, None if state is None else state[i], context)
             states.append(s)
             aux = aux + a
         return LMOutput(self.head(self.norm(x)), states, aux)
