@@ -13,9 +13,9 @@
 The recurrence is the `dplr` op with a = −κ̂, b = κ̂ ⊙ α, scale 1. v_first (the value residual)
 is the first RWKV-7 layer's v: a model passes one context dict per call through its layers
 (`TokenMixer.takes_context`); the first rwkv7 layer finds no "v_first" there and stores its v, the
-later ones mix it in. A mixer called alone (no context) is a first layer. Every layer holds v_lora,
-as RWKV-LM's layers hold v0, v1, v2; the first leaves it unused (flash-linear-attention builds it
-from layer 1 on only, knowing its layer index).
+later ones mix it in. A mixer called alone (no context) is a first layer. Only later layers hold
+v_lora (as in flash-linear-attention, where layer 0 has none): the model tells each its place,
+`context_index` (how many earlier layers of the model take the context; 0: the first).
 
 Init as flash-linear-attention's `_initialize_weights` for what sets the dynamics: the token-shift
 mixes μ, k_k, k_a, r_k, the decay, ICLR and value-residual biases w0, a0, v0 and the GroupNorm
@@ -44,18 +44,21 @@ DECAY_BOUND = math.exp(-0.5)
 
 
 class RWKV7Config(RecurrentConfig):
-    """head_dim: channels per head (num_heads = d_model / head_dim); the LoRA ranks of the decay,
-    ICLR, value-residual and gate projections (None: flash-linear-attention's defaults from
-    d_model and head_dim); layer_idx, num_layers: the layer's place in the model, which sets the
-    depth-dependent init only (whether a layer mixes in v_first is the model's context)."""
+    """head_dim: channels per head, num_heads = d_model / head_dim (None: 64, or d_model where it
+    is smaller); the LoRA ranks of the decay, ICLR, value-residual and gate projections (None:
+    flash-linear-attention's defaults from d_model and head_dim). Set by `CausalLM` from the
+    layer's place unless the pattern gives them: layer_idx, num_layers (the depth-dependent init)
+    and context_index (0: the first rwkv7 layer, which stores v_first; later ones hold v_lora and
+    mix v_first in)."""
 
-    head_dim: PositiveInt = 64
+    head_dim: PositiveInt | None = None
     decay_low_rank_dim: PositiveInt | None = None
     a_low_rank_dim: PositiveInt | None = None
     v_low_rank_dim: PositiveInt | None = None
     gate_low_rank_dim: PositiveInt | None = None
     layer_idx: NonNegativeInt = 0
     num_layers: PositiveInt = 1
+    context_index: NonNegativeInt = 0
 
 
 def default_ranks(d_model: int, head_dim: int) -> dict[str, int]:
@@ -128,16 +131,17 @@ class RWKV7(RecurrentMixer):
                 f"layer_idx must be less than num_layers = {c.num_layers}, got {c.layer_idx}"
             )
         D = d_model
-        if D % c.head_dim:
-            raise ValueError(f"d_model = {D} must be a whole multiple of head_dim = {c.head_dim}")
+        self.head_dim = K = min(64, D) if c.head_dim is None else c.head_dim
+        if D % K:
+            raise ValueError(f"d_model = {D} must be a whole multiple of head_dim = {K}")
         if c.chunk_size > SUB_CHUNK and c.chunk_size % SUB_CHUNK:
             raise ValueError(
                 f"chunk_size must be at most {SUB_CHUNK} or a multiple of {SUB_CHUNK} (the dplr "
                 f"chunk form's sub-chunk), got {c.chunk_size}"
             )
-        self.num_heads = H = D // c.head_dim
-        self.head_dim = c.head_dim
-        ranks = default_ranks(D, c.head_dim)
+        self.num_heads = H = D // K
+        self.value_residual = c.context_index > 0
+        ranks = default_ranks(D, K)
         self.ranks = {
             "decay": c.decay_low_rank_dim or ranks["decay"],
             "a": c.a_low_rank_dim or ranks["a"],
@@ -147,13 +151,14 @@ class RWKV7(RecurrentMixer):
         self.mix = nn.Parameter(torch.zeros(len(self.MIXES), D))
         self.k_k = nn.Parameter(torch.zeros(D))
         self.k_a = nn.Parameter(torch.zeros(D))
-        self.r_k = nn.Parameter(torch.zeros(H, c.head_dim))
+        self.r_k = nn.Parameter(torch.zeros(H, K))
         self.r_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
         self.w_lora = LoRA(D, D, self.ranks["decay"], nn.Tanh(), bias=True)
         self.a_lora = LoRA(D, D, self.ranks["a"], nn.Identity(), bias=True)
-        self.v_lora = LoRA(D, D, self.ranks["v"], nn.Identity(), bias=True)
+        if self.value_residual:
+            self.v_lora = LoRA(D, D, self.ranks["v"], nn.Identity(), bias=True)
         self.g_lora = LoRA(D, D, self.ranks["gate"], nn.Sigmoid(), bias=False)
         self.g_norm = HeadGroupNorm(H, D, eps=c.norm_eps)
         self.o_proj = nn.Linear(D, D, bias=False)
@@ -180,7 +185,8 @@ class RWKV7(RecurrentMixer):
         self.k_k.copy_(0.71 - linear * 0.1)
         self.w_lora.bias.copy_(www + 0.5 + zigzag * 2.5)
         self.a_lora.bias.copy_(-0.19 + zigzag * 0.3 + linear * 0.4)
-        self.v_lora.bias.copy_(0.73 - linear * 0.4)
+        if self.value_residual:
+            self.v_lora.bias.copy_(0.73 - linear * 0.4)
         self.g_norm.weight.fill_(((i + 1) / L) ** 0.7)
         for proj, gain in ((self.r_proj, 1.0), (self.k_proj, 0.1), (self.v_proj, 1.0)):
             nn.init.orthogonal_(proj.weight, gain=gain)
@@ -201,10 +207,15 @@ class RWKV7(RecurrentMixer):
         xr, xw, xk, xv, xa, xg = (x.addcmul(delta, m) for m in self.mix.unbind(0))
         r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
         gk = -DECAY_BOUND * torch.sigmoid(self.w_lora(xw))
-        if context is not None and "v_first" in context:
+        if context is not None and "v_first" not in context:
+            context["v_first"] = v
+        elif context is not None and self.value_residual:
             v = torch.lerp(v, context["v_first"], torch.sigmoid(self.v_lora(xv)))
         elif context is not None:
-            context["v_first"] = v
+            raise ValueError(
+                "the context holds a v_first but this rwkv7 layer has context_index 0 (the "
+                "first, which stores v_first): a model gives each layer its context_index"
+            )
         alpha = torch.sigmoid(self.a_lora(xa))
         g = self.g_lora(xg)
         kk = F.normalize((k * self.k_k).view(B, T, H, K), dim=-1)
@@ -231,22 +242,18 @@ class RWKV7(RecurrentMixer):
         return y, {"S": S, "shift": x[:, -1]}
 
     def flops(self, T: int) -> LayerFlops:
-        """Per token: the r, k, v, o projections and the decay, ICLR and gate LoRAs (a layer that
-        mixes in v_first adds its v_lora, 4 · D · rank_v; this counts what a mixer called alone,
-        or the first layer, runs); the token shift, κ̂, the bonus, GroupNorm and gates
-        elementwise (about 30 D)."""
+        """Per token: the r, k, v, o projections and the decay, ICLR and gate LoRAs, and a later
+        layer's v_lora (a later layer called alone, with no v_first to mix in, skips it); the
+        token shift, κ̂, the bonus, GroupNorm and gates elementwise (about 30 D)."""
         D, H, K, C = self.d_model, self.num_heads, self.head_dim, self.config.chunk_size
         r = self.ranks
-        proj = 4 * 2 * D * D + 4 * D * (r["decay"] + r["a"] + r["gate"])
+        lora = r["decay"] + r["a"] + r["gate"] + (r["v"] if self.value_residual else 0)
+        proj = 4 * 2 * D * D + 4 * D * lora
         return LayerFlops(
             Flops(proj, 30 * D),
             dplr_flops(T, H, K, K, self.form(T), C),
             dplr_flops(1, H, K, K, "recurrent"),
         )
-
-    def value_residual_flops(self) -> Flops:
-        """Per token, what a layer that mixes in v_first adds to `flops`: its v_lora."""
-        return Flops(4 * self.d_model * self.ranks["v"], 4 * self.d_model)
 
     def op_call(self) -> OpCall:
         K = self.head_dim

@@ -8,6 +8,10 @@ out = model(next_ids, state=out.state)  # continue from the state (T = 1: the re
 Weights follow seqlab.init_policy: init_std and norm_eps reach every mixer and channel mixer
 through their configs, each block's output projections get init_std / √(2·n_layers); a pattern
 option overrides them for one layer ("gdn(init_std=0.01)").
+
+A mixer config that declares `layer_idx`, `num_layers` or `context_index` gets the layer's place
+(its index, n_layers, and how many earlier layers take the call's context, TokenMixer.takes_context)
+unless the pattern sets them: RWKV-7's init depends on depth and its first layer differs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 from seqlab.channel import build_channel_mixer
 from seqlab.config import Config
 from seqlab.init_policy import INIT_STD, NORM_EPS, depth_scaled_std
-from seqlab.mixers import build_mixer
+from seqlab.mixers import MIXERS, build_mixer
 from seqlab.mixers.base import State, TokenMixer, copy_state
 from seqlab.model.pattern import LayerSpec, expand_pattern
 
@@ -93,9 +97,17 @@ class CausalLM(nn.Module):
         D = config.d_model
         self.embed = nn.Embedding(config.vocab_size, D)
         self.blocks = nn.ModuleList()
+        context_index = 0
         for i, (m, c) in enumerate(zip(config.mixer_specs(), config.channel_specs(), strict=True)):
+            options = config.layer_options(m, norm=True)
+            if m.name in MIXERS:  # an unknown name fails in build_mixer, listing the valid ones
+                place = {"layer_idx": i, "num_layers": config.n_layers}
+                place["context_index"] = context_index
+                fields = MIXERS[m.name].Config.model_fields
+                options = {k: v for k, v in place.items() if k in fields} | options
+                context_index += MIXERS[m.name].takes_context
             try:
-                mixer = build_mixer(m.name, D, **config.layer_options(m, norm=True))
+                mixer = build_mixer(m.name, D, **options)
                 channel = (
                     None
                     if c is None
