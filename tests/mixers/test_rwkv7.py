@@ -335,7 +335,7 @@ def test_decay_stays_in_rwkv7s_range_and_the_op_gets_unit_keys(monkeypatch):
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         options = {k: v for k, v in kwargs.items() if k not in ("form", "chunk_size")}
-        return recurrent_dplr(*args, **options)
+        return recurrent_dplr(*args, **{**options, "check_values": True})  # raises on a bad gk
 
     monkeypatch.setattr(module, "dplr", spy)
     mixer = build_mixer("rwkv7", D, head_dim=8, chunk_size=16)
