@@ -18,6 +18,7 @@ from seqlab.mixers.mlstm import MLSTM
 from seqlab.mixers.mom import MoM
 from seqlab.mixers.retnet import RetNet
 from seqlab.mixers.rnn import GRU, LSTM
+from seqlab.mixers.rwkv7 import RWKV7
 from seqlab.mixers.s4d import S4D
 from seqlab.mixers.slstm import SLSTM
 
@@ -38,6 +39,7 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "slstm": SLSTM,
     "lstm": LSTM,
     "gru": GRU,
+    "rwkv7": RWKV7,
 }
 
 

@@ -16,6 +16,12 @@ conformance suite builds at d_model 32), `flops(T)` (its FLOPs per token and in 
 `op_call()` (how the op level of `seqlab bench` calls its core op). Parameters are counted from
 the module itself.
 
+A mixer that reads what an earlier layer of the same model computed on the same tokens declares
+`takes_context = True`: `CausalLM.forward` makes one dict per call and each such mixer gets it as
+`forward(x, state, context=context)` (RWKV-7's value residual: the first rwkv7 layer stores its v,
+the later ones read it). The context holds tensors of the current call only, never state: prefill
+plus decode still equals one pass. Called alone, such a mixer gets no context (None).
+
 Initialisation follows seqlab.init_policy, applied once the mixer is built (a subclass adds
 layers after its parent's __init__): every nn.Linear N(0, init_std²) with zero bias, the one named
 `output_proj` N(0, out_init_std²); the Linear layers under the names in `paper_init`, and every
@@ -111,6 +117,7 @@ class TokenMixer(nn.Module, metaclass=_InitOnceBuilt):
     output_proj: ClassVar[str] = "o_proj"  # the Linear that writes into the residual stream
     paper_init: ClassVar[tuple[str, ...]] = ()  # submodules whose Linear layers keep their init
     state_grows: ClassVar[bool] = False
+    takes_context: ClassVar[bool] = False  # forward(x, state, context=...) in a model
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, d_model: int, config: MixerConfig | None = None):

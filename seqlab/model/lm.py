@@ -8,6 +8,10 @@ out = model(next_ids, state=out.state)  # continue from the state (T = 1: the re
 Weights follow seqlab.init_policy: init_std and norm_eps reach every mixer and channel mixer
 through their configs, each block's output projections get init_std / √(2·n_layers); a pattern
 option overrides them for one layer ("gdn(init_std=0.01)").
+
+A mixer config that declares `layer_idx`, `num_layers` or `context_index` gets the layer's place
+(its index, n_layers, and how many earlier layers take the call's context, TokenMixer.takes_context)
+unless the pattern sets them: RWKV-7's init depends on depth and its first layer differs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 from seqlab.channel import build_channel_mixer
 from seqlab.config import Config
 from seqlab.init_policy import INIT_STD, NORM_EPS, depth_scaled_std
-from seqlab.mixers import build_mixer
+from seqlab.mixers import MIXERS, build_mixer
 from seqlab.mixers.base import State, TokenMixer, copy_state
 from seqlab.model.pattern import LayerSpec, expand_pattern
 
@@ -65,8 +69,12 @@ class Block(nn.Module):
         self.channel_norm = nn.RMSNorm(d_model, eps=eps) if channel is not None else None
         self.channel = channel
 
-    def forward(self, x: torch.Tensor, state: State | None = None):
-        h, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: torch.Tensor, state: State | None = None, context: dict | None = None):
+        """context: the model's dict for this call, passed to a mixer that `takes_context`."""
+        if self.mixer.takes_context:
+            h, state = self.mixer(self.mixer_norm(x), state, context=context)
+        else:
+            h, state = self.mixer(self.mixer_norm(x), state)
         x = x + h
         if self.channel is None:
             return x, state, x.new_zeros(())
@@ -89,9 +97,17 @@ class CausalLM(nn.Module):
         D = config.d_model
         self.embed = nn.Embedding(config.vocab_size, D)
         self.blocks = nn.ModuleList()
+        context_index = 0
         for i, (m, c) in enumerate(zip(config.mixer_specs(), config.channel_specs(), strict=True)):
+            options = config.layer_options(m, norm=True)
+            if m.name in MIXERS:  # an unknown name fails in build_mixer, listing the valid ones
+                place = {"layer_idx": i, "num_layers": config.n_layers}
+                place["context_index"] = context_index
+                fields = MIXERS[m.name].Config.model_fields
+                options = {k: v for k, v in place.items() if k in fields} | options
+                context_index += MIXERS[m.name].takes_context
             try:
-                mixer = build_mixer(m.name, D, **config.layer_options(m, norm=True))
+                mixer = build_mixer(m.name, D, **options)
                 channel = (
                     None
                     if c is None
@@ -129,8 +145,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"state holds {len(state)} layers, the model has {len(self.blocks)}")
         x = self.embed(input_ids)
         states, aux = [], x.new_zeros(())
+        context = {}  # what a layer leaves later ones on these tokens (TokenMixer.takes_context)
         for i, block in enumerate(self.blocks):
-            x, s, a = block(x, None if state is None else state[i])
+            x, s, a = block(x, None if state is None else state[i], context)
             states.append(s)
             aux = aux + a
         return LMOutput(self.head(self.norm(x)), states, aux)

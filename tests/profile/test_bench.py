@@ -310,9 +310,7 @@ def test_op_level_times_every_mixers_core_op(tmp_path):
     assert not data["models"]
     used = {arch for op in data["ops"] for arch in op["used_by"]}
     assert used == set(MIXERS)
-    # dplr is an op without a mixer until rwkv7 lands; an op family no mixer uses fails here
-    op_only = {"dplr"}
-    assert {op["spec"]["family"] for op in data["ops"]} == set(families()) - op_only
+    assert {op["spec"]["family"] for op in data["ops"]} == set(families())
     for op in data["ops"]:
         (point,) = op["points"]
         for name in ("forward", "forward_backward"):
