@@ -192,6 +192,10 @@ class World:
         self.owned = False
 
     # collectives
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
     def mean(self, value: float) -> float:
         """The mean of `value` over the ranks."""
         if self.size == 1:

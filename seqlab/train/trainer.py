@@ -22,6 +22,7 @@ see seqlab.train.distributed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -694,9 +695,22 @@ class Trainer:
                 if self.config.out_dir is not None:
                     # rank 0 alone: the other ranks never touch out_dir
                     self.world.on_main(lambda: self.claim_out_dir(stack))
-                return self.train_to_end(resume)
+                result = self.train_to_end(resume)
+            self.world.barrier()  # no rank leaves while another still has a collective to run
+            return result
         finally:
-            self.world.leave()
+            self.release()
+
+    def release(self) -> None:
+        """In a job of several processes, drop what holds the process group (DDP's reducer,
+        FSDP's sharded model and optimizer), then destroy the group: a gloo group freed later,
+        with its peers gone, can hang the process at exit."""
+        if self.world.size > 1:
+            self.train_module = self.train_model = None
+            if self.world.kind == "fsdp":
+                self.model, self.optimizer, self.scheduler = self.host, None, None
+            gc.collect()
+        self.world.leave()
 
     def claim_out_dir(self, stack: contextlib.ExitStack) -> None:
         """Lock out_dir for the time of `stack` and clean what killed writes left there."""

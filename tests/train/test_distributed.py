@@ -4,6 +4,7 @@ alone writes; a killed run resumes, in the same or another number of processes."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -287,7 +288,7 @@ def test_the_distributed_flag_reaches_the_config():
 
 
 # Killed and resumed: a run long enough to be killed after a checkpoint and before its end.
-LONG, EVERY = 200, 10
+LONG, EVERY = 40, 5
 
 
 def checkpointed_step(out: Path) -> int:
@@ -297,19 +298,52 @@ def checkpointed_step(out: Path) -> int:
         return 0
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc): torchrun starts each rank in a session of its
+    own, so killing the launcher's process group would leave the ranks running."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie holds no lock and no port
+
+
 def kill_after_a_checkpoint(command: list[str], out: Path) -> int:
-    """Start `command` in its own process group, SIGKILL the whole group (launcher and ranks)
-    once it has written its second checkpoint, and return the step of its last checkpoint."""
-    run = subprocess.Popen(
-        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    """Start `command`, SIGKILL the job (the launcher and every rank at once, as a scheduler
+    ends a job) once it has written its second checkpoint, and return the step of its last
+    checkpoint."""
+    run = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while checkpointed_step(out) < 2 * EVERY and run.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGKILL)
+    ranks = descendants(run.pid)
+    for pid in [run.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     run.wait()
     assert run.returncode == -signal.SIGKILL, run.stdout.read().decode()
+    assert len(ranks) >= 2, ranks  # the launcher's ranks were there to be killed
+    for pid in ranks:  # gone before anything resumes in their folder
+        while running(pid):
+            assert time.monotonic() < deadline, f"rank {pid} survived SIGKILL"
+            time.sleep(0.005)
     at_kill = checkpointed_step(out)
     assert 2 * EVERY <= at_kill < LONG, "the run finished before it was killed"
     return at_kill
