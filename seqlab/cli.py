@@ -442,10 +442,20 @@ def train(
     compile_model: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model")
     ] = None,
+    distributed: Annotated[
+        str | None,
+        typer.Option(
+            help="under torchrun: ddp (each rank holds the model) or fsdp (sharded); "
+            "--batch-size is the global batch (default none)"
+        ),
+    ] = None,
 ) -> None:
     """Train one architecture on a task; resume from the out folder if it holds a checkpoint.
-    The experiment is --config's file (or the defaults), then the flags given, then --set."""
+    The experiment is --config's file (or the defaults), then the flags given, then --set.
+    Under torchrun (`torchrun --nproc-per-node N -m seqlab.cli train --distributed ddp ...`)
+    the ranks share the global batch, and rank 0 alone writes, prints and records."""
     from seqlab.experiment import experiment_to_toml, load_experiment, run_experiment
+    from seqlab.train.distributed import is_main_process
     from seqlab.train.report import train_table
 
     flags = _flags(
@@ -471,10 +481,12 @@ def train(
             "train.precision": precision,
             "train.grad_accum": grad_accum,
             "train.compile": compile_model,
+            "train.distributed": distributed,
         },
     )
     try:
         cfg = load_experiment(config, set_ or [], values=flags)
+        main = is_main_process()  # under torchrun: rank 0 alone writes, prints and records
     except ValueError as e:
         raise _fail(e) from None
     if dump_config:
@@ -482,13 +494,15 @@ def train(
         return
     # everything the run will need, checked before it starts
     _device(cfg.train.device)
-    if cfg.train.out_dir is not None:
+    if cfg.train.out_dir is not None and main:
         _out_dir(Path(cfg.train.out_dir))
-    store = _store(results, "--results") if record else None
+    store = _store(results, "--results") if record and main else None
     if threads:
         torch.set_num_threads(threads)
 
     def show(result) -> None:
+        if not main:
+            return
         if result.resumed_from is not None:
             console.print(f"resumed from the checkpoint at step {result.resumed_from}")
         title = f"{cfg.task.name} · {cfg.model.pattern} · step {result.step}"

@@ -46,6 +46,7 @@ SETTINGS = {
     "train.grad_accum": ("2", 2),
     "train.compile": ("true", True),
     "train.tensorboard": ("false", False),
+    "train.distributed": ('"fsdp"', "fsdp"),
     "model.d_model": ("32", 32),
     "model.n_layers": ("4", 4),
     "model.pattern": ("gdn*3,attn", "gdn*3,attn"),

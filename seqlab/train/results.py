@@ -149,7 +149,7 @@ def run_record(
         },
         "model": model_config.model_dump(mode="json"),
         "train": train_config.model_dump(mode="json"),
-        "env": environment(train_config.device),
+        "env": {**environment(train_config.device), "world_size": result.world_size},
         "metrics": {
             "final": result.final,
             "best": result.best,

@@ -13,11 +13,16 @@ with the same weights as one that was never interrupted.
 `trainer.pt`, and `checkpoint.json` with each file's size and SHA-256) and `.lock`, held by the one
 process training there. A step folder is written as `.step-NNNNNNNN.partial` and renamed when
 whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
+
+Under torchrun, `distributed="ddp"` or `"fsdp"` trains one run in several processes with the same
+result as one process (the global batch sharded across the ranks; rank 0 alone writes):
+see seqlab.train.distributed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -47,6 +52,7 @@ from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, 
 from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
+from seqlab.train.distributed import Distributed, World, full, local_tensors
 from seqlab.train.watch import EVENTS, EventLog, write_curves
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,11 @@ MODEL, TRAINER = "model.safetensors", "trainer.pt"
 MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
-RESUMABLE_CHANGES = frozenset({"device", "out_dir", "progress", "compile", "tensorboard"})
+# A run may also resume in another number of processes, or with another kind of data parallelism:
+# the global batch and so the trajectory stay the same, to float round-off.
+RESUMABLE_CHANGES = frozenset(
+    {"device", "out_dir", "progress", "compile", "tensorboard", "distributed"}
+)
 
 
 class Diverged(Exception):
@@ -92,6 +102,10 @@ class TrainConfig(Config):
     compile: bool = False  # torch.compile the model for the training forward
     # TensorBoard event files under <out_dir>/tensorboard (seqlab.train.watch); needs out_dir.
     tensorboard: bool = True
+    # Under torchrun: "ddp" (each rank holds the model) or "fsdp" (FSDP2, the model sharded across
+    # the ranks); batch_size stays the global batch (seqlab.train.distributed). In one process
+    # all three train alike; "none" in a job of several processes is an error.
+    distributed: Distributed = "none"
 
     @model_validator(mode="after")
     def _accumulation_divides_the_batch(self):
@@ -123,7 +137,9 @@ class WarmupCosine:
 
 @dataclass
 class TrainResult:
-    model: CausalLM
+    # The trained model; in a run sharded with FSDP, rank 0's whole copy on the CPU (None on the
+    # other ranks).
+    model: CausalLM | None
     step: int
     stop_reason: str  # "steps", "target_accuracy" or "non_finite"
     message: str
@@ -138,6 +154,7 @@ class TrainResult:
     resumed_from: int | None = None  # the step this process resumed at, if it did
     # history's records with wall_time_s and tokens at each evaluation (seqlab.train.watch)
     curve: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1  # the processes this one trained with
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,6 +164,12 @@ class TrainResult:
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over the positions whose target is not IGNORE."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s random stream from update `step` on (rank 0 from the start goes
+    on with the run's own stream): distinct per rank, fixed by the run's seed."""
+    return seed + 104_729 * rank + 7_919 * step
 
 
 def seed_everything(seed: int) -> None:
@@ -328,11 +351,26 @@ class Trainer:
                 f"model vocab_size {model_config.vocab_size} < the task's {task.vocab_size}"
             )
         self.model_config, self.task, self.config = model_config, task, config
-        self.device = resolve_device(config.device)
-        seed_everything(config.seed)
+        # Checked (batch divisible among the ranks) before the process group is made.
+        self.world, self.device = World.join(
+            config.distributed, config.batch_size, config.grad_accum, resolve_device(config.device)
+        )
+        try:
+            self.build()
+        except BaseException:
+            self.world.leave()
+            raise
+
+    def build(self) -> None:
+        model_config, config = self.model_config, self.config
+        seed_everything(config.seed)  # the same initial weights on every rank
         self.model = CausalLM(model_config).to(self.device)
-        # The training forward; checkpoints, evaluation and the result use the model itself.
-        self.train_model = torch.compile(self.model) if config.compile else self.model
+        if self.world.rank:
+            seed_everything(rank_seed(config.seed, self.world.rank))
+        # The training forward (DDP around the model, or the model itself, sharded in place under
+        # FSDP); checkpoints, evaluation and the result use the model itself.
+        self.train_module = self.world.wrap(self.model)
+        self.train_model = torch.compile(self.train_module) if config.compile else self.train_module
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -343,6 +381,10 @@ class Trainer:
             lr=config.lr,
             betas=config.betas,
         )
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        # the parameters' names in the order Optimizer.state_dict() numbers them
+        self.param_names = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        self.host: CausalLM | None = None  # rank 0's whole CPU copy of an FSDP-sharded model
         schedule = WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
@@ -372,7 +414,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n = self.config.grad_accum
-        if n == 1:
+        if self.world.size > 1:
+            loss = self.shard_backward(inputs, targets)
+        elif n == 1:
             with self.autocast():
                 out = self.train_model(inputs)
             loss = lm_loss(out.logits, targets) + out.aux_loss
@@ -393,8 +437,10 @@ class Trainer:
                 part.backward()
                 loss = loss + part.detach()
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = loss.item(), norm.item()
+        # global under DDP (whole gradients) and FSDP (a DTensor reduced over the shards)
+        norm = full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        # the mean over the ranks of the global batch's shares: the global batch's loss
+        loss_value, norm_value = self.world.mean(loss.item()), norm.item()
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             lr = self.scheduler.get_last_lr()[0]
             try:
@@ -406,13 +452,42 @@ class Trainer:
                     f"overflow in the optimizer update at step {self.step + 1} (lr {lr:g}: {e}); "
                     "the weights in memory may be partly updated"
                 ) from None
-            if bad := first_non_finite(self.model.named_parameters()):
+            if bad := self.world.first(
+                first_non_finite(local_tensors(self.model.named_parameters()))
+            ):
                 raise Diverged(
                     f"non-finite parameter {bad} after the update at step {self.step + 1} "
                     f"(lr {lr:g})"
                 )
             self.scheduler.step()
         return loss_value, norm_value
+
+    def shard_backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The backward of this rank's share of the global batch (`inputs`, `targets` [B, T],
+        the same on every rank): its contiguous rows B / world, in grad_accum micro-batches.
+        Its loss is its tokens' summed losses over the global batch's scored tokens, times the
+        world size, since DDP and FSDP average the ranks' gradients: that average is then the
+        gradient of the global token mean. Returns this rank's loss (detached)."""
+        world, n = self.world, self.config.grad_accum
+        scored = (targets != IGNORE).sum()
+        rows = len(inputs) // world.size
+        mine = slice(world.rank * rows, (world.rank + 1) * rows)
+        pieces = list(zip(inputs[mine].chunk(n), targets[mine].chunk(n), strict=True))
+        loss = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(pieces):
+            with world.no_sync(self.train_module, last=i == n - 1):
+                with self.autocast():
+                    out = self.train_model(x)
+                part = F.cross_entropy(
+                    out.logits.flatten(0, 1).float(),
+                    y.flatten(),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                part = part * world.size / scored + out.aux_loss / n
+                part.backward()
+            loss = loss + part.detach()
+        return loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast on this device with precision "bf16", else nothing."""
@@ -452,11 +527,14 @@ class Trainer:
     def wall_time_s(self) -> float:
         return self.wall_before_s + time.perf_counter() - self.started
 
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, optimizer: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds beside the weights; `optimizer`: the optimizer's whole
+        state dict, as Optimizer.state_dict() keys it."""
         return {
             "step": self.step,
             "data_position": self.step,  # batches of the training stream consumed
-            "optimizer": self.optimizer.state_dict(),
+            "world_size": self.world.size,  # informative: a run resumes in any number
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "history": self.history,
@@ -469,20 +547,43 @@ class Trainer:
             "task": task_signature(self.task),
         }
 
-    def optimizer_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p, state in self.optimizer.state.items():
+    def optimizer_tensors(self, optimizer: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
+        """The tensors of an optimizer state dict, named by key and parameter."""
+        for i, state in optimizer["state"].items():
             for key, value in state.items():
                 if isinstance(value, Tensor):
-                    yield f"optimizer {key} of {names.get(id(p), '?')}", value
+                    yield f"optimizer {key} of {self.param_names[i]}", value
+
+    def whole(self) -> tuple[CausalLM | None, dict[str, Any] | None]:
+        """The model with its whole weights and the optimizer's whole state dict on rank 0,
+        (None, None) on the other ranks. Under FSDP a collective that gathers them to rank 0's
+        CPU (into `self.host`, built once); otherwise the model and optimizer themselves."""
+        if self.world.kind != "fsdp":
+            if not self.world.is_main:
+                return None, None
+            return self.model, self.optimizer.state_dict()
+        weights = self.world.full_weights(self.model)
+        optimizer = self.world.full_optimizer(self.model, self.optimizer)
+        if not self.world.is_main:
+            return None, None
+        if self.host is None:
+            with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten
+                self.host = CausalLM(self.model_config)
+        self.host.load_state_dict(weights)
+        return self.host, optimizer
 
     def save(self) -> Path:
         """Write the checkpoint of this step into its own folder, then point LATEST at it. A kill
         at any moment leaves LATEST naming a complete checkpoint; older folders are removed.
         Raises Diverged, writing nothing, if a weight or optimizer state is not finite: every
-        checkpoint is a good one."""
+        checkpoint is a good one. In a job of several processes, every rank calls it, rank 0
+        writes, and every rank raises what rank 0 raised."""
+        model, optimizer = self.whole()
+        return self.world.on_main(lambda: self.write_checkpoint(model, optimizer))
+
+    def write_checkpoint(self, model: CausalLM, optimizer: dict[str, Any]) -> Path:
         bad = first_non_finite(
-            itertools.chain(self.model.named_parameters(), self.optimizer_tensors())
+            itertools.chain(model.named_parameters(), self.optimizer_tensors(optimizer))
         )
         if bad:
             raise Diverged(
@@ -496,8 +597,8 @@ class Trainer:
                 shutil.rmtree(path)
         try:
             partial.mkdir(parents=True)
-            save_checkpoint(self.model, partial / MODEL)
-            state = self.trainer_state()
+            save_checkpoint(model, partial / MODEL)
+            state = self.trainer_state(optimizer)
             write_atomic(partial / TRAINER, lambda tmp: torch.save(state, tmp))
             manifest = {
                 "step": self.step,
@@ -523,6 +624,29 @@ class Trainer:
         return folder
 
     def restore(self, folder: Path) -> None:
+        """Resume from the checkpoint in `folder`: rank 0 reads and checks it, and every rank
+        takes its state (rank 0's broadcast, sharded under FSDP)."""
+        world = self.world
+        read = world.on_main(lambda: self.read_checkpoint(folder))
+        weights, optimizer = read if world.is_main else (None, None)
+        state = world.broadcast(self.resumable_state if world.is_main else None)
+        world.load(self.model, self.optimizer, weights, optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["data_position"]
+        if world.is_main:
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(rank_seed(self.config.seed, world.rank, self.step))
+        self.history = state["history"]
+        self.curve = state.get("curve", [])  # absent from an older seqlab's checkpoints
+        self.wall_before_s = state["wall_time_s"]
+        self.train_time_s = state["train_time_s"]
+        self.tokens = state["tokens"]
+        self.resumed_from = self.step
+
+    def read_checkpoint(self, folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Verify and read the checkpoint in `folder`, refusing one of another run: returns
+        its weights and optimizer state dict, and keeps the rest in `resumable_state`."""
         if (folder / MANIFEST).exists():
             verify_checkpoint(folder)
         else:
@@ -540,17 +664,9 @@ class Trainer:
             ) from None
         self.check_resumable(state)
         model = load_checkpoint(folder / MODEL, config=self.model_config)
-        self.model.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step = state["data_position"]
-        self.history = state["history"]
-        self.curve = state.get("curve", [])  # absent from an older seqlab's checkpoints
-        self.wall_before_s = state["wall_time_s"]
-        self.train_time_s = state["train_time_s"]
-        self.tokens = state["tokens"]
-        self.resumed_from = self.step
+        optimizer = state.pop("optimizer")
+        self.resumable_state = state
+        return model.state_dict(), optimizer
 
     def check_resumable(self, state: dict[str, Any]) -> None:
         ours = self.config.model_dump(mode="json")
@@ -574,27 +690,51 @@ class Trainer:
         """Train from the latest checkpoint in `out_dir` (if `resume`) to the end; while it runs,
         `out_dir` is locked against other runs, and temporary files left there by a killed write
         are removed first."""
-        if self.config.out_dir is None:
-            return self.train_to_end(resume)
-        with exclusive_folder(self.config.out_dir) as out:
-            for folder in (out, *out.glob("step-*")):
-                for path in remove_stale_temporaries(folder):
-                    log.info("removed %s, left by a killed write", path)
-            for partial in out.glob(".step-*.partial"):
-                shutil.rmtree(partial)
-                log.info("removed %s, a checkpoint whose writing was killed", partial)
-            return self.train_to_end(resume)
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.config.out_dir is not None:
+                    # rank 0 alone: the other ranks never touch out_dir
+                    self.world.on_main(lambda: self.claim_out_dir(stack))
+                result = self.train_to_end(resume)
+            self.world.barrier()  # no rank leaves while another still has a collective to run
+            return result
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """In a job of several processes, drop what holds the process group (DDP's reducer,
+        FSDP's sharded model and optimizer), then destroy the group: a gloo group freed later,
+        with its peers gone, can hang the process at exit."""
+        if self.world.size > 1:
+            self.train_module = self.train_model = None
+            if self.world.kind == "fsdp":
+                self.model, self.optimizer, self.scheduler = self.host, None, None
+            gc.collect()
+        self.world.leave()
+
+    def claim_out_dir(self, stack: contextlib.ExitStack) -> None:
+        """Lock out_dir for the time of `stack` and clean what killed writes left there."""
+        out = stack.enter_context(exclusive_folder(self.config.out_dir))
+        for folder in (out, *out.glob("step-*")):
+            for path in remove_stale_temporaries(folder):
+                log.info("removed %s, left by a killed write", path)
+        for partial in out.glob(".step-*.partial"):
+            shutil.rmtree(partial)
+            log.info("removed %s, a checkpoint whose writing was killed", partial)
 
     def train_to_end(self, resume: bool) -> TrainResult:
         c = self.config
         self.started = time.perf_counter()
-        if resume and c.out_dir is not None and (folder := latest_checkpoint(c.out_dir)):
+        folder = None
+        if resume and c.out_dir is not None:
+            folder = self.world.on_main(lambda: latest_checkpoint(c.out_dir))
+        if folder is not None:
             self.restore(folder)
             log.info("resumed from %s at step %d", folder, self.step)
         stop_reason, message = "steps", f"trained {c.steps} steps"
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
-        if c.out_dir is not None and c.tensorboard:
+        if c.out_dir is not None and c.tensorboard and self.world.is_main:
             self.events = EventLog(Path(c.out_dir) / EVENTS, resumed_at=self.step)
         try:
             return self.train_steps(stop_reason, message)
@@ -607,10 +747,11 @@ class Trainer:
         c = self.config
         losses, norms = [], []
         terminal = sys.stderr.isatty()
-        self.log_lines = c.progress and not terminal
+        show = c.progress and self.world.is_main  # rank 0 speaks for the run
+        self.log_lines = show and not terminal
         self.start_step, label = self.step, self.model_config.pattern
         held_out = f" · held-out {headline(self.history[-1]['metrics'])}" if self.history else ""
-        with progress_bar(c.progress and terminal) as progress:
+        with progress_bar(show and terminal) as progress:
             bar = progress.add_task(label, total=c.steps, completed=self.step)
             batches = self.batches()
             while stop_reason == "steps" and self.step < c.steps:
@@ -657,7 +798,7 @@ class Trainer:
                             f"at step {self.step}"
                         )
         return TrainResult(
-            model=self.model,
+            model=self.result_model(),
             step=self.step,
             stop_reason=stop_reason,
             message=message,
@@ -669,10 +810,18 @@ class Trainer:
             tokens=self.tokens,
             resumed_from=self.resumed_from,
             curve=self.curve,
+            world_size=self.world.size,
         )
+
+    def result_model(self) -> CausalLM | None:
+        """The trained model: under FSDP rank 0's whole CPU copy (a collective; None on the other
+        ranks), else the model itself."""
+        return self.whole()[0] if self.world.kind == "fsdp" else self.model
 
     def stopped(self, why: str) -> str:
         """`why`, naming the last good checkpoint, logged as a warning."""
+        if not self.world.is_main:  # every rank stops alike; rank 0 reads out_dir and says why
+            return f"{why}. Last good checkpoint: see rank 0"
         kept = latest_checkpoint(self.config.out_dir) if self.config.out_dir is not None else None
         message = f"{why}. Last good checkpoint: {kept or 'none (no out_dir)'}"
         log.warning(message)
@@ -700,7 +849,7 @@ class Trainer:
         if self.events is not None:
             tokens_per_s = self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0
             self.events.evaluation(self.step, metrics, tokens_per_s)
-        if self.config.out_dir is not None:
+        if self.config.out_dir is not None and self.world.is_main:
             task = type(self.task).__name__
             write_curves(Path(self.config.out_dir), self.model_config.pattern, task, self.curve)
         if self.log_lines:
