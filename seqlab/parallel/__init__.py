@@ -9,6 +9,7 @@ from seqlab.parallel.lasp2 import (
     lasp2_gated_linear,
     previous_tail,
 )
+from seqlab.parallel.model import local_slice, split_sequence
 from seqlab.parallel.spawn import run_group
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "lasp2_attention",
     "lasp2_delta_rule",
     "lasp2_gated_linear",
+    "local_slice",
     "previous_tail",
     "run_group",
+    "split_sequence",
 ]

@@ -26,6 +26,7 @@ the whole sequence's), as the op would give for its slice started from S_in,r.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -340,3 +341,18 @@ def previous_tail(x: torch.Tensor, n: int, *, group=None, log: CommLog | None = 
         return X[rank - 1] if rank > 0 else torch.zeros_like(X[0])
 
     return gather_combine(x[:, x.shape[1] - n :], combine, group, log)
+
+
+LASP2 = {gated_linear: lasp2_gated_linear, delta_rule: lasp2_delta_rule, attention: lasp2_attention}
+
+
+def sequence_op(op: Callable, group: dist.ProcessGroup | None) -> Callable:
+    """`op` itself when the whole sequence is here (group None), else its LASP-2 form over
+    `group` (the same arguments; no cu_seqlens)."""
+    return op if group is None else functools.partial(LASP2[op], group=group)
+
+
+def slice_start(T: int, group: dist.ProcessGroup | None) -> int:
+    """The position of this rank's first token when every rank holds T of them (0 without a
+    group)."""
+    return 0 if group is None else group_rank(group)[0] * T
