@@ -46,13 +46,10 @@ def _batch():
 
 
 def _states(state) -> dict[str, torch.Tensor]:
-    """The recurrent layers' state tensors, by layer (attention caches left out: a rank's
-    cache is the same tensors)."""
-    out = {}
-    for i, s in enumerate(state):
-        if "kv" not in s:
-            out |= {f"{i}.{n}": t.detach() for n, t in state_tensors(s).items()}
-    return out
+    """Every layer's state tensors (matrices, conv tails, KV caches, positions), by layer."""
+    return {
+        f"{i}.{n}": t.detach() for i, s in enumerate(state) for n, t in state_tensors(s).items()
+    }
 
 
 def single_process(pattern: str, n_layers: int):
@@ -83,11 +80,15 @@ def sharded_worker(rank: int, N: int, pattern: str, n_layers: int, weights: dict
     return out.logits.detach(), total, grads, _states(out.state)
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_model_matches_single_process(name):
+@pytest.mark.parametrize(
+    ("name", "N"), [(name, 2) for name in PATTERNS] + [("gla*2,attn", 4), ("gdn,mamba2", 4)]
+)
+def test_model_matches_single_process(name, N):
+    """Logits, loss and every parameter's gradient; the last rank's state is the model's state
+    after the whole sequence (a decode can go on from it)."""
     pattern, n_layers = PATTERNS[name]
     logits, loss, grads, states, weights = single_process(pattern, n_layers)
-    results = run_group(sharded_worker, 2, pattern, n_layers, weights, timeout=300)
+    results = run_group(sharded_worker, N, pattern, n_layers, weights, timeout=300)
     torch.testing.assert_close(torch.cat([r[0] for r in results], 1), logits, **F64)
     for r, (_, loss_r, grads_r, _) in enumerate(results):
         torch.testing.assert_close(loss_r, loss, **F64)
