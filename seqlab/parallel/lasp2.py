@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from seqlab.ops._common import check_scale, compute_dtype, floor_log_gate
+from seqlab.ops._common import (
+    check_initial_state,
+    check_qkv,
+    check_scale,
+    compute_dtype,
+    floor_log_gate,
+)
 from seqlab.ops.attention import KVCache, attention
 from seqlab.ops.delta_rule import delta_rule
 from seqlab.ops.gated_linear import gated_linear
@@ -168,15 +174,16 @@ def lasp2_gated_linear(
     scale=None,
     initial_state=None,
     output_final_state=False,
+    *,
     form="chunk",
     chunk_size=64,
     backend="auto",
-    *,
     group: dist.ProcessGroup | None = None,
     log: CommLog | None = None,
     check_values=True,
 ):
-    """`seqlab.ops.gated_linear` over a sequence split along T across `group`.
+    """`seqlab.ops.gated_linear` over a sequence split along T across `group` (the same
+    arguments, no cu_seqlens, the options after output_final_state by keyword).
 
     q, k [B, T_r, H, K], v [B, T_r, H, V], g None, [B, T_r, H] or [B, T_r, H, K]: this rank's
     slice (T_r may differ between ranks). Returns o [B, T_r, H, V] and, with
@@ -236,16 +243,17 @@ def lasp2_delta_rule(
     scale=None,
     initial_state=None,
     output_final_state=False,
+    *,
     allow_neg_eigval=False,
     form="chunk",
     chunk_size=64,
     backend="auto",
-    *,
     group: dist.ProcessGroup | None = None,
     log: CommLog | None = None,
     check_values=True,
 ):
-    """`seqlab.ops.delta_rule` over a sequence split along T across `group`.
+    """`seqlab.ops.delta_rule` over a sequence split along T across `group` (the same
+    arguments, no cu_seqlens, the options after output_final_state by keyword).
 
     q, k [B, T_r, H, K], v [B, T_r, H, V], beta [B, T_r, H], g None or [B, T_r, H]: this rank's
     slice. Returns o [B, T_r, H, V] and, with `output_final_state`, the state after the slice.
@@ -258,9 +266,9 @@ def lasp2_delta_rule(
     """
     rank, _ = group_rank(group)
     _check_initial_state(initial_state, rank)
+    B, _, H, K, V = check_qkv(q, k, v)  # before v and the state are widened (β, g: by the op)
+    check_initial_state(initial_state, B, H, K, V, None)
     dt = compute_dtype(q.dtype)
-    B, _, H, K = q.shape
-    V = v.shape[-1]
     vf = v.to(dt)
     v2 = torch.cat([vf, vf.new_zeros(*vf.shape[:-1], K)], -1)
     S0 = vf.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
@@ -314,7 +322,7 @@ def lasp2_attention(
             "lasp2_attention takes no initial_state: the earlier ranks' keys and values are its "
             f"cache; got a {type(initial_state).__name__}"
         )
-    K = k.shape[-1]
+    K = check_qkv(q, k, v, kv_heads_may_differ=True)[3]  # before k and v are joined
     kv = torch.cat([k, v], -1)  # [B, T_r, Hkv, K + V]
 
     def combine(X):  # [N, B, T_r, Hkv, K + V] → the earlier ranks' tokens [B, r·T_r, Hkv, K + V]

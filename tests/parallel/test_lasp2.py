@@ -230,14 +230,20 @@ def _errors_worker(rank: int, N: int):
         previous_tail(x["q"].flatten(2), 5)
     except ValueError as e:
         messages.append(str(e))
+    try:  # checked before v is widened by the identity's columns
+        lasp2_delta_rule(x["q"], x["k"], x["v"][..., 0], x["q"][..., 0])
+    except ValueError as e:
+        messages.append(str(e))
     return messages
 
 
 def test_errors_name_the_argument():
     results = run_group(_errors_worker, 2, timeout=300)
-    assert len(results[0]) == 1 and "at least 5 steps" in results[0][0]
+    assert len(results[0]) == 2 and "at least 5 steps" in results[0][0]
     assert "rank 1" in results[1][0] and "initial_state" in results[1][0]
     assert "at least 5 steps" in results[1][1]
+    for messages in results:
+        assert "v must have rank 4" in messages[-1]
 
 
 def test_no_group_is_a_clear_error():
