@@ -250,3 +250,35 @@ def test_no_group_is_a_clear_error():
     x = make_case({"op": "gated_linear", "seed": 0}, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         lasp2_gated_linear(x["q"], x["k"], x["v"])
+
+
+def _float32_worker(rank: int, N: int, cases: list[dict], T: int):
+    """Each case in float32 on this rank's equal slice: (o, the state after the slice)."""
+    out = []
+    for case in cases:
+        x = {
+            n: t[:, rank * (T // N) : (rank + 1) * (T // N)].float()
+            for n, t in make_case(case, T).items()
+        }
+        out.append(SHARDED[case["op"]](**x, output_final_state=True, chunk_size=16))
+    return out
+
+
+def test_float32_stays_close_to_float64():
+    """Long slices in float32 (the decay's cumulative sum over a whole slice, the identity's
+    columns through the UT transform): within 1e-5 of the float64 single-process result,
+    relative to its largest value."""
+    T, N = 256, 2
+    cases = [
+        {"op": "gated_linear", "gate": "channel", "seed": 21},
+        {"op": "delta_rule", "gate": "head", "seed": 22},
+    ]
+    results = run_group(_float32_worker, N, cases, T, timeout=300)
+    for i, case in enumerate(cases):
+        x = make_case(case, T)
+        o_ref, S_ref = SINGLE[case["op"]](**x, output_final_state=True, chunk_size=16)
+        o = torch.cat([r[i][0] for r in results], 1).double()
+        S = results[-1][i][1].double()
+        for got, want, what in ((o, o_ref, "o"), (S, S_ref, "S")):
+            err = (got - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item(), (case, what, err)
