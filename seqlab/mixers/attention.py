@@ -10,6 +10,7 @@ from seqlab.mixers.base import LayerFlops, MixerConfig, OpCall, State, TokenMixe
 from seqlab.mixers.dims import per_head
 from seqlab.mixers.rope import positions, rotate, start_positions
 from seqlab.ops.attention import KVCache, attention, attention_flops
+from seqlab.parallel.lasp2 import sequence_op, slice_start
 
 
 class AttentionConfig(MixerConfig):
@@ -31,6 +32,7 @@ class Attention(TokenMixer):
     Config = AttentionConfig
     core_op = "attention"
     state_grows = True
+    sequence_parallel = True
     examples = {
         "attn": {"num_heads": 4},
         "attn_gqa": {"num_heads": 4, "num_kv_heads": 2},
@@ -58,7 +60,9 @@ class Attention(TokenMixer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         B, T, _ = x.shape
+        group = self.sequence_split(state)
         start = start_positions(B, x.device) if state is None else state["pos"]
+        start = start + slice_start(T, group)  # a slice of a split sequence starts at r · T
         pos = positions(start, T)
         q, k, v = (
             rearrange(proj(x), "b t (h d) -> b t h d", d=self.head_dim)
@@ -66,7 +70,7 @@ class Attention(TokenMixer):
         )
         q, k = rotate(q, pos, self.config.rope_base), rotate(k, pos, self.config.rope_base)
         cache = None if state is None else state["kv"]
-        o, cache = attention(
+        o, cache = sequence_op(attention, group)(
             q, k, v, window=self.config.window, initial_state=cache, output_final_state=True
         )
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))

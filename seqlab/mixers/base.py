@@ -119,6 +119,11 @@ class TokenMixer(nn.Module, metaclass=_InitOnceBuilt):
     state_grows: ClassVar[bool] = False
     takes_context: ClassVar[bool] = False  # forward(x, state, context=...) in a model
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Sequence parallelism (seqlab.parallel.split_sequence): a mixer whose forward can run on
+    # one rank's slice of T declares `sequence_parallel`; `sequence_group` is then the process
+    # group T is split over (None: the whole sequence is here).
+    sequence_parallel: ClassVar[bool] = False
+    sequence_group: Any = None
 
     def __init__(self, d_model: int, config: MixerConfig | None = None):
         super().__init__()
@@ -134,6 +139,16 @@ class TokenMixer(nn.Module, metaclass=_InitOnceBuilt):
 
     def init_state(self, batch_size: int) -> State:
         raise NotImplementedError
+
+    def sequence_split(self, state: State | None) -> Any:
+        """The process group this forward's T is split over, or None. A split sequence starts
+        from nothing: each rank gets the state entering its slice from the others."""
+        if self.sequence_group is not None and state is not None:
+            raise ValueError(
+                f"{type(self).__name__} runs on a slice of the sequence (sequence_group is set) "
+                "and takes no state: pass state=None"
+            )
+        return self.sequence_group
 
     @staticmethod
     def state_bytes(state: State) -> int:

@@ -22,6 +22,7 @@ from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import delta_rule
 from seqlab.ops.delta_rule import delta_rule_flops
+from seqlab.parallel.lasp2 import previous_tail, sequence_op
 
 
 class DeltaRuleConfig(RecurrentConfig):
@@ -53,6 +54,7 @@ class DeltaRuleMixer(RecurrentMixer):
 
     Config = DeltaRuleConfig
     core_op = "delta_rule"
+    sequence_parallel = True
     gated: ClassVar[bool] = False  # a log-decay (`log_decay`) on the state
 
     def __init__(self, d_model: int, config: DeltaRuleConfig | None = None):
@@ -100,13 +102,18 @@ class DeltaRuleMixer(RecurrentMixer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         H, K = self.num_heads, self.head_k
-        qkv, conv_state = self.conv(self.qkv_proj(x), None if state is None else state["conv"])
+        group = self.sequence_split(state)
+        qkv = self.qkv_proj(x)
+        conv0 = None if state is None else state["conv"]
+        if group is not None:  # the conv starts from the previous rank's last inputs
+            conv0 = previous_tail(qkv, self.conv.width - 1, group=group)
+        qkv, conv_state = self.conv(qkv, conv0)
         q, k, v = qkv.split([H * K, H * K, H * self.head_v], dim=-1)
         q, k, v = (rearrange(t, "b t (h d) -> b t h d", h=H) for t in (q, k, v))
         beta = self.b_proj(x).sigmoid()
         if self.config.allow_neg_eigval:
             beta = 2 * beta
-        o, S = delta_rule(
+        o, S = sequence_op(delta_rule, group)(
             F.normalize(q, dim=-1),
             F.normalize(k, dim=-1),
             v,

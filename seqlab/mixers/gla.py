@@ -17,6 +17,7 @@ from seqlab.mixers.dims import per_head
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
 from seqlab.ops import gated_linear
+from seqlab.parallel.lasp2 import sequence_op
 
 
 class GLAConfig(RecurrentConfig):
@@ -35,6 +36,7 @@ class GLA(RecurrentMixer):
 
     Config = GLAConfig
     core_op = "gated_linear"
+    sequence_parallel = True
     examples = {
         "gla": {"num_heads": 2, "chunk_size": 16},
         "gla_sub_chunks": {"num_heads": 2, "chunk_size": 32},
@@ -78,7 +80,7 @@ class GLA(RecurrentMixer):
             rearrange(proj(x), "b t (h d) -> b t h d", h=self.num_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj, self.gk_proj, self.g_proj)
         )
-        o, S = gated_linear(
+        o, S = sequence_op(gated_linear, self.sequence_split(state))(
             q,
             k,
             v,

@@ -17,6 +17,7 @@ from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.norm import GatedRMSNorm
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer, init_a_log, init_dt_bias
 from seqlab.ops import gated_linear
+from seqlab.parallel.lasp2 import previous_tail, sequence_op
 
 
 class Mamba2Config(RecurrentConfig):
@@ -34,6 +35,7 @@ class Mamba2(RecurrentMixer):
 
     Config = Mamba2Config
     core_op = "gated_linear"
+    sequence_parallel = True
     examples = {"mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 16}}
 
     output_proj = "out_proj"
@@ -77,13 +79,17 @@ class Mamba2(RecurrentMixer):
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         T, N, H = x.shape[1], self.config.d_state, self.num_heads
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
-        xBC, conv_state = self.conv(xBC, None if state is None else state["conv"])
+        group = self.sequence_split(state)
+        conv0 = None if state is None else state["conv"]
+        if group is not None:  # the conv starts from the previous rank's last inputs
+            conv0 = previous_tail(xBC, self.conv.width - 1, group=group)
+        xBC, conv_state = self.conv(xBC, conv0)
         xs, B, C = xBC.split([self.d_inner, N, N], dim=-1)
         xs = rearrange(xs, "b t (h p) -> b t h p", h=H)
         dt = F.softplus(dt + self.dt_bias)  # [B, T, H]
         # every head reads the same B and C (one group)
         k, q = (repeat(m, "b t n -> b t h n", h=H) for m in (B, C))
-        y, S = gated_linear(
+        y, S = sequence_op(gated_linear, group)(
             q,
             k,
             xs * dt[..., None],
