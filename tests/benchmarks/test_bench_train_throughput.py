@@ -58,3 +58,17 @@ def test_one_real_case_end_to_end(tmp_path):
     assert "failed" not in row, row
     assert row["steps"] == 2 and row["tokens"] == 2 * 4 * 32 and row["tokens_per_s"] > 0
     assert "| fp32 · eager · 1 proc |" in out.read_text()
+
+
+def test_two_ddp_processes_count_the_global_batch(tmp_path):
+    """The torchrun case launches (its flags are the CLI's) and counts every rank's tokens."""
+    bench = load()
+    out = tmp_path / "t.md"
+    args = ["--arch", "gla,attn", "--d-model", "32", "--n-layers", "2", "--seq-len", "32"]
+    args += ["--batch-size", "4", "--steps", "4", "--warmup", "2", "--precisions", "fp32"]
+    bench.main([*args, "--modes", "eager", "--procs", "2", "--threads", "2", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["fp32 · eager · 1 proc", "fp32 · eager · 2 proc"]
+    for row in rows:
+        assert "failed" not in row, row
+        assert row["steps"] == 2 and row["tokens"] == 2 * 4 * 32
