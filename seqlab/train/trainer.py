@@ -414,28 +414,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n = self.config.grad_accum
-        if self.world.size > 1:
-            loss = self.shard_backward(inputs, targets)
-        elif n == 1:
+        if self.world.size == 1 and n == 1:
             with self.autocast():
                 out = self.train_model(inputs)
             loss = lm_loss(out.logits, targets) + out.aux_loss
             loss.backward()
-        else:  # each piece's summed token losses over the whole batch's scored tokens
-            scored = (targets != IGNORE).sum()
-            loss = torch.zeros((), device=self.device)
-            for x, y in zip(inputs.chunk(n), targets.chunk(n), strict=True):
-                with self.autocast():
-                    out = self.train_model(x)
-                part = F.cross_entropy(
-                    out.logits.flatten(0, 1).float(),
-                    y.flatten(),
-                    ignore_index=IGNORE,
-                    reduction="sum",
-                )
-                part = part / scored + out.aux_loss / n  # MoE balance: the pieces' mean
-                part.backward()
-                loss = loss + part.detach()
+        else:  # ranks' shares and micro-batches: summed token losses over the global batch's
+            loss = self.shard_backward(inputs, targets)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         # global under DDP (whole gradients) and FSDP (a DTensor reduced over the shards)
         norm = full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
