@@ -37,8 +37,10 @@ The family's peer "xlstm" is that function called through exactly this mapping (
 gate only: the package has no exponential one).
 
 The fused form (the family's fast form) is one autograd node. The forward runs the recurrence
-over time-major [T, H, B, ...] buffers with one batched product (R h_{t−1} added in place to the
-step's pre-activations) and a dozen elementwise ops per step, keeping the gates and states. Its
+with one batched product (R h_{t−1} added to the step's input pre-activations) and a dozen
+elementwise ops per step on fixed [H, B, ·, D] buffers (the step makes no view: a view costs
+about as much as a small op, and the loop is bound by op overhead at these sizes); where a
+backward follows it keeps every step's pre-activations and states, else h alone. Its
 backward is the adjoint recurrence run in reverse (δ the loss's gradient, carried: δc, δn, δm):
 
     δh_t = δo_t + R δg_{t+1},    δc_t ← δc_t + δh σ(õ)/n,    δn_t ← δn_t − δh h_t/n,
@@ -48,8 +50,9 @@ backward is the adjoint recurrence run in reverse (δ the loss's gradient, carri
     δc_{t−1} = δc f',   δn_{t−1} = δn f',   δm_{t−1} = δa,
 
 then δR = Σ_t h_{t−1}ᵀ δg_t and δb = Σ δg_t in one batched product and one sum; the factors that
-do not depend on δ (σ(õ)/n, h/n, i'(1 − tanh²), c/n σ'(õ), σ(−f̃)) are formed for all steps at
-once before the reverse loop.
+do not depend on δ (σ(õ)/n, h/n, i'(1 − tanh²), c/n σ'(õ), σ(−f̃)), and the gates themselves
+(from the kept pre-activations and stabilisers), are formed for all steps at once before the
+reverse loop.
 """
 
 from __future__ import annotations
@@ -144,62 +147,83 @@ class _Fused(torch.autograd.Function):
     Keeps the pre-activations and every step's gates and states: O(B T H D)."""
 
     @staticmethod
-    def forward(ctx, x, R, b, S0, forget):
+    def forward(ctx, x, R, b, S0, forget, keep):
         Bsz, T, _, H, D = x.shape
-        # G[t] [H, B, 4, D]: the step's pre-activations, R h_{t−1} added in place
+        # G[t] [H, B, 4, D]: the step's input pre-activations x + b; with `keep` (a backward
+        # will follow) R h_{t−1} is added before the step, so G holds every step's gates
         G = x.new_empty(T, H, Bsz, 4, D)  # a new buffer: contiguous() may return x itself
         if b is None:
             G.copy_(x.permute(1, 3, 0, 2, 4))
         else:
             torch.add(x.permute(1, 3, 0, 2, 4), b[:, None], out=G)
         R2 = R.reshape(H, D, 4 * D)
-        # St[0] = initial state, St[t + 1] = the state after step t; [T + 1, 4, H, B, D]
-        St = x.new_empty(T + 1, 4, H, Bsz, D)
-        if S0 is None:
-            St[0].zero_()
+        # the step works in fixed buffers, so no view is made per step (a view costs about as
+        # much as a small op): S (h, c, n, m) [4, H, B, D], the gates g [H, B, 4, D] whose f̃
+        # slot is overwritten by a_t (then ĩ and a sit side by side and the max's two
+        # differences and exps are one op each), E = (i', f') [H, B, 2, D], TZ = (tanh z̃, 1)
+        # [2, H, B, D] (scales i' into (c, n) in one op), σ(õ)
+        S = x.new_zeros(4, H, Bsz, D)  # a new buffer: the caller's S0 is never written
+        if S0 is not None:
+            S.copy_(S0.permute(1, 2, 0, 3))
+        h, c, n, m = S.unbind(0)
+        cn, m3 = S[1:3], m[:, :, None]
+        g = x.new_empty(H, Bsz, 4, D)
+        g3, gia = g.view(H, Bsz, 4 * D), g[:, :, :2]
+        gi, gf, gz, go = g.unbind(2)
+        E = x.new_empty(H, Bsz, 2, D)
+        ip, fp = E.unbind(2)
+        TZ = x.new_ones(2, H, Bsz, D)
+        tz = TZ[0]
+        so, fc = x.new_empty(H, Bsz, D), x.new_empty(H, Bsz, D)
+        empty = n == 0  # units that start empty: m_1 = ĩ_1, f' clamped at 1
+        # the history: with `keep` every state (St[0] the initial one), else h alone
+        if keep:
+            St = x.new_empty(T + 1, 4, H, Bsz, D)
+            St[0] = S
+            hist, src = St.unbind(0)[1:], S
         else:
-            St[0] = S0.permute(1, 2, 0, 3)
-        # a_t (needed for the max's branch), i', f', tanh(z̃), σ(õ): [T, 5, H, B, D]
-        K = x.new_empty(T, 5, H, Bsz, D)
-        m_prev, h_prev = St[0, 3], St[0, 0]
-        empty = St[0, 2] == 0  # units that start empty: m_1 = ĩ_1, f' clamped at 1
-        Gs, Ss, Ks = G.unbind(0), St.unbind(0), K.unbind(0)
+            O = x.new_empty(T, H, Bsz, D)
+            hist, src = O.unbind(0), h
+        Gs = G.view(T, H, Bsz, 4 * D).unbind(0)
+        sigmoid = forget == "sigmoid"
         for t in range(T):
-            g = Gs[t]
-            g3 = g.view(H, Bsz, 4 * D)
-            torch.baddbmm(g3, h_prev, R2, out=g3)  # out=, not baddbmm_: FLOP counters see it
-            i, f, z, o = g.unbind(2)
-            a, ip, fp, tz, so = Ks[t].unbind(0)
-            hs, cs, ns, ms = Ss[t + 1].unbind(0)
-            if forget == "sigmoid":  # log σ on a contiguous copy (see _log_forget)
-                torch.add(F.logsigmoid(a.copy_(f)), m_prev, out=a)
+            torch.baddbmm(Gs[t], h, R2, out=g3)  # out=, not baddbmm_: FLOP counters see it
+            if keep:
+                Gs[t].copy_(g3)
+            if sigmoid:  # log σ on a contiguous copy (see _log_forget)
+                torch.add(F.logsigmoid(fc.copy_(gf)), m, out=gf)
             else:
-                torch.add(f, m_prev, out=a)
-            torch.maximum(i, a, out=ms)
+                gf.add_(m)
+            torch.maximum(gi, gf, out=m)
             if t == 0:
-                torch.where(empty, i, ms, out=ms)
-            torch.sub(i, ms, out=ip).exp_()
-            torch.sub(a, ms, out=fp).exp_()
+                torch.where(empty, gi, m, out=m)
+            torch.sub(gia, m3, out=E).exp_()
             if t == 0:
                 fp.clamp_(max=1)
-            torch.tanh(z, out=tz)
-            torch.sigmoid(o, out=so)
-            torch.mul(fp, Ss[t][1], out=cs).addcmul_(ip, tz)
-            torch.addcmul(ip, fp, Ss[t][2], out=ns)
-            torch.mul(so, cs, out=hs).div_(ns)
-            h_prev, m_prev = hs, ms
-        ctx.save_for_backward(R, G, St, K)
-        ctx.forget, ctx.has_b, ctx.has_S0 = forget, b is not None, S0 is not None
-        o = St[1:, 0].permute(2, 0, 1, 3).contiguous()  # [B, T, H, D]
-        return o, St[T].permute(2, 0, 1, 3).clone()
+            torch.tanh(gz, out=tz)
+            torch.sigmoid(go, out=so)
+            cn.mul_(fp).addcmul_(TZ, ip)
+            torch.mul(so, c, out=h).div_(n)
+            hist[t].copy_(src)
+        if keep:
+            ctx.save_for_backward(R, G, St)
+            ctx.forget, ctx.has_b, ctx.has_S0 = forget, b is not None, S0 is not None
+            O = St[1:, 0]
+        o = O.permute(2, 0, 1, 3).contiguous()  # [B, T, H, D]
+        return o, S.permute(2, 0, 1, 3).clone()
 
     @staticmethod
     def backward(ctx, do, dS):
-        R, G, St, K = ctx.saved_tensors
+        R, G, St = ctx.saved_tensors
         T, H, Bsz, _, D = G.shape
         Hs, Cs, Ns = St[1:, 0], St[1:, 1], St[1:, 2]  # [T, H, B, D]
-        a, ip, fp, tz, so = K.unbind(1)
-        i = G[:, :, :, 0]
+        # the step's gates again, for all steps at once, from the kept pre-activations
+        i, ft, z, og = G.unbind(3)
+        m_prev, m = St[:-1, 3], St[1:, 3]
+        a = _log_forget(ft, ctx.forget) + m_prev
+        ip, fp = torch.exp(i - m), torch.exp(a - m)
+        fp[0].clamp_(max=1)
+        tz, so = torch.tanh(z), torch.sigmoid(og)
         # factors of δ that do not depend on it, for all steps at once
         inv_n = Ns.reciprocal()
         dc_dh = so * inv_n  # ∂h/∂c
@@ -212,7 +236,7 @@ class _Fused(torch.autograd.Function):
         sel_i[0].masked_fill_(empty, 1.0)
         sel_a = 1 - sel_i
         fp_slope0 = fp[0].masked_fill(a[0] > St[1, 3], 0.0)
-        df_da = torch.sigmoid(-G[:, :, :, 1]) if ctx.forget == "sigmoid" else None
+        df_da = torch.sigmoid(-ft) if ctx.forget == "sigmoid" else None
         # δo as time-major [T, H, B, D], R δg_{t+1} added in place as the loop goes
         dH = torch.zeros(T, H, Bsz, D, dtype=G.dtype, device=G.device)
         if do is not None:
@@ -256,7 +280,7 @@ class _Fused(torch.autograd.Function):
         if ctx.has_S0:
             dh0 = torch.bmm(dG[0].view(H, Bsz, 4 * D), RT)
             dS0 = torch.stack((dh0, dc_next, dn_next, dm_next)).permute(2, 0, 1, 3)
-        return dx, dR.view(H, D, 4, D), db, dS0, None
+        return dx, dR.view(H, D, 4, D), db, dS0, None, None
 
 
 def _finish(o, S, x, output_final_state):
@@ -277,7 +301,10 @@ def fused_slstm(x, R, b=None, forget="sigmoid", initial_state=None, output_final
     """Fused form (the training form): the loop over in-place buffers, one autograd node whose
     backward is the reverse (adjoint) loop."""
     xf, Rf, bf, S0 = _prepare(x, R, b, initial_state, forget)
-    o, S = _Fused.apply(xf, Rf, bf, S0, forget)
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xf, Rf, bf, S0)
+    )
+    o, S = _Fused.apply(xf, Rf, bf, S0, forget, keep)
     return _finish(o, S, x, output_final_state)
 
 
@@ -310,12 +337,13 @@ def slstm_state_bytes(variant: str = "sigmoid", T: int = 0, H: int = 1, *, D: in
 
 
 def slstm_workspace_bytes(variant, form, T, H, grad, D=64, **_):
-    """The fused form's time-major buffers (pre-activations 4, states 4, gates 5 per unit and
-    token), and with `grad` the backward's (δg 4, δh 1, six factors); the recurrent form's and
-    the xlstm package's autograd graphs, about 40 tensors per unit and token (a few without
-    `grad`)."""
+    """The fused form's time-major buffers: without `grad` the pre-activations 4, h and the
+    output 2 per unit and token; with `grad` the pre-activations and states 4 + 4 kept, the
+    output, and the backward's gates recomputed 5, δg 4, δh 1 and six factors; the recurrent
+    form's and the xlstm package's autograd graphs, about 40 tensors per unit and token (a few
+    without `grad`)."""
     if form == "fused":
-        return 4 * T * H * D * (13 + (11 if grad else 0))
+        return 4 * T * H * D * (24 if grad else 6)
     return 4 * H * D * (40 * T if grad else 16)
 
 

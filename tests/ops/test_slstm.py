@@ -60,8 +60,8 @@ def _assert_same(a, b, tol, label=""):
         )
 
 
-@settings(max_examples=25, deadline=None)
-@given(
+# shapes, both forget gates, no / a random / the empty initial state, plain and large inputs
+CASES = dict(
     B=st.integers(1, 3),
     T=st.integers(1, 40),
     H=st.integers(1, 3),
@@ -71,10 +71,35 @@ def _assert_same(a, b, tol, label=""):
     scale=st.sampled_from([1.0, 5.0]),
     seed=st.integers(0, 1000),
 )
+
+
+@settings(max_examples=25, deadline=None)
+@given(**CASES)
 def test_fused_matches_recurrent_float64(B, T, H, D, variant, init, scale, seed):
     x = _inputs(B, T, H, D, seed, variant, scale=scale)
     S0 = None if init is None else _state(B, H, D, seed, kind=init)
     _assert_same(_run(fused_slstm, x, S0, seed), _run(recurrent_slstm, x, S0, seed), F64)
+
+
+@settings(max_examples=20, deadline=None)
+@given(**CASES)
+def test_fused_forward_without_grad_matches_recurrent_float64(
+    B, T, H, D, variant, init, scale, seed
+):
+    """Without a backward to come the fused form keeps no history but the outputs (another
+    path through its loop): the same outputs and final state."""
+    x = _inputs(B, T, H, D, seed, variant, scale=scale)
+    S0 = None if init is None else _state(B, H, D, seed, kind=init)
+    before = None if S0 is None else S0.clone()
+    with torch.no_grad():
+        got = fused_slstm(**x, initial_state=S0, output_final_state=True)
+    if S0 is not None:  # the state buffers are the form's own, never the caller's
+        torch.testing.assert_close(S0, before, rtol=0, atol=0)
+    want = recurrent_slstm(**x, initial_state=S0, output_final_state=True)
+    torch.testing.assert_close(got[0], want[0], **F64)
+    torch.testing.assert_close(got[1], want[1], **F64)
+    kept = fused_slstm(**x, initial_state=S0, output_final_state=True)  # no leaf needs grad
+    torch.testing.assert_close(kept[0], got[0], rtol=0, atol=0)
 
 
 def test_without_bias_equals_zero_bias():
