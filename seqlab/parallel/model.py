@@ -10,6 +10,8 @@ Recurrent mixers exchange their chunk states (seqlab.parallel.lasp2), attention 
 values, short convolutions take the previous rank's last inputs; everything else in a model
 (embedding, norms, channel mixers, head) acts on each token alone. A channel mixer whose loss
 reads statistics over the batch's tokens (MoE load balancing) sees only the rank's tokens.
+`seqlab train --sequence-parallel N` trains a model this way under torchrun, beside DDP or FSDP2
+(seqlab.train.distributed).
 """
 
 from __future__ import annotations

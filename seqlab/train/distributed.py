@@ -1,8 +1,10 @@
-"""Data-parallel training: one run in N processes under torchrun, with DDP or FSDP2.
+"""Data-parallel training: one run in several processes under torchrun, with DDP or FSDP2, and
+optionally sequence parallelism (LASP-2) inside groups of ranks.
 
     torchrun --nproc-per-node 4 -m seqlab.cli train --distributed ddp --batch-size 256 ...
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host:29500 \\
         -m seqlab.cli train --distributed fsdp ...
+    torchrun --nproc-per-node 4 -m seqlab.cli train --distributed ddp --sequence-parallel 2 ...
 
 `TrainConfig.distributed` picks how: "ddp" (DistributedDataParallel: every rank holds the whole
 model, gradients are averaged) or "fsdp" (FSDP2's `fully_shard` on each block, then on the root:
@@ -26,13 +28,29 @@ ranks' averaged gradient is the gradient of the global token mean, however uneve
 tokens fall between the ranks; the loss logged is its mean over the ranks. (A MoE balance loss is
 the ranks' mean of the per-shard balance losses, as with grad_accum.)
 
+Sequence parallelism (`TrainConfig.sequence_parallel` N > 1, `--sequence-parallel N`) adds a
+second dimension: the W ranks form W / N sequence groups of N consecutive ranks (rank r is rank
+r % N of group r // N; every rank makes every group with `new_group`, and keeps its own), and
+group g trains the rows that data-parallel replica g of W / N would, each of its ranks on its
+T / N tokens of every row (seqlab.parallel: LASP-2 state exchanges for the recurrent mixers,
+keys and values gathered for attention, in the group's own process group). The parameters are
+still replicated (DDP) or sharded (FSDP2) over all W ranks, and their gradient reduction over
+the whole job averages every rank's share: each rank's loss is weighted by W over the global
+batch's scored tokens as above, so the result is again the one-process gradient of the global
+token mean. "none" under torchrun stays an error ("ddp" with N = W is pure sequence parallelism);
+N > 1 in one process and N not dividing W are errors before any work, and the trainer refuses a
+mixer that cannot split or a training length T that N does not divide before the process group
+is made. N = 1 is plain data parallelism.
+
 Evaluation is not split: every rank evaluates the whole held-out split with the same weights and
 gets the same figures as the one-process run (with FSDP the ranks must run every forward together
-anyway). Only rank 0 touches the out folder: it holds the lock, writes checkpoints, TensorBoard
-events and curves.json, shows progress, and (in `seqlab train`) records the run. A checkpoint
-holds the full, unsharded weights and optimizer state (gathered to rank 0's CPU), in the format of
-a one-process run: a checkpoint of an N-process run resumes in M processes, with DDP, FSDP or
-neither. On resume rank 0 reads it and broadcasts it, so the ranks need no shared file system.
+anyway; with sequence parallelism the mixers' group is unset while it runs). Only rank 0 touches
+the out folder: it holds the lock, writes checkpoints, TensorBoard events and curves.json, shows
+progress, and (in `seqlab train`) records the run. A checkpoint holds the full, unsharded weights
+and optimizer state (gathered to rank 0's CPU), in the format of a one-process run: a checkpoint
+of a W-process run resumes in M processes, with DDP, FSDP or neither, and with or without
+sequence parallelism. On resume rank 0 reads it and broadcasts it, so the ranks need no shared
+file system.
 """
 
 from __future__ import annotations
