@@ -11,10 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqlab.parallel import run_group
 from seqlab.tasks import build_task
 from seqlab.train.distributed import check_world
 from seqlab.train.results import ResultsStore
-from seqlab.train.trainer import TrainConfig, Trainer, check_sequence_split, training_lengths
+from seqlab.train.trainer import (
+    TrainConfig,
+    Trainer,
+    check_sequence_split,
+    lm_loss,
+    training_lengths,
+)
 from tests.train.conftest import tiny_model, tiny_task, tiny_train
 from tests.train.test_distributed import (
     ENV,
@@ -80,6 +87,50 @@ def test_two_ranks_sharing_each_sequence_train_like_one_process(arch, kind, alon
     assert record["env"]["world_size"] == 2
     assert record["train"]["sequence_parallel"] == 2
     assert files(out) == files(reference)
+
+
+def layout_worker(rank: int, world_size: int) -> dict:
+    """One rank of a 4-process job with sequence_parallel 2: what its trainer made of the job,
+    and the token ids its model was given in one update."""
+    import torch.distributed as dist
+
+    trainer = Trainer(
+        tiny_model(HYBRID, n_layers=2),
+        tiny_task(),
+        tiny_train(distributed="ddp", sequence_parallel=2),
+    )
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    world = trainer.world
+    loss, _ = trainer.train_step(*next(trainer.batches()))
+    groups = {m.sequence_group for m in trainer.model.modules() if hasattr(m, "sequence_group")}
+    out = {
+        "replica": world.replica,
+        "replicas": world.replicas,
+        "group": dist.get_process_group_ranks(world.sequence_group),
+        "mixer_groups_are_the_world_s": groups == {world.sequence_group},
+        "seen": seen,
+        "loss": loss,
+    }
+    trainer.release()
+    return out
+
+
+def test_ranks_take_their_replica_rows_and_their_slice_of_t():
+    """Rank r trains rows of replica r // 2 and tokens [(r % 2)·T/2, (r % 2 + 1)·T/2) of them."""
+    trainer = Trainer(tiny_model(HYBRID, n_layers=2), tiny_task(), tiny_train())
+    inputs, targets = next(trainer.batches())
+    whole = lm_loss(trainer.model(inputs).logits, targets).item()
+    B, T = inputs.shape
+    for rank, got in enumerate(run_group(layout_worker, 4, timeout=300)):
+        replica, part = divmod(rank, 2)
+        assert (got["replica"], got["replicas"]) == (replica, 2)
+        assert got["group"] == [2 * replica, 2 * replica + 1]
+        assert got["mixer_groups_are_the_world_s"]
+        rows = slice(replica * B // 2, (replica + 1) * B // 2)
+        (ids,) = got["seen"]
+        assert torch.equal(ids, inputs[rows, part * T // 2 : (part + 1) * T // 2])
+        assert got["loss"] == pytest.approx(whole, rel=1e-5)  # the global batch's mean
 
 
 @pytest.mark.slow
