@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from seqlab.cli import app
 from seqlab.parallel import run_group
 from seqlab.tasks import build_task
 from seqlab.train.distributed import check_world
@@ -226,6 +228,13 @@ def test_layouts_that_fit_are_accepted():
     check_world("ddp", 2, 1, 4, 2)  # two replicas of one row each
     check_world("fsdp", 3, 1, 4, 4)  # one sequence group: the whole batch on every rank
     check_world("ddp", 8, 1, 8, 1)
+
+
+def test_the_flag_reaches_the_config():
+    args = ["train", "--task", "mqar", "--arch", "gla", "--sequence-parallel", "4", "--dump-config"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sequence_parallel = 4" in result.output
 
 
 def test_sequence_parallel_is_a_strict_positive_int():
