@@ -516,7 +516,8 @@ class Trainer:
         rank evaluates whole sequences (its mixers' group unset meanwhile): held-out lengths need
         not divide among the group, and the figures are the one-process run's."""
         self.model.eval()
-        with whole_sequence(self.model) if self.world.sequence_group else contextlib.nullcontext():
+        split = self.world.sequence_group is not None
+        with whole_sequence(self.model) if split else contextlib.nullcontext():
             return self.evaluate_whole()
 
     def evaluate_whole(self) -> dict[str, float]:
