@@ -449,11 +449,19 @@ def train(
             "--batch-size is the global batch (default none)"
         ),
     ] = None,
+    sequence_parallel: Annotated[
+        int | None,
+        typer.Option(
+            help="under torchrun with ddp/fsdp: split every sequence along T across groups of "
+            "N consecutive ranks (LASP-2); N divides the world size (default 1)"
+        ),
+    ] = None,
 ) -> None:
     """Train one architecture on a task; resume from the out folder if it holds a checkpoint.
     The experiment is --config's file (or the defaults), then the flags given, then --set.
     Under torchrun (`torchrun --nproc-per-node N -m seqlab.cli train --distributed ddp ...`)
-    the ranks share the global batch, and rank 0 alone writes, prints and records."""
+    the ranks share the global batch, and rank 0 alone writes, prints and records; with
+    `--sequence-parallel N` groups of N ranks also share each sequence."""
     from seqlab.experiment import experiment_to_toml, load_experiment, run_experiment
     from seqlab.train.distributed import is_main_process
     from seqlab.train.report import train_table
@@ -482,6 +490,7 @@ def train(
             "train.grad_accum": grad_accum,
             "train.compile": compile_model,
             "train.distributed": distributed,
+            "train.sequence_parallel": sequence_parallel,
         },
     )
     try:

@@ -47,6 +47,7 @@ SETTINGS = {
     "train.compile": ("true", True),
     "train.tensorboard": ("false", False),
     "train.distributed": ('"fsdp"', "fsdp"),
+    "train.sequence_parallel": ("2", 2),
     "model.d_model": ("32", 32),
     "model.n_layers": ("4", 4),
     "model.pattern": ("gdn*3,attn", "gdn*3,attn"),

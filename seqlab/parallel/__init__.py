@@ -9,7 +9,12 @@ from seqlab.parallel.lasp2 import (
     lasp2_gated_linear,
     previous_tail,
 )
-from seqlab.parallel.model import local_slice, split_sequence
+from seqlab.parallel.model import (
+    local_slice,
+    refuse_unsplittable,
+    split_sequence,
+    whole_sequence,
+)
 from seqlab.parallel.spawn import run_group
 
 __all__ = [
@@ -20,6 +25,8 @@ __all__ = [
     "lasp2_gated_linear",
     "local_slice",
     "previous_tail",
+    "refuse_unsplittable",
     "run_group",
     "split_sequence",
+    "whole_sequence",
 ]

@@ -1,8 +1,10 @@
-"""Data-parallel training: one run in N processes under torchrun, with DDP or FSDP2.
+"""Data-parallel training: one run in several processes under torchrun, with DDP or FSDP2, and
+optionally sequence parallelism (LASP-2) inside groups of ranks.
 
     torchrun --nproc-per-node 4 -m seqlab.cli train --distributed ddp --batch-size 256 ...
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host:29500 \\
         -m seqlab.cli train --distributed fsdp ...
+    torchrun --nproc-per-node 4 -m seqlab.cli train --distributed ddp --sequence-parallel 2 ...
 
 `TrainConfig.distributed` picks how: "ddp" (DistributedDataParallel: every rank holds the whole
 model, gradients are averaged) or "fsdp" (FSDP2's `fully_shard` on each block, then on the root:
@@ -26,13 +28,29 @@ ranks' averaged gradient is the gradient of the global token mean, however uneve
 tokens fall between the ranks; the loss logged is its mean over the ranks. (A MoE balance loss is
 the ranks' mean of the per-shard balance losses, as with grad_accum.)
 
+Sequence parallelism (`TrainConfig.sequence_parallel` N > 1, `--sequence-parallel N`) adds a
+second dimension: the W ranks form W / N sequence groups of N consecutive ranks (rank r is rank
+r % N of group r // N; every rank makes every group with `new_group`, and keeps its own), and
+group g trains the rows that data-parallel replica g of W / N would, each of its ranks on its
+T / N tokens of every row (seqlab.parallel: LASP-2 state exchanges for the recurrent mixers,
+keys and values gathered for attention, in the group's own process group). The parameters are
+still replicated (DDP) or sharded (FSDP2) over all W ranks, and their gradient reduction over
+the whole job averages every rank's share: each rank's loss is weighted by W over the global
+batch's scored tokens as above, so the result is again the one-process gradient of the global
+token mean. "none" under torchrun stays an error ("ddp" with N = W is pure sequence parallelism);
+N > 1 in one process and N not dividing W are errors before any work, and the trainer refuses a
+mixer that cannot split or a training length T that N does not divide before the process group
+is made. N = 1 is plain data parallelism.
+
 Evaluation is not split: every rank evaluates the whole held-out split with the same weights and
 gets the same figures as the one-process run (with FSDP the ranks must run every forward together
-anyway). Only rank 0 touches the out folder: it holds the lock, writes checkpoints, TensorBoard
-events and curves.json, shows progress, and (in `seqlab train`) records the run. A checkpoint
-holds the full, unsharded weights and optimizer state (gathered to rank 0's CPU), in the format of
-a one-process run: a checkpoint of an N-process run resumes in M processes, with DDP, FSDP or
-neither. On resume rank 0 reads it and broadcasts it, so the ranks need no shared file system.
+anyway; with sequence parallelism the mixers' group is unset while it runs). Only rank 0 touches
+the out folder: it holds the lock, writes checkpoints, TensorBoard events and curves.json, shows
+progress, and (in `seqlab train`) records the run. A checkpoint holds the full, unsharded weights
+and optimizer state (gathered to rank 0's CPU), in the format of a one-process run: a checkpoint
+of a W-process run resumes in M processes, with DDP, FSDP or neither, and with or without
+sequence parallelism. On resume rank 0 reads it and broadcasts it, so the ranks need no shared
+file system.
 """
 
 from __future__ import annotations
@@ -90,19 +108,47 @@ def is_main_process() -> bool:
     return place().rank == 0
 
 
-def check_world(distributed: Distributed, batch_size: int, grad_accum: int, size: int) -> None:
-    """A ValueError, before any work, for a setting that cannot run in `size` processes."""
+def check_world(
+    distributed: Distributed, batch_size: int, grad_accum: int, size: int, sequence: int = 1
+) -> None:
+    """A ValueError, before any work, for a setting that cannot run in `size` processes, with
+    `sequence` ranks sharing each sequence (sequence parallelism)."""
+    if sequence > 1 and size == 1:
+        raise ValueError(
+            f"train.sequence_parallel is {sequence} but this process runs alone: sequence "
+            "parallelism splits every sequence across the ranks of a torchrun job, e.g. "
+            f"torchrun --nproc-per-node {sequence} -m seqlab.cli train --distributed ddp "
+            f"--sequence-parallel {sequence} ..."
+        )
     if size > 1 and distributed == "none":
+        why = (
+            "; sequence parallelism needs one of them too: the parameters live on every rank "
+            "and their gradients are summed over all ranks"
+            if sequence > 1
+            else ""
+        )
         raise ValueError(
             f"this process is one of {size} (WORLD_SIZE={size}, e.g. started by torchrun) but "
             'train.distributed is "none": pick --distributed ddp (every rank holds the model) '
-            "or --distributed fsdp (the model sharded across the ranks)"
+            f"or --distributed fsdp (the model sharded across the ranks){why}"
         )
-    if batch_size % (size * grad_accum):
+    if size % sequence:
         raise ValueError(
-            f"batch_size ({batch_size}) must be a multiple of world size × grad_accum "
-            f"({size} × {grad_accum} = {size * grad_accum}): batch_size is the global batch, "
-            "split into equal shards per rank and equal micro-batches per shard"
+            f"train.sequence_parallel ({sequence}) must divide the world size ({size}): the "
+            f"ranks form world size / {sequence} sequence groups of {sequence} consecutive ranks"
+        )
+    replicas = size // sequence
+    if batch_size % (replicas * grad_accum):
+        what = (
+            "world size"
+            if sequence == 1
+            else f"data-parallel size (world size {size} / sequence_parallel {sequence})"
+        )
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of {what} × grad_accum "
+            f"({replicas} × {grad_accum} = {replicas * grad_accum}): batch_size is the global "
+            "batch, split into equal shards per "
+            f"{'rank' if sequence == 1 else 'sequence group'} and equal micro-batches per shard"
         )
 
 
@@ -148,22 +194,53 @@ def optimizer_by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str
 
 class World:
     """The ranks of one run and what they do together. With one process every method is the
-    plain one-process operation and no process group exists."""
+    plain one-process operation and no process group exists.
 
-    def __init__(self, distributed: Distributed, device: torch.device, where: Place, owned: bool):
+    With sequence parallelism (`sequence` > 1) the ranks form size / sequence groups of
+    `sequence` consecutive ranks: rank r is rank r % sequence of sequence group r // sequence
+    (`sequence_group`, its process group), which trains the share of the global batch that data
+    parallel replica r // sequence of size / sequence would."""
+
+    def __init__(
+        self,
+        distributed: Distributed,
+        device: torch.device,
+        where: Place,
+        owned: bool,
+        sequence: int = 1,
+        sequence_group: dist.ProcessGroup | None = None,
+    ):
         self.kind: Distributed = distributed if where.size > 1 else "none"
         self.rank, self.size = where.rank, where.size
         self.device = device
         self.owned = owned  # this object made the process group, so it destroys it
+        self.sequence = sequence  # ranks per sequence group
+        self.sequence_group = sequence_group  # this rank's; None without sequence parallelism
+
+    @property
+    def replica(self) -> int:
+        """Which share of the global batch this rank trains on (its sequence group's index)."""
+        return self.rank // self.sequence
+
+    @property
+    def replicas(self) -> int:
+        """Into how many shares the global batch is split: the data-parallel size."""
+        return self.size // self.sequence
 
     @classmethod
     def join(
-        cls, distributed: Distributed, batch_size: int, grad_accum: int, device: torch.device
+        cls,
+        distributed: Distributed,
+        batch_size: int,
+        grad_accum: int,
+        device: torch.device,
+        sequence: int = 1,
     ) -> tuple[World, torch.device]:
         """Check the setting against the job, make the process group if the job has several
-        processes and none exists yet, and return the world and this rank's device."""
+        processes and none exists yet (and the sequence groups if `sequence` > 1), and return
+        the world and this rank's device."""
         where = place()
-        check_world(distributed, batch_size, grad_accum, where.size)
+        check_world(distributed, batch_size, grad_accum, where.size, sequence)
         if where.size == 1:
             return cls(distributed, device, where, owned=False), device
         if device.type == "cuda" and device.index is None:
@@ -179,17 +256,31 @@ class World:
         if owned:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        return cls(distributed, device, where, owned), device
+        group = None
+        if sequence > 1:
+            # Every rank takes part in making every group (new_group is a collective of the
+            # whole job); each keeps its own. The LASP-2 exchanges run in it, apart from the
+            # gradient reduction over the whole job.
+            for start in range(0, where.size, sequence):
+                made = dist.new_group(list(range(start, start + sequence)))
+                if start <= where.rank < start + sequence:
+                    group = made
+        return cls(distributed, device, where, owned, sequence, group), device
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def leave(self) -> None:
-        """Destroy the process group if this world made it (idempotent)."""
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroy the process group if this world made it, else only the sequence group it
+        made (idempotent)."""
+        if dist.is_initialized():
+            if self.owned:
+                dist.destroy_process_group()  # with every group made after it
+            elif self.sequence_group is not None:
+                dist.destroy_process_group(self.sequence_group)
         self.owned = False
+        self.sequence_group = None
 
     # collectives
     def barrier(self) -> None:

@@ -15,7 +15,8 @@ process training there. A step folder is written as `.step-NNNNNNNN.partial` and
 whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
 
 Under torchrun, `distributed="ddp"` or `"fsdp"` trains one run in several processes with the same
-result as one process (the global batch sharded across the ranks; rank 0 alone writes):
+result as one process (the global batch sharded across the ranks; rank 0 alone writes), and
+`sequence_parallel=N` also splits every sequence along T across groups of N ranks (LASP-2):
 see seqlab.train.distributed.
 """
 
@@ -49,8 +50,10 @@ from torch import Tensor
 
 from seqlab.config import Config, parse_device
 from seqlab.files import exclusive_folder, fsync_dir, remove_stale_temporaries, write_atomic
+from seqlab.mixers import MIXERS
 from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
+from seqlab.parallel.model import local_slice, refuse_unsplittable, split_sequence, whole_sequence
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
 from seqlab.train.distributed import Distributed, World, full, local_tensors
 from seqlab.train.watch import EVENTS, EventLog, write_curves
@@ -62,10 +65,11 @@ MODEL, TRAINER = "model.safetensors", "trainer.pt"
 MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
-# A run may also resume in another number of processes, or with another kind of data parallelism:
-# the global batch and so the trajectory stay the same, to float round-off.
+# A run may also resume in another number of processes, with another kind of data parallelism or
+# another split of its sequences: the global batch and so the trajectory stay the same, to float
+# round-off.
 RESUMABLE_CHANGES = frozenset(
-    {"device", "out_dir", "progress", "compile", "tensorboard", "distributed"}
+    {"device", "out_dir", "progress", "compile", "tensorboard", "distributed", "sequence_parallel"}
 )
 
 
@@ -106,6 +110,10 @@ class TrainConfig(Config):
     # the ranks); batch_size stays the global batch (seqlab.train.distributed). In one process
     # all three train alike; "none" in a job of several processes is an error.
     distributed: Distributed = "none"
+    # Under torchrun with "ddp" or "fsdp": every sequence split along T across a group of this
+    # many consecutive ranks (LASP-2, seqlab.parallel); the global batch is then shared among
+    # world size / sequence_parallel groups. 1: no split. More than 1 in one process is an error.
+    sequence_parallel: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _accumulation_divides_the_batch(self):
@@ -351,9 +359,15 @@ class Trainer:
                 f"model vocab_size {model_config.vocab_size} < the task's {task.vocab_size}"
             )
         self.model_config, self.task, self.config = model_config, task, config
+        if config.sequence_parallel > 1:
+            check_sequence_split(model_config, task, config.sequence_parallel)
         # Checked (batch divisible among the ranks) before the process group is made.
         self.world, self.device = World.join(
-            config.distributed, config.batch_size, config.grad_accum, resolve_device(config.device)
+            config.distributed,
+            config.batch_size,
+            config.grad_accum,
+            resolve_device(config.device),
+            config.sequence_parallel,
         )
         try:
             self.build()
@@ -365,6 +379,10 @@ class Trainer:
         model_config, config = self.model_config, self.config
         seed_everything(config.seed)  # the same initial weights on every rank
         self.model = CausalLM(model_config).to(self.device)
+        if self.world.sequence_group is not None:
+            # Its mixers now run on this rank's slice of T and exchange states with the group;
+            # DDP or FSDP then wraps it as any model.
+            split_sequence(self.model, self.world.sequence_group)
         if self.world.rank:
             seed_everything(rank_seed(config.seed, self.world.rank))
         # The training forward (DDP around the model, or the model itself, sharded in place under
@@ -449,15 +467,22 @@ class Trainer:
 
     def shard_backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The backward of this rank's share of the global batch (`inputs`, `targets` [B, T],
-        the same on every rank): its contiguous rows B / world, in grad_accum micro-batches.
+        the same on every rank): its replica's contiguous rows B / replicas, in grad_accum
+        micro-batches, and with sequence parallelism of those only its group rank's slice of T.
         Its loss is its tokens' summed losses over the global batch's scored tokens, times the
         world size, since DDP and FSDP average the ranks' gradients: that average is then the
-        gradient of the global token mean. Returns this rank's loss (detached)."""
+        gradient of the global token mean (a sequence group's ranks each hold the gradient of
+        their own tokens' losses, the LASP-2 backward having sent every exchanged state its
+        share). Returns this rank's loss (detached)."""
         world, n = self.world, self.config.grad_accum
         scored = (targets != IGNORE).sum()
-        rows = len(inputs) // world.size
-        mine = slice(world.rank * rows, (world.rank + 1) * rows)
-        pieces = list(zip(inputs[mine].chunk(n), targets[mine].chunk(n), strict=True))
+        rows = len(inputs) // world.replicas
+        mine = slice(world.replica * rows, (world.replica + 1) * rows)
+        inputs, targets = inputs[mine], targets[mine]
+        if world.sequence_group is not None:
+            inputs = local_slice(inputs, world.sequence_group)
+            targets = local_slice(targets, world.sequence_group)
+        pieces = list(zip(inputs.chunk(n), targets.chunk(n), strict=True))
         loss = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(pieces):
             with world.no_sync(self.train_module, last=i == n - 1):
@@ -487,8 +512,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy per slice and "all" on the held-out split; for streamed tasks (text) also
-        bits per byte, over at most `eval_batches` batches."""
+        bits per byte, over at most `eval_batches` batches. With sequence parallelism every
+        rank evaluates whole sequences (its mixers' group unset meanwhile): held-out lengths need
+        not divide among the group, and the figures are the one-process run's."""
         self.model.eval()
+        split = self.world.sequence_group is not None
+        with whole_sequence(self.model) if split else contextlib.nullcontext():
+            return self.evaluate_whole()
+
+    def evaluate_whole(self) -> dict[str, float]:
         held_out = self.task.splits[1]
         if isinstance(self.task, SyntheticTask):
             return evaluate_slices(
@@ -694,6 +726,8 @@ class Trainer:
             self.train_module = self.train_model = None
             if self.world.kind == "fsdp":
                 self.model, self.optimizer, self.scheduler = self.host, None, None
+            elif self.world.sequence_group is not None:
+                split_sequence(self.model, None)  # whole sequences again once the group is gone
             gc.collect()
         self.world.leave()
 
@@ -859,6 +893,36 @@ class Trainer:
     def reached_target(self, metrics: dict[str, float]) -> bool:
         target = self.config.target_accuracy
         return target is not None and metrics.get("all", 0.0) >= target
+
+
+def training_lengths(task: Task) -> list[int]:
+    """The lengths T a training batch of `task` can have: a synthetic task's batch is as long as
+    the longest of its rows, so any of its training rows' lengths; a streamed task's rows are all
+    `seq_len` long."""
+    if isinstance(task, SyntheticTask):
+        return sorted(set(task.dataset(task.splits[0]).lengths.tolist()))
+    return [task.seq_len]
+
+
+def check_sequence_split(model_config: ModelConfig, task: Task, n: int) -> None:
+    """A ValueError, before any work, if `n` ranks cannot share the model's training sequences:
+    a mixer of the pattern that cannot run on a slice of T, or a training length T that does
+    not divide into `n` equal slices."""
+    named = {s.name: MIXERS[s.name] for s in model_config.mixer_specs() if s.name in MIXERS}
+    try:
+        refuse_unsplittable(named)
+    except ValueError as e:
+        raise ValueError(
+            f"train.sequence_parallel {n} with model pattern {model_config.pattern!r}: {e}"
+        ) from None
+    lengths = training_lengths(task)
+    if bad := [t for t in lengths if t % n]:
+        shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+        raise ValueError(
+            f"train.sequence_parallel {n}: {type(task).__name__}'s training sequences have "
+            f"lengths T = {shown}, not multiples of {n}: each rank of a sequence group takes "
+            f"T / {n} tokens of every sequence"
+        )
 
 
 def train(
