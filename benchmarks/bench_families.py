@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from seqlab.ops.registry import OpFamily, families
+from seqlab.profile.bench import cpu_name
 
 B, H = 1, 4
 PASSES = (("fwd+bwd", 2048), ("fwd", 8192))
@@ -161,12 +161,7 @@ def _line(row: dict) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{cpu}; {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs; torch "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from seqlab.files import write_atomic
+from seqlab.profile.bench import cpu_name
 
 
 class Case(NamedTuple):
@@ -130,12 +130,7 @@ def run_case(case: Case, args: argparse.Namespace, root: Path) -> dict:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     if device.startswith("cuda") and torch.cuda.is_available():
         cpu += f"; {torch.cuda.get_device_name()}"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

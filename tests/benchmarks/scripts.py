@@ -1,12 +1,25 @@
-"""What the tests of benchmarks/ share: the repository root, and the environment its scripts run
-in as subprocesses."""
+"""What the tests of benchmarks/ share: the repository root, a script loaded as a module, and the
+environment its scripts run in as subprocesses."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """The script at `path` (e.g. ROOT / "benchmarks" / "bench_families.py") as a fresh module,
+    registered in sys.modules under `name` (its stem) while it runs, as dataclasses need."""
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def script_env(interpret: bool) -> dict[str, str]:

@@ -3,19 +3,12 @@ seconds (nothing asserts on speed)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from seqlab.ops.registry import families
-from tests.benchmarks.scripts import ROOT
+from tests.benchmarks.scripts import ROOT, load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_families", ROOT / "benchmarks" / "bench_families.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "bench_families.py")
 
 
 def test_table_covers_every_family_variant_and_form(tmp_path):

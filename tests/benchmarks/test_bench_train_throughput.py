@@ -3,21 +3,15 @@ curves.json, and one tiny real `seqlab train` case end to end (nothing asserts o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.benchmarks.scripts import ROOT
+from tests.benchmarks.scripts import ROOT, load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_train_throughput", ROOT / "benchmarks" / "bench_train_throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "bench_train_throughput.py")
 
 
 def test_cases_cross_precision_and_mode_in_one_process_then_more_processes():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.benchmarks.scripts import ROOT, script_env
+from tests.benchmarks.scripts import ROOT, load_script, script_env
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton ships for Linux only (the test extra)", allow_module_level=True)
@@ -72,10 +72,7 @@ bench.main(sys.argv[2:])
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_triton_gpu", SCRIPT)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for its dataclass
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def run(args, interpret=True, code=None) -> subprocess.CompletedProcess:

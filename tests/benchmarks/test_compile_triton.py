@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from seqlab.ops.triton.aot import CompiledKernel
-from tests.benchmarks.scripts import ROOT, script_env
+from tests.benchmarks.scripts import ROOT, load_script, script_env
 from tests.conftest import INTERPRET
 
 if importlib.util.find_spec("triton") is None:
@@ -72,15 +72,8 @@ def test_blocks_per_sm_follow_the_cuda_occupancy_rule():
     assert kernel(shared=227 * 1024).blocks_per_sm == 1
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compile_triton", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_problems_name_the_kernel_and_fail_the_run_where_they_should():
-    script = load_script()
+    script = load_script(SCRIPT)
     row = kernel(name="x", call="training").as_dict() | dict(family="gla", K=128, V=128)
     assert script.problems([row], fail_on_spill=True) == ([], False)
     spilled = row | {"spill": 24}
@@ -112,14 +105,14 @@ def test_transposed_accumulators_are_found_in_the_ir():
     )
     assert mma_transposes("\n".join([hazard, loaded, second])) == 2
     assert mma_transposes(loaded) == 0
-    script = load_script()
+    script = load_script(SCRIPT)
     row = kernel(name="x", call="training", mma_transposes=1).as_dict()
     found, fatal = script.problems([row | dict(family="gla", K=64, V=64)], fail_on_spill=False)
     assert fatal and "transposes a tl.dot result" in found[0]
 
 
 def test_bad_arguments_are_named():
-    script = load_script()
+    script = load_script(SCRIPT)
     with pytest.raises(SystemExit):
         script.parse_args(["--head-dims", "128", "--out", "x"])
     with pytest.raises(SystemExit):
