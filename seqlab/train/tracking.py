@@ -5,7 +5,7 @@ through each one's own library (the `tracking` extra: pip install -e '.[tracking
     TrainConfig(out_dir="runs/x", mlflow="sqlite:///mlflow.db", wandb="mqar-study")
 
 `mlflow` is a tracking URI (sqlite:///FILE, http://HOST:PORT, databricks; a plain folder is
-MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true) or "out", an
+MLflow's file store, which MLflow 3.18 refuses unless MLFLOW_ALLOW_FILE_STORE=true) or "out", an
 SQLite store in the run folder. The experiment is $MLFLOW_EXPERIMENT_NAME, else "seqlab". `wandb`
 is a W&B project; W&B's own settings (WANDB_MODE=offline, WANDB_ENTITY, WANDB_API_KEY, ...) come
 from its environment, and its files go under <out>/wandb.

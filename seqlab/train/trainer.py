@@ -12,7 +12,9 @@ with the same weights as one that was never interrupted.
 `out_dir` holds `latest.json` (naming the newest checkpoint), `step-NNNNNNNN/` folders (the model,
 `trainer.pt`, and `checkpoint.json` with each file's size and SHA-256) and `.lock`, held by the one
 process training there. A step folder is written as `.step-NNNNNNNN.partial` and renamed when
-whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
+whole, so a step folder without `checkpoint.json` can only come from an older seqlab. Beside them
+lie what watches the run: TensorBoard events and curves.json (seqlab.train.watch), and the MLflow
+and W&B run ids in tracking.json (seqlab.train.tracking).
 
 Under torchrun, `distributed="ddp"` or `"fsdp"` trains one run in several processes with the same
 result as one process (the global batch sharded across the ranks; rank 0 alone writes):

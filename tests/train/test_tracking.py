@@ -266,13 +266,13 @@ def test_the_mlflow_store_in_the_out_folder_needs_one():
         Trainer(tiny_model(), tiny_task(), tiny_train(mlflow="out"))
 
 
-def test_an_unusable_mlflow_store_names_itself(tmp_path, monkeypatch):
+def test_an_unusable_mlflow_store_names_itself(tmp_path):
     pytest.importorskip("mlflow")
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    folder = tmp_path / "mlruns"  # MLflow 3's file store refuses to open
-    config = tiny_train(steps=2, out_dir=str(tmp_path / "run"), mlflow=str(folder))
-    with pytest.raises(ValueError, match=f"train.mlflow '{folder}': MLflow could not open"):
+    uri = "nosuch://store"  # a scheme MLflow has no store for
+    config = tiny_train(steps=2, out_dir=str(tmp_path / "run"), mlflow=uri)
+    with pytest.raises(ValueError, match=f"train.mlflow '{uri}': MLflow could not open"):
         train(tiny_model(), tiny_task(), config)
+    assert not (tmp_path / "run" / "latest.json").exists()  # nothing trained
 
 
 def test_names_and_settings_as_mlflow_takes_them():
