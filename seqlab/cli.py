@@ -456,6 +456,22 @@ def train(
             "N consecutive ranks (LASP-2); N divides the world size (default 1)"
         ),
     ] = None,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            help="also log to MLflow: a tracking URI (sqlite:///mlflow.db, http://host:5000) or "
+            "'out' for <out>/mlflow.db; needs the tracking extra",
+        ),
+    ] = None,
+    wandb: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PROJECT",
+            help="also log to this W&B project (WANDB_MODE=offline etc. from the environment); "
+            "needs the tracking extra",
+        ),
+    ] = None,
 ) -> None:
     """Train one architecture on a task; resume from the out folder if it holds a checkpoint.
     The experiment is --config's file (or the defaults), then the flags given, then --set.
@@ -465,6 +481,7 @@ def train(
     from seqlab.experiment import experiment_to_toml, load_experiment, run_experiment
     from seqlab.train.distributed import is_main_process
     from seqlab.train.report import train_table
+    from seqlab.train.tracking import check_tracking
 
     flags = _flags(
         task,
@@ -491,6 +508,8 @@ def train(
             "train.compile": compile_model,
             "train.distributed": distributed,
             "train.sequence_parallel": sequence_parallel,
+            "train.mlflow": mlflow,
+            "train.wandb": wandb,
         },
     )
     try:
@@ -503,6 +522,10 @@ def train(
         return
     # everything the run will need, checked before it starts
     _device(cfg.train.device)
+    try:
+        check_tracking(cfg.train)
+    except ValueError as e:
+        raise _fail(e) from None
     if cfg.train.out_dir is not None and main:
         _out_dir(Path(cfg.train.out_dir))
     store = _store(results, "--results") if record and main else None

@@ -106,6 +106,9 @@ def test_flags_override_the_file_and_set_overrides_the_flags(tmp_path):
     assert data["model"]["channel"] == "none" and data["task"]["preset"] == "none"
     data = dumped(["train", "--config", str(path), "--no-progress", "--out", str(tmp_path / "o")])
     assert data["train"]["progress"] is False and data["train"]["out_dir"] == str(tmp_path / "o")
+    data = dumped(["train", "--config", str(path), "--mlflow", "out", "--wandb", "study"])
+    assert (data["train"]["mlflow"], data["train"]["wandb"]) == ("out", "study")
+    assert data["train"]["tensorboard"] is True
 
 
 def test_set_reaches_fields_no_flag_has(tmp_path):

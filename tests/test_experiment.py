@@ -46,6 +46,8 @@ SETTINGS = {
     "train.grad_accum": ("2", 2),
     "train.compile": ("true", True),
     "train.tensorboard": ("false", False),
+    "train.mlflow": ('"sqlite:///runs.db"', "sqlite:///runs.db"),
+    "train.wandb": ("mqar-study", "mqar-study"),
     "train.distributed": ('"fsdp"', "fsdp"),
     "train.sequence_parallel": ("2", 2),
     "model.d_model": ("32", 32),

@@ -45,12 +45,12 @@ is made. N = 1 is plain data parallelism.
 Evaluation is not split: every rank evaluates the whole held-out split with the same weights and
 gets the same figures as the one-process run (with FSDP the ranks must run every forward together
 anyway; with sequence parallelism the mixers' group is unset while it runs). Only rank 0 touches
-the out folder: it holds the lock, writes checkpoints, TensorBoard events and curves.json, shows
-progress, and (in `seqlab train`) records the run. A checkpoint holds the full, unsharded weights
-and optimizer state (gathered to rank 0's CPU), in the format of a one-process run: a checkpoint
-of a W-process run resumes in M processes, with DDP, FSDP or neither, and with or without
-sequence parallelism. On resume rank 0 reads it and broadcasts it, so the ranks need no shared
-file system.
+the out folder: it holds the lock, writes checkpoints, TensorBoard events and curves.json, logs to
+MLflow and W&B, shows progress, and (in `seqlab train`) records the run. A checkpoint holds the
+full, unsharded weights and optimizer state (gathered to rank 0's CPU), in the format of a
+one-process run: a checkpoint of a W-process run resumes in M processes, with DDP, FSDP or
+neither, and with or without sequence parallelism. On resume rank 0 reads it and broadcasts it,
+so the ranks need no shared file system.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ with the same weights as one that was never interrupted.
 `out_dir` holds `latest.json` (naming the newest checkpoint), `step-NNNNNNNN/` folders (the model,
 `trainer.pt`, and `checkpoint.json` with each file's size and SHA-256) and `.lock`, held by the one
 process training there. A step folder is written as `.step-NNNNNNNN.partial` and renamed when
-whole, so a step folder without `checkpoint.json` can only come from an older seqlab.
+whole, so a step folder without `checkpoint.json` can only come from an older seqlab. Beside them
+lie what watches the run: TensorBoard events and curves.json (seqlab.train.watch), and the MLflow
+and W&B run ids in tracking.json (seqlab.train.tracking).
 
 Under torchrun, `distributed="ddp"` or `"fsdp"` trains one run in several processes with the same
 result as one process (the global batch sharded across the ranks; rank 0 alone writes), and
@@ -56,7 +58,8 @@ from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.parallel.model import local_slice, refuse_unsplittable, split_sequence, whole_sequence
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
 from seqlab.train.distributed import Distributed, World, full, local_tensors
-from seqlab.train.watch import EVENTS, EventLog, write_curves
+from seqlab.train.tracking import check_tracking, open_run_log
+from seqlab.train.watch import RunLog, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,17 @@ STEP_DIR = re.compile(r"step-\d{8}")
 # another split of its sequences: the global batch and so the trajectory stay the same, to float
 # round-off.
 RESUMABLE_CHANGES = frozenset(
-    {"device", "out_dir", "progress", "compile", "tensorboard", "distributed", "sequence_parallel"}
+    {
+        "device",
+        "out_dir",
+        "progress",
+        "compile",
+        "tensorboard",
+        "mlflow",
+        "wandb",
+        "distributed",
+        "sequence_parallel",
+    }
 )
 
 
@@ -106,6 +119,11 @@ class TrainConfig(Config):
     compile: bool = False  # torch.compile the model for the training forward
     # TensorBoard event files under <out_dir>/tensorboard (seqlab.train.watch); needs out_dir.
     tensorboard: bool = True
+    # The same values to MLflow and W&B (seqlab.train.tracking; the `tracking` extra): an MLflow
+    # tracking URI, or "out" for an SQLite store in out_dir; a W&B project (its mode, entity and
+    # key from W&B's WANDB_* environment). A resumed run continues their runs.
+    mlflow: str | None = Field(None, min_length=1)
+    wandb: str | None = Field(None, min_length=1)
     # Under torchrun: "ddp" (each rank holds the model) or "fsdp" (FSDP2, the model sharded across
     # the ranks); batch_size stays the global batch (seqlab.train.distributed). In one process
     # all three train alike; "none" in a job of several processes is an error.
@@ -358,6 +376,7 @@ class Trainer:
             raise ValueError(
                 f"model vocab_size {model_config.vocab_size} < the task's {task.vocab_size}"
             )
+        check_tracking(config)  # a missing package, before the process group and the model
         self.model_config, self.task, self.config = model_config, task, config
         if config.sequence_parallel > 1:
             check_sequence_split(model_config, task, config.sequence_parallel)
@@ -409,7 +428,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         # history's records with wall_time_s and tokens at each evaluation: the learning curves
         self.curve: list[dict[str, Any]] = []
-        self.events: EventLog | None = None
+        self.watch: RunLog | None = None  # rank 0's loggers while it trains
         self.wall_before_s = 0.0  # wall time of the run before this process took it over
         self.started = time.perf_counter()
         self.train_time_s = 0.0
@@ -753,14 +772,26 @@ class Trainer:
         stop_reason, message = "steps", f"trained {c.steps} steps"
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
-        if c.out_dir is not None and c.tensorboard and self.world.is_main:
-            self.events = EventLog(Path(c.out_dir) / EVENTS, resumed_at=self.step)
+        if self.world.is_main:
+            name = Path(c.out_dir).name if c.out_dir is not None else self.model_config.pattern
+            self.watch = open_run_log(c, self.resumed_from, name, self.settings())
+        failed = True
         try:
-            return self.train_steps(stop_reason, message)
+            result = self.train_steps(stop_reason, message)
+            failed = False
+            return result
         finally:
-            if self.events is not None:
-                self.events.close()
-                self.events = None
+            if self.watch is not None:
+                self.watch.close(failed)
+                self.watch = None
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings as the trackers record them."""
+        return {
+            "task": task_signature(self.task),
+            "model": self.model_config.model_dump(mode="json"),
+            "train": self.config.model_dump(mode="json"),
+        }
 
     def train_steps(self, stop_reason: str, message: str) -> TrainResult:
         c = self.config
@@ -796,8 +827,8 @@ class Trainer:
                 self.tokens += inputs.numel()
                 losses.append(loss)
                 norms.append(norm)
-                if self.events is not None:
-                    self.events.update(self.step, loss, lr, norm)
+                if self.watch is not None:
+                    self.watch.update(self.step, loss, lr, norm)
                 progress.update(bar, advance=1, description=f"{label} loss {loss:.3f}{held_out}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     metrics = self.log_eval(losses, norms)
@@ -865,9 +896,9 @@ class Trainer:
                 "tokens": self.tokens,
             }
         )
-        if self.events is not None:
+        if self.watch is not None:
             tokens_per_s = self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0
-            self.events.evaluation(self.step, metrics, tokens_per_s)
+            self.watch.evaluation(self.step, metrics, tokens_per_s)
         if self.config.out_dir is not None and self.world.is_main:
             task = type(self.task).__name__
             write_curves(Path(self.config.out_dir), self.model_config.pattern, task, self.curve)

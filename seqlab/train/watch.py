@@ -11,19 +11,59 @@ A run with an out_dir writes, beside its checkpoints:
 
 A resumed run drops the events past the step it resumes from (SummaryWriter's purge_step), so
 the curves of a run killed and resumed read as one run.
+
+The trainer logs through one RunLog, which names every value once and hands it to each logger:
+EventLog here, MLflow and W&B (seqlab.train.tracking) when asked for. A logger is any object with
+`log(step, values)`, `flush()` (at each evaluation: what a reader of the run sees) and
+`close(failed)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from seqlab.files import write_atomic
 
 CURVES = "curves.json"
 EVENTS = "tensorboard"
+
+
+class Logger(Protocol):
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self, failed: bool) -> None: ...
+
+
+class RunLog:
+    """A run's loggers as one: each value under one name and step, whichever logger takes it."""
+
+    def __init__(self, loggers: list[Logger]):
+        self.loggers = loggers
+
+    def update(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        self.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
+
+    def evaluation(self, step: int, metrics: dict[str, float], tokens_per_s: float) -> None:
+        values = {f"eval/{name}": value for name, value in metrics.items()}
+        self.log(step, {**values, "perf/tokens_per_s": tokens_per_s})
+        for logger in self.loggers:
+            logger.flush()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log(step, values)
+
+    def close(self, failed: bool = False) -> None:
+        """Close every logger, even when one of them fails to (its error is raised after)."""
+        with contextlib.ExitStack() as stack:
+            for logger in self.loggers:
+                stack.callback(logger.close, failed)
 
 
 class EventLog:
@@ -36,17 +76,14 @@ class EventLog:
 
         self.writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at else None)
 
-    def update(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
-        for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm)):
-            self.writer.add_scalar(f"train/{name}", value, step)
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
 
-    def evaluation(self, step: int, metrics: dict[str, float], tokens_per_s: float) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"eval/{name}", value, step)
-        self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+    def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 

@@ -203,6 +203,40 @@ def test_accumulation_under_ddp_trains_like_one_process(alone, tmp_path):
     assert_same_run(out, alone)
 
 
+def test_rank_0_alone_logs_to_mlflow_and_wandb(tmp_path):
+    """Under torchrun, one MLflow run and one W&B run, each update once, from rank 0."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow import MlflowClient
+
+    from tests.train.test_tracking import wandb_run
+
+    out = tmp_path / "run"
+    args = train_args(out, "--distributed", "ddp", "--mlflow", "out", "--wandb", "p")
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env |= {n: str(tmp_path / n.lower()) for n in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}
+    done = subprocess.run(
+        torchrun(2, args, tmp_path / "results.db"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "seqlab"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    assert sorted(wandb_run(folder)["history"]) == list(range(1, STEPS + 1))
+    losses = [e["train_loss"] for e in curve(out)]  # one update per evaluation here
+    got = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")
+    )
+    assert [v for _, v in got] == pytest.approx(losses, rel=1e-12)
+
+
 def test_each_rank_loss_weighs_the_global_batch_tokens():
     """Shards with different numbers of scored targets: the ranks' gradients, averaged as DDP
     and FSDP average them, are the gradient of the whole batch's token mean."""
