@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from seqlab.cli import app
+from seqlab.files import FolderInUse, exclusive_folder
 from seqlab.tasks import IGNORE
 from seqlab.train.distributed import (
     Place,
@@ -381,9 +382,24 @@ def kill_after_a_checkpoint(command: list[str], out: Path) -> int:
         while running(pid):
             assert time.monotonic() < deadline, f"rank {pid} survived SIGKILL"
             time.sleep(0.005)
+    # The lock goes with the last process holding the folder's lock file; a process a rank forked
+    # between the snapshot of its descendants and the kill (a subprocess before its exec) can
+    # hold it a moment longer, as a scheduler's job may: wait for that, not for ever.
+    while not lock_free(out):
+        assert time.monotonic() < deadline, f"{out} stays locked after its job was killed"
+        time.sleep(0.01)
     at_kill = checkpointed_step(out)
     assert 2 * EVERY <= at_kill < LONG, "the run finished before it was killed"
     return at_kill
+
+
+def lock_free(out: Path) -> bool:
+    """Whether `out`'s lock (seqlab.files.exclusive_folder) can be taken now."""
+    try:
+        with exclusive_folder(out):
+            return True
+    except FolderInUse:
+        return False
 
 
 @pytest.mark.slow
