@@ -43,6 +43,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from seqlab.ops._common import (
     SLICE_ROWS,
@@ -57,6 +58,7 @@ from seqlab.ops._common import (
     compute_dtype,
     decay_exp,
     floor_log_gate,
+    from_chunks,
     outside_autocast,
     run_sliced,
     to_chunks,
@@ -157,62 +159,201 @@ def _recurrent(q, k, v, i, lf, S0, scale, eps):
     return torch.stack(outs, 1), pack_state(C, n, m)
 
 
-def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
-    """Chunkwise-parallel form on one time slice; v1 = [v | 1] [B, T, H, V + 1]. Returns the
-    output in chunks [N·B·H, C, V] and the packed final state."""
+def _entry_stabilisers(g, a, m0, N, BH):
+    """The recurrent m at every chunk's entry and exit ([N·B·H] each) and the final m: a loop over
+    chunks on [B·H] scalars, m_out = max(g + m_in, a)."""
+    m, entries = m0, []
+    for g_n, a_n in zip(g.view(N, BH), a.view(N, BH), strict=True):
+        entries.append(m)
+        m = torch.maximum(g_n + m, a_n)
+    m_in = torch.stack(entries)  # [N, B·H]
+    return m_in.view(-1), torch.cat([m_in[1:], m[None]]).view(-1), m
+
+
+def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS, keep=False):
+    """Chunkwise-parallel form on one time slice, run without autograd; v1 = [v | 1]
+    [B, T, H, V + 1]. Returns the output in chunks [N·B·H, C, V] and the packed final state;
+    with `keep` (the forward of `_ChunkMLSTM`) also what the backward needs, else every
+    intermediate is overwritten in place."""
     B, T, H, K = q.shape
     V1 = v1.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
     BH = B * H
-    inplace = not torch.is_grad_enabled()
     if N * C != T:  # padded steps: no forgetting and no input (ĩ = the dtype's lowest value)
         i = F.pad(i, (0, 0, 0, N * C - T), value=torch.finfo(i.dtype).min)
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
     b = to_chunks(lf, C).cumsum(1)  # [N·B·H, C]: cumulated log forget within the chunk
     u = to_chunks(i, C) - b  # ĩ_j − b_j
     g = b[:, -1]  # [N·B·H]: the chunk's total log forget
-    a = g + u.max(1).values  # the largest exponent of an input reaching the chunk's exit
+    cm, cm_at = u.cummax(1)  # the running max of u and where it was reached
+    a = g + cm[:, -1]  # the largest exponent of an input reaching the chunk's exit
 
-    # entry stabiliser of every chunk (the recurrent m at the chunk boundaries)
+    # states[n]: the state entering chunk n (states[N] the final one), stabilised by m_in
+    states = q.new_empty(N + 1, BH, K, V1)
     if S0 is None:
-        m, S = q.new_zeros(BH), q.new_zeros(BH, K, V1)
+        m0 = q.new_zeros(BH)
+        states[0].zero_()
     else:
-        S, m = S0[..., :-1, :].reshape(BH, K, V1), S0[..., -1, -1].reshape(BH)
-    entries = []
-    for g_n, a_n in zip(g.view(N, BH), a.view(N, BH), strict=True):
-        entries.append(m)
-        m = torch.maximum(g_n + m, a_n)
-    m_in = torch.stack(entries)  # [N, B·H]
-    m_out = torch.cat([m_in[1:], m[None]]).view(-1)
-    m_in = m_in.view(-1)
+        states[0].copy_(S0[..., :-1, :].reshape(BH, K, V1))
+        m0 = S0[..., -1, -1].reshape(BH)
+    m_in, m_out, m = _entry_stabilisers(g, a, m0, N, BH)
 
-    M = torch.maximum(u.cummax(1).values, m_in[:, None])  # [N·B·H, C]: m_t − b_t
-    # intra-chunk: A_tj = s q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
-    E = u[:, None, :] - M[:, :, None]
-    D = decay_exp(E, inplace)
-    D = D.tril_() if inplace else D.tril()
+    M = torch.maximum(cm, m_in[:, None])  # [N·B·H, C]: m_t − b_t
+    # intra-chunk: A_tj = q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
+    D = decay_exp(u[:, None, :] - M[:, :, None], True).tril_()
     A = qc @ kc.transpose(1, 2)
-    A = A.mul_(D) if inplace else A * D
-    # each chunk's contribution to its exit state, stabilised by the exit m
-    w = decay_exp(g[:, None] + u - m_out[:, None], inplace)[..., None]
-    k_out = kc.mul_(w) if inplace else kc * w
-    dS = (k_out.transpose(1, 2) @ vc).view(N, BH, K, V1)
-    alpha = torch.exp(g.view(N, BH) + m_in.view(N, BH) - m_out.view(N, BH))
-    states = []
-    for al_n, dS_n in zip(alpha, dS, strict=True):
-        states.append(S)
-        S = torch.addcmul(dS_n, S, al_n[:, None, None])
-    starts = torch.stack(states).view(-1, K, V1)  # the state entering each chunk
-    w_in = decay_exp(m_in[:, None] - M, inplace)[..., None]
-    q_in = qc.mul_(w_in) if inplace else qc * w_in
-    Hc = A @ vc
-    Hc = torch.baddbmm(Hc, q_in, starts, out=Hc) if inplace else torch.baddbmm(Hc, q_in, starts)
-    Hc = Hc.mul_(scale) if inplace else Hc * scale
-    o = _readout(Hc[..., :-1], Hc[..., -1], b + M, eps)
-    S_out = torch.cat([S, torch.zeros_like(S[:, :1])], 1)
+    A = A * D if keep else A.mul_(D)
+    # each chunk's contribution to its exit state, stabilised by the exit m, written in place
+    # of the next entry state, then the states in order: S_{n+1} += α_n S_n
+    w = decay_exp(g[:, None] + u - m_out[:, None], True)
+    k_out = kc * w[..., None] if keep else kc.mul_(w[..., None])
+    torch.bmm(k_out.transpose(1, 2), vc, out=states[1:].view(-1, K, V1))
+    alpha = torch.exp(g + m_in - m_out).view(N, BH)
+    for n in range(N):
+        states[n + 1].addcmul_(states[n], alpha[n][:, None, None])
+    w_in = decay_exp(m_in[:, None] - M, True)
+    Hc = torch.bmm(qc, states[:-1].view(-1, K, V1)).mul_(w_in[..., None])
+    Hc = torch.baddbmm(Hc, A, vc, out=Hc).mul_(scale)  # [N·B·H, C, V + 1]: scale · (num | den)
+    m_t = M.add_(b)  # the recurrent stabiliser m_t
+    o = _readout(Hc[..., :-1], Hc[..., -1], m_t, eps)
+    S_out = q.new_zeros(BH, K + 1, V1)
+    S_out[:, :-1] = states[-1]
     S_out[:, -1, -1] = m
-    return o, S_out.view(B, H, K + 1, V1)
+    S_out = S_out.view(B, H, K + 1, V1)
+    if not keep:
+        return o, S_out
+    return o, S_out, (qc, kc, vc, D, A, Hc, w, w_in, alpha, states, m_t, cm <= m_in[:, None], cm_at)
+
+
+class _ChunkMLSTM(torch.autograd.Function):
+    """The chunk form with its hand-derived backward (see the module docstring): one autograd
+    node whose forward is `_chunk_core` run without autograd (in place where nothing is kept)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v1, i, lf, S0, scale, chunk_size, eps):
+        B, T, H, _ = q.shape
+        o, S_out, saved = _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps, keep=True)
+        ctx.save_for_backward(*saved, S0)
+        ctx.args = (B, T, H, scale, eps)
+        ctx.set_materialize_grads(False)
+        return from_chunks(o, B, T, H), S_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dO, dS_out):
+        B, T, H, scale, eps = ctx.args
+        grads = _chunk_backward(dO, dS_out, *ctx.saved_tensors, B, T, H, scale, eps)
+        return (*grads, None, None, None)
+
+
+def _chunk_backward(
+    dO,
+    dS_out,
+    qc,
+    kc,
+    vc,
+    D,
+    A,
+    Y,
+    w,
+    w_in,
+    alpha,
+    states,
+    m,
+    le,
+    cm_at,
+    S0,
+    B,
+    T,
+    H,
+    scale,
+    eps,
+):
+    """Gradients of (o, final state) with respect to (q, k, v1, i, log f, S0); shapes as in
+    `_chunk_core` (chunk-major [N·B·H, C, ·], m the readout's stabiliser b + M, le where the
+    entry stabiliser wins M, cm_at where u's running max was reached)."""
+    NBH, C, K = qc.shape
+    V1 = vc.shape[-1]
+    V, BH = V1 - 1, B * H
+    N = NBH // BH
+    dt = Y.dtype
+    # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps, lo = exp(−max(m, −cap))
+    Yn = Y[..., V]
+    cap = _m_cap(dt)
+    lo = torch.exp(-m.clamp(min=-cap))
+    absn = Yn.abs()
+    den = torch.maximum(absn, lo) + eps
+    if dO is None:
+        dP, dYY, gm = Y.new_zeros(NBH, C, V1), Y.new_zeros(NBH, C), Y.new_zeros(NBH, C)
+    else:
+        dOc = to_chunks(dO, C)  # [N·B·H, C, V]
+        r = torch.linalg.vecdot(dOc, Y[..., :V])  # dO·Y_v
+        g_den = -r / (den * den)
+        # which side of the max takes the gradient (half each on a tie, as torch.maximum)
+        pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
+        g_n = g_den * pick * torch.sign(Yn)  # dL/dY_n
+        g_lo = g_den * (1 - pick)
+        dYY = r / den + g_n * Yn  # dL/dY · Y
+        gm = -dYY - g_lo * lo * (m > -cap).to(dt)  # dL/dm_t at fixed unscaled state
+        dP = torch.empty(NBH, C, V1, dtype=dt, device=Y.device)
+        torch.mul(dOc, (scale / den)[..., None], out=dP[..., :V])
+        torch.mul(g_n, scale, out=dP[..., V])
+    dP_in = dP * w_in[..., None]
+
+    # dS[n]: the adjoint (loss gradient) of the state entering chunk n, dS[N] the final
+    # state's, run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
+    dS = Y.new_empty(N + 1, BH, K, V1)
+    torch.bmm(qc.transpose(1, 2), dP_in, out=dS[:-1].view(-1, K, V1))
+    sS = None
+    if dS_out is None:
+        dS[-1].zero_()
+        g_fin = Y.new_zeros(BH)
+    else:
+        dS[-1] = dS_out[..., :-1, :].reshape(BH, K, V1)
+        sS = torch.linalg.vecdot(dS[-1].flatten(1), states[-1].flatten(1))
+        g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
+    for n in range(N - 1, -1, -1):
+        dS[n].addcmul_(dS[n + 1], alpha[n][:, None, None])
+    starts, ends = states[:-1].view(-1, K, V1), dS[1:].view(-1, K, V1)
+
+    G = (dP @ vc.transpose(1, 2)).mul_(D)  # dL/dA
+    dq = torch.baddbmm(G @ kc, dP_in, starts.transpose(1, 2))
+    dk = (vc @ ends.transpose(1, 2)).mul_(w[..., None]).baddbmm_(G.transpose(1, 2), qc)
+    dv1 = (kc @ ends).mul_(w[..., None]).baddbmm_(A.transpose(1, 2), dP)
+
+    # gates: the unscaled terms carry exp(b_t) on the query side, exp(ĩ_j − b_j) on the key side
+    kk = torch.linalg.vecdot(dk, kc)
+    x_glob = dYY - kk  # dL/db_t through the unscaled state (b cumulated from the start)
+    if sS is not None:
+        x_glob[-BH:, -1] += sS
+    # the stabiliser m_t = b_t + M_t, M_t = max(running max of u = ĩ − b, m_in), chunk by
+    # chunk m_out = g + M_C; its gradient run backwards over chunks
+    lef = le.to(dt)
+    s_n = (gm * lef).sum(1).view(N, BH)
+    c_n = lef[:, -1].view(N, BH)
+    g_out, g = [], g_fin
+    for n in range(N - 1, -1, -1):
+        g_out.append(g)
+        g = s_n[n] + c_n[n] * g
+    g_out = torch.stack(g_out[::-1]).view(NBH)
+    gM = gm.clone()
+    gM[:, -1] += g_out
+    g_u = torch.zeros_like(gM).scatter_add_(1, cm_at, gM * (1 - lef))
+    x_loc = gm - g_u
+    x_loc[:, -1] += g_out
+    # dL/dlog f_s = Σ_{t ≥ s} (x_glob over the sequence, x_loc within the chunk)
+    total = x_glob.sum(1).view(N, BH)
+    later = total.flip(0).cumsum(0).flip(0) - total
+    dlf = (x_loc + x_glob).flip(1).cumsum(1).flip(1).add_(later.view(NBH, 1))
+    dS0 = None
+    if S0 is not None:
+        dS0 = torch.zeros_like(S0)
+        dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
+        g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
+        dS0[..., -1, -1] = g_m0.view(B, H)
+    out = [from_chunks(x, B, T, H) for x in (dq, dk, dv1, kk + g_u, dlf)]
+    return (*out, dS0)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -309,8 +450,12 @@ def chunk_mlstm(
     )
     if q.shape[0] * q.shape[2] == 0:
         return _finish(*_empty(qf, vf, S0), q, output_final_state)
-    core = functools.partial(_chunk_core, eps=eps)
-    o, S = run_sliced(core, (qf, kf, _with_ones(vf), i_, lf), S0, scale, chunk_size)
+    xs = (qf, kf, _with_ones(vf), i_, lf)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, S0)):
+        o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
+    else:
+        with torch.no_grad():  # the core works in place
+            o, S = run_sliced(functools.partial(_chunk_core, eps=eps), xs, S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
 
 
