@@ -226,25 +226,51 @@ def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS, keep=False):
     return o, S_out, (qc, kc, vc, D, A, Hc, w, w_in, alpha, states, m_t, cm <= m_in[:, None], cm_at)
 
 
+# With autograd, the chunk form runs over time slices of whole chunks holding about this many
+# (token, head) rows each, forward then backward in reverse order, the state's gradient carried
+# from slice to slice: each slice's [C, C] blocks stay in cache (measured on 2 cores at T = 2048,
+# B·H = 4: 4 slices of 512 tokens took 0.55x the time of one pass, 16 slices of 128 0.9x).
+GRAD_SLICE_ROWS = 2048
+_KEPT = 13  # tensors `_chunk_core` keeps per slice
+
+
 class _ChunkMLSTM(torch.autograd.Function):
     """The chunk form with its hand-derived backward (see the module docstring): one autograd
-    node whose forward is `_chunk_core` run without autograd (in place where nothing is kept)."""
+    node whose forward runs `_chunk_core` without autograd, slice by slice, keeping what the
+    backward needs."""
 
     @staticmethod
     def forward(ctx, q, k, v1, i, lf, S0, scale, chunk_size, eps):
         B, T, H, _ = q.shape
-        o, S_out, saved = _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps, keep=True)
-        ctx.save_for_backward(*saved, S0)
-        ctx.args = (B, T, H, scale, eps)
+        L = chunk_size * max(1, GRAD_SLICE_ROWS // (B * H * chunk_size))
+        o = q.new_empty(B, T, H, v1.shape[-1] - 1)
+        kept, S = [], S0
+        for t in range(0, T, L):
+            xs = (x[:, t : t + L] for x in (q, k, v1, i, lf))
+            o_c, S_next, saved = _chunk_core(*xs, S, scale, chunk_size, eps, keep=True)
+            from_chunks(o_c, B, min(L, T - t), H, out=o[:, t : t + L])
+            kept += [*saved, S]  # S: the state entering the slice
+            S = S_next
+        ctx.save_for_backward(*kept)
+        ctx.args = (B, T, H, L, scale, eps)
         ctx.set_materialize_grads(False)
-        return from_chunks(o, B, T, H), S_out
+        return o, S
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dO, dS_out):
-        B, T, H, scale, eps = ctx.args
-        grads = _chunk_backward(dO, dS_out, *ctx.saved_tensors, B, T, H, scale, eps)
-        return (*grads, None, None, None)
+        B, T, H, L, scale, eps = ctx.args
+        kept = ctx.saved_tensors
+        qc, kc, vc = kept[:3]
+        grads = [qc.new_empty(B, T, H, n) for n in (qc.shape[-1], kc.shape[-1], vc.shape[-1])]
+        grads += [qc.new_empty(B, T, H), qc.new_empty(B, T, H)]
+        dS = dS_out  # the gradient of the state leaving the slice
+        for n, t in reversed(list(enumerate(range(0, T, L)))):
+            saved = kept[n * (_KEPT + 1) : (n + 1) * (_KEPT + 1)]
+            out = [x[:, t : t + L] for x in grads]
+            dO_n = None if dO is None else dO[:, t : t + L]
+            dS = _chunk_backward(dO_n, dS, *saved, B, min(L, T - t), H, scale, eps, out)
+        return (*grads, dS, None, None, None)
 
 
 def _chunk_backward(
@@ -269,8 +295,10 @@ def _chunk_backward(
     H,
     scale,
     eps,
+    out,
 ):
-    """Gradients of (o, final state) with respect to (q, k, v1, i, log f, S0); shapes as in
+    """Gradients of (o, final state) with respect to (q, k, v1, i, log f), written to `out`,
+    and to S0 (returned; None where S0 is None); shapes as in
     `_chunk_core` (chunk-major [N·B·H, C, ·], m the readout's stabiliser b + M, le where the
     entry stabiliser wins M, cm_at where u's running max was reached)."""
     NBH, C, K = qc.shape
@@ -352,8 +380,9 @@ def _chunk_backward(
         dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
         g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
         dS0[..., -1, -1] = g_m0.view(B, H)
-    out = [from_chunks(x, B, T, H) for x in (dq, dk, dv1, kk + g_u, dlf)]
-    return (*out, dS0)
+    for x, o in zip((dq, dk, dv1, kk + g_u, dlf), out, strict=True):
+        from_chunks(x, B, T, H, out=o)
+    return dS0
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:

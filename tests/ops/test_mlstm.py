@@ -386,3 +386,20 @@ def test_chunk_gradient_of_some_inputs_only():
     loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
     (dv,) = torch.autograd.grad(loss, [v])
     torch.testing.assert_close(dv, full["v"], **TOL)
+
+
+@pytest.mark.parametrize("gates", ["spread", "strong", "huge"])
+@pytest.mark.parametrize(("B", "T", "H", "chunk_size"), [(1, 70, 2, 16), (2, 45, 1, 8)])
+def test_chunk_backward_over_time_slices_equals_the_recurrent_form(
+    monkeypatch, B, T, H, chunk_size, gates
+):
+    """With autograd the chunk form runs in slices of whole chunks, the state and its gradient
+    carried between them; slices of one or two chunks here (the last one shorter)."""
+    import seqlab.ops.mlstm as mlstm_ops
+
+    monkeypatch.setattr(mlstm_ops, "GRAD_SLICE_ROWS", 2 * B * H * chunk_size)
+    x = gate_inputs(B, T, H, 8, 5, gates, T)
+    for S0 in (None, pack_state(*random_state(B, H, 8, 5))):
+        ours = run_with_grads(chunk_mlstm, x, S0, "both", 1, chunk_size=chunk_size)
+        ref = run_with_grads(recurrent_mlstm, x, S0, "both", 1)
+        assert_grads_match(ours, ref, f"{gates} state={S0 is not None}")
