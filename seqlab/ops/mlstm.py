@@ -55,6 +55,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     chunk_count,
+    chunked,
     compute_dtype,
     decay_exp,
     floor_log_gate,
@@ -159,151 +160,149 @@ def _recurrent(q, k, v, i, lf, S0, scale, eps):
     return torch.stack(outs, 1), pack_state(C, n, m)
 
 
-def _entry_stabilisers(g, a, m0, N, BH):
-    """The recurrent m at every chunk's entry and exit ([N·B·H] each) and the final m: a loop over
-    chunks on [B·H] scalars, m_out = max(g + m_in, a)."""
-    m, entries = m0, []
-    for g_n, a_n in zip(g.view(N, BH), a.view(N, BH), strict=True):
-        entries.append(m)
-        m = torch.maximum(g_n + m, a_n)
-    m_in = torch.stack(entries)  # [N, B·H]
-    return m_in.view(-1), torch.cat([m_in[1:], m[None]]).view(-1), m
-
-
-def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS, keep=False):
-    """Chunkwise-parallel form on one time slice, run without autograd; v1 = [v | 1]
-    [B, T, H, V + 1]. Returns the output in chunks [N·B·H, C, V] and the packed final state;
-    with `keep` (the forward of `_ChunkMLSTM`) also what the backward needs, else every
-    intermediate is overwritten in place."""
+def _chunk_prologue(q, i, lf, S0, C, V1):
+    """What every chunk form pass needs before any [C, C] block: chunked gates, the stabilisers
+    and the state buffer. Returns (b, u, g, (cm, cm_at), M, m_in, m_out, m_fin, states):
+    b the cumulated log forget within each chunk [N·B·H, C], u = ĩ − b, g the chunks' total log
+    forget [N·B·H], u's running max and where it was reached, M = m_t − b_t, the entry and exit
+    stabilisers [N·B·H] and the final one [B·H]; states [N + 1, B·H, K, V + 1] with states[0]
+    the entry state (stabilised by m_in)."""
     B, T, H, K = q.shape
-    V1 = v1.shape[-1]
-    C = min(chunk_size, T)
     N = -(-T // C)
     BH = B * H
     if N * C != T:  # padded steps: no forgetting and no input (ĩ = the dtype's lowest value)
         i = F.pad(i, (0, 0, 0, N * C - T), value=torch.finfo(i.dtype).min)
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
-    b = to_chunks(lf, C).cumsum(1)  # [N·B·H, C]: cumulated log forget within the chunk
-    u = to_chunks(i, C) - b  # ĩ_j − b_j
-    g = b[:, -1]  # [N·B·H]: the chunk's total log forget
-    cm, cm_at = u.cummax(1)  # the running max of u and where it was reached
-    a = g + cm[:, -1]  # the largest exponent of an input reaching the chunk's exit
-
-    # states[n]: the state entering chunk n (states[N] the final one), stabilised by m_in
+    b = to_chunks(lf, C).cumsum(1)
+    u = to_chunks(i, C) - b
+    g = b[:, -1]
+    cm, cm_at = u.cummax(1)
     states = q.new_empty(N + 1, BH, K, V1)
     if S0 is None:
-        m0 = q.new_zeros(BH)
+        m = q.new_zeros(BH)
         states[0].zero_()
     else:
         states[0].copy_(S0[..., :-1, :].reshape(BH, K, V1))
-        m0 = S0[..., -1, -1].reshape(BH)
-    m_in, m_out, m = _entry_stabilisers(g, a, m0, N, BH)
+        m = S0[..., -1, -1].reshape(BH)
+    # the recurrent m at the chunk boundaries: a loop over chunks on [B·H] scalars,
+    # m_out = max(g + m_in, g + max u)
+    entries = []
+    for g_n, a_n in zip(g.view(N, BH), (g + cm[:, -1]).view(N, BH), strict=True):
+        entries.append(m)
+        m = torch.maximum(g_n + m, a_n)
+    m_in = torch.stack(entries)  # [N, B·H]
+    m_out = torch.cat([m_in[1:], m[None]]).view(-1)
+    m_in = m_in.view(-1)
+    M = torch.maximum(cm, m_in[:, None])
+    return b, u, g, (cm, cm_at), M, m_in, m_out, m, states
 
-    M = torch.maximum(cm, m_in[:, None])  # [N·B·H, C]: m_t − b_t
+
+def _pack(S, m, B, H):
+    """[B·H, K, V + 1] and [B·H] → the packed state [B, H, K + 1, V + 1]."""
+    S_out = S.new_zeros(S.shape[0], S.shape[1] + 1, S.shape[2])
+    S_out[:, :-1] = S
+    S_out[:, -1, -1] = m
+    return S_out.view(B, H, *S_out.shape[1:])
+
+
+def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
+    """Chunkwise-parallel form on one time slice, without autograd, every intermediate
+    overwritten in place; v1 = [v | 1] [B, T, H, V + 1]. Returns the output in chunks
+    [N·B·H, C, V] and the packed final state."""
+    B, T, H, K = q.shape
+    V1 = v1.shape[-1]
+    C = min(chunk_size, T)
+    BH = B * H
+    b, u, g, _, M, m_in, m_out, m, states = _chunk_prologue(q, i, lf, S0, C, V1)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
     # intra-chunk: A_tj = q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
-    D = decay_exp(u[:, None, :] - M[:, :, None], True).tril_()
-    A = qc @ kc.transpose(1, 2)
-    A = A * D if keep else A.mul_(D)
+    A = (qc @ kc.transpose(1, 2)).mul_(decay_exp(u[:, None, :] - M[:, :, None], True).tril_())
     # each chunk's contribution to its exit state, stabilised by the exit m, written in place
     # of the next entry state, then the states in order: S_{n+1} += α_n S_n
-    w = decay_exp(g[:, None] + u - m_out[:, None], True)
-    k_out = kc * w[..., None] if keep else kc.mul_(w[..., None])
-    torch.bmm(k_out.transpose(1, 2), vc, out=states[1:].view(-1, K, V1))
-    alpha = torch.exp(g + m_in - m_out).view(N, BH)
-    for n in range(N):
-        states[n + 1].addcmul_(states[n], alpha[n][:, None, None])
-    w_in = decay_exp(m_in[:, None] - M, True)
-    Hc = torch.bmm(qc, states[:-1].view(-1, K, V1)).mul_(w_in[..., None])
+    kc.mul_(decay_exp(g[:, None] + u - m_out[:, None], True)[..., None])
+    torch.bmm(kc.transpose(1, 2), vc, out=states[1:].view(-1, K, V1))
+    alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
+    for S_n, S_next, al in zip(states[:-1], states[1:], alpha, strict=True):
+        S_next.addcmul_(S_n, al)
+    Hc = torch.bmm(qc, states[:-1].view(-1, K, V1))
+    Hc.mul_(decay_exp(m_in[:, None] - M, True)[..., None])
     Hc = torch.baddbmm(Hc, A, vc, out=Hc).mul_(scale)  # [N·B·H, C, V + 1]: scale · (num | den)
-    m_t = M.add_(b)  # the recurrent stabiliser m_t
-    o = _readout(Hc[..., :-1], Hc[..., -1], m_t, eps)
-    S_out = q.new_zeros(BH, K + 1, V1)
-    S_out[:, :-1] = states[-1]
-    S_out[:, -1, -1] = m
-    S_out = S_out.view(B, H, K + 1, V1)
-    if not keep:
-        return o, S_out
-    return o, S_out, (qc, kc, vc, D, A, Hc, w, w_in, alpha, states, m_t, cm <= m_in[:, None], cm_at)
+    o = _readout(Hc[..., :-1], Hc[..., -1], M.add_(b), eps)
+    return o, _pack(states[-1], m, B, H)
 
 
-# With autograd, the chunk form runs over time slices of whole chunks holding about this many
-# (token, head) rows each, forward then backward in reverse order, the state's gradient carried
-# from slice to slice: each slice's [C, C] blocks stay in cache (measured on 2 cores at T = 2048,
-# B·H = 4: 4 slices of 512 tokens took 0.55x the time of one pass, 16 slices of 128 0.9x).
+# With autograd, the chunk form's [C, C] work (forward, and backward in reverse order) runs over
+# groups of whole chunks holding about this many (token, head) rows, so that each group's blocks
+# stay in cache (measured on 2 cores at T = 2048, B·H = 4: groups of 512 tokens took 0.55x the
+# time of one pass, 128 tokens 0.9x); the per-token work on gates and readout is done once.
 GRAD_SLICE_ROWS = 2048
-_KEPT = 13  # tensors `_chunk_core` keeps per slice
+
+
+def _groups(N, BH, C):
+    """(first chunk, end chunk, rows) of each group of chunks (GRAD_SLICE_ROWS)."""
+    G = max(1, GRAD_SLICE_ROWS // (BH * C))
+    return [(n, min(n + G, N), slice(n * BH, min(n + G, N) * BH)) for n in range(0, N, G)]
 
 
 class _ChunkMLSTM(torch.autograd.Function):
     """The chunk form with its hand-derived backward (see the module docstring): one autograd
-    node whose forward runs `_chunk_core` without autograd, slice by slice, keeping what the
-    backward needs."""
+    node, its forward run without autograd keeping what the backward needs."""
 
     @staticmethod
-    def forward(ctx, q, k, v1, i, lf, S0, scale, chunk_size, eps):
-        B, T, H, _ = q.shape
-        L = chunk_size * max(1, GRAD_SLICE_ROWS // (B * H * chunk_size))
-        o = q.new_empty(B, T, H, v1.shape[-1] - 1)
-        kept, S = [], S0
-        for t in range(0, T, L):
-            xs = (x[:, t : t + L] for x in (q, k, v1, i, lf))
-            o_c, S_next, saved = _chunk_core(*xs, S, scale, chunk_size, eps, keep=True)
-            from_chunks(o_c, B, min(L, T - t), H, out=o[:, t : t + L])
-            kept += [*saved, S]  # S: the state entering the slice
-            S = S_next
-        ctx.save_for_backward(*kept)
-        ctx.args = (B, T, H, L, scale, eps)
+    def forward(ctx, q, k, v, i, lf, S0, scale, chunk_size, eps):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        V1 = V + 1
+        C = min(chunk_size, T)
+        BH = B * H
+        b, u, g, (cm, cm_at), M, m_in, m_out, m, states = _chunk_prologue(q, i, lf, S0, C, V1)
+        qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
+        w = decay_exp(g[:, None] + u - m_out[:, None], True)  # an input's weight at the exit
+        w_in = decay_exp(m_in[:, None] - M, True)  # the entry state's weight
+        alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
+        D, A = (q.new_empty(qc.shape[0], C, C) for _ in range(2))
+        Y = q.new_empty(qc.shape[0], C, V1)
+        # the normaliser's column (n, den) apart from the values' in every product, so that each
+        # is V wide, not V + 1 (a product with an odd width ran about 20% slower)
+        for n0, n1, r in _groups(alpha.shape[0], BH, C):
+            decay_exp(torch.sub(u[r, None, :], M[r, :, None], out=D[r]), True).tril_()
+            torch.bmm(qc[r], kc[r].transpose(1, 2), out=A[r]).mul_(D[r])
+            k_out = kc[r] * w[r, :, None]
+            exits = states[n0 + 1 : n1 + 1].view(-1, K, V1)
+            torch.bmm(k_out.transpose(1, 2), vc[r], out=exits[..., :V])
+            torch.sum(k_out, 1, out=exits[..., V])
+            for n in range(n0, n1):
+                states[n + 1].addcmul_(states[n], alpha[n])
+            entries, Yr = states[n0:n1].view(-1, K, V1), Y[r]
+            torch.bmm(qc[r], entries[..., :V], out=Yr[..., :V])
+            torch.bmm(qc[r], entries[..., V:], out=Yr[..., V:])
+            Yr.mul_(w_in[r, :, None])
+            torch.baddbmm(Yr[..., :V], A[r], vc[r], out=Yr[..., :V])
+            Yr[..., V].add_(A[r].sum(-1))
+        Y.mul_(scale)  # scale · (num | den)
+        m_t = M.add_(b)
+        o = _readout(Y[..., :-1], Y[..., -1], m_t, eps)
+        ctx.save_for_backward(qc, kc, vc, D, A, Y, w, w_in, alpha, states, m_t, cm, cm_at, m_in, S0)
+        ctx.args = (B, T, H, scale, eps)
         ctx.set_materialize_grads(False)
-        return o, S
+        return from_chunks(o, B, T, H), _pack(states[-1], m, B, H)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dO, dS_out):
-        B, T, H, L, scale, eps = ctx.args
-        kept = ctx.saved_tensors
-        qc, kc, vc = kept[:3]
-        grads = [qc.new_empty(B, T, H, n) for n in (qc.shape[-1], kc.shape[-1], vc.shape[-1])]
-        grads += [qc.new_empty(B, T, H), qc.new_empty(B, T, H)]
-        dS = dS_out  # the gradient of the state leaving the slice
-        for n, t in reversed(list(enumerate(range(0, T, L)))):
-            saved = kept[n * (_KEPT + 1) : (n + 1) * (_KEPT + 1)]
-            out = [x[:, t : t + L] for x in grads]
-            dO_n = None if dO is None else dO[:, t : t + L]
-            dS = _chunk_backward(dO_n, dS, *saved, B, min(L, T - t), H, scale, eps, out)
-        return (*grads, dS, None, None, None)
+        grads = _chunk_backward(dO, dS_out, *ctx.saved_tensors, *ctx.args)
+        return (*grads, None, None, None)
 
 
 def _chunk_backward(
-    dO,
-    dS_out,
-    qc,
-    kc,
-    vc,
-    D,
-    A,
-    Y,
-    w,
-    w_in,
-    alpha,
-    states,
-    m,
-    le,
-    cm_at,
-    S0,
-    B,
-    T,
-    H,
-    scale,
-    eps,
-    out,
-):
-    """Gradients of (o, final state) with respect to (q, k, v1, i, log f), written to `out`,
-    and to S0 (returned; None where S0 is None); shapes as in
-    `_chunk_core` (chunk-major [N·B·H, C, ·], m the readout's stabiliser b + M, le where the
-    entry stabiliser wins M, cm_at where u's running max was reached)."""
+    dO, dS_out, qc, kc, vc, D, A, Y, w, w_in, alpha, states, m, cm, cm_at, m_in, S0, B, T, H,
+    scale, eps,
+):  # fmt: skip
+    """Gradients of (o, final state) with respect to (q, k, v, i, log f, S0) (None for an
+    absent S0); the tensors as `_ChunkMLSTM.forward` keeps them (chunk-major [N·B·H, C, ·], m the
+    readout's stabiliser b + M)."""
     NBH, C, K = qc.shape
-    V1 = vc.shape[-1]
-    V, BH = V1 - 1, B * H
+    V = vc.shape[-1]
+    V1, BH = V + 1, B * H
     N = NBH // BH
     dt = Y.dtype
     # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps, lo = exp(−max(m, −cap))
@@ -312,27 +311,27 @@ def _chunk_backward(
     lo = torch.exp(-m.clamp(min=-cap))
     absn = Yn.abs()
     den = torch.maximum(absn, lo) + eps
+    dP = Y.new_zeros(NBH, C, V1)  # dL/dY · scale: the gradient of the unscaled (num | den)
     if dO is None:
-        dP, dYY, gm = Y.new_zeros(NBH, C, V1), Y.new_zeros(NBH, C), Y.new_zeros(NBH, C)
+        dYY, gm = Y.new_zeros(NBH, C), Y.new_zeros(NBH, C)
     else:
-        dOc = to_chunks(dO, C)  # [N·B·H, C, V]
-        r = torch.linalg.vecdot(dOc, Y[..., :V])  # dO·Y_v
+        dP[..., :V] = chunked(dO, C).reshape(NBH, C, V)
+        r = torch.linalg.vecdot(dP[..., :V], Y[..., :V])  # dO·Y_v
         g_den = -r / (den * den)
         # which side of the max takes the gradient (half each on a tie, as torch.maximum)
         pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
         g_n = g_den * pick * torch.sign(Yn)  # dL/dY_n
         g_lo = g_den * (1 - pick)
         dYY = r / den + g_n * Yn  # dL/dY · Y
-        gm = -dYY - g_lo * lo * (m > -cap).to(dt)  # dL/dm_t at fixed unscaled state
-        dP = torch.empty(NBH, C, V1, dtype=dt, device=Y.device)
-        torch.mul(dOc, (scale / den)[..., None], out=dP[..., :V])
-        torch.mul(g_n, scale, out=dP[..., V])
+        gm = -dYY - g_lo * lo * (m > -cap).to(dt)  # dL/dm_t at a fixed unscaled state
+        dP[..., :V].mul_((scale / den)[..., None])
+        dP[..., V] = g_n * scale
     dP_in = dP * w_in[..., None]
 
-    # dS[n]: the adjoint (loss gradient) of the state entering chunk n, dS[N] the final
-    # state's, run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
+    # dS[n]: the gradient of the state entering chunk n (dS[N]: the final state's), run
+    # backwards group by group: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP; then the inputs' gradients
+    # within the group
     dS = Y.new_empty(N + 1, BH, K, V1)
-    torch.bmm(qc.transpose(1, 2), dP_in, out=dS[:-1].view(-1, K, V1))
     sS = None
     if dS_out is None:
         dS[-1].zero_()
@@ -341,14 +340,26 @@ def _chunk_backward(
         dS[-1] = dS_out[..., :-1, :].reshape(BH, K, V1)
         sS = torch.linalg.vecdot(dS[-1].flatten(1), states[-1].flatten(1))
         g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
-    for n in range(N - 1, -1, -1):
-        dS[n].addcmul_(dS[n + 1], alpha[n][:, None, None])
-    starts, ends = states[:-1].view(-1, K, V1), dS[1:].view(-1, K, V1)
-
-    G = (dP @ vc.transpose(1, 2)).mul_(D)  # dL/dA
-    dq = torch.baddbmm(G @ kc, dP_in, starts.transpose(1, 2))
-    dk = (vc @ ends.transpose(1, 2)).mul_(w[..., None]).baddbmm_(G.transpose(1, 2), qc)
-    dv1 = (kc @ ends).mul_(w[..., None]).baddbmm_(A.transpose(1, 2), dP)
+    dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+    for n0, n1, r in reversed(_groups(N, BH, C)):
+        qT, dPr, dPr_in = qc[r].transpose(1, 2), dP[r], dP_in[r]
+        inputs = dS[n0:n1].view(-1, K, V1)
+        torch.bmm(qT, dPr_in[..., :V], out=inputs[..., :V])
+        torch.bmm(qT, dPr_in[..., V:], out=inputs[..., V:])
+        for n in range(n1 - 1, n0 - 1, -1):
+            dS[n].addcmul_(dS[n + 1], alpha[n])
+        ends = dS[n0 + 1 : n1 + 1].view(-1, K, V1)
+        starts = states[n0:n1].view(-1, K, V1)
+        # dL/dA_tj = dP_t·[v_j | 1]
+        G = torch.bmm(dPr[..., :V], vc[r].transpose(1, 2)).add_(dPr[..., V:]).mul_(D[r])
+        torch.bmm(G, kc[r], out=dq[r])
+        dq[r].baddbmm_(dPr_in[..., :V], starts[..., :V].transpose(1, 2))
+        dq[r].baddbmm_(dPr_in[..., V:], starts[..., V:].transpose(1, 2))
+        torch.bmm(G.transpose(1, 2), qc[r], out=dk[r])
+        k_end = torch.bmm(vc[r], ends[..., :V].transpose(1, 2)).add_(ends[..., None, :, V])
+        dk[r].addcmul_(k_end, w[r, :, None])
+        torch.bmm(A[r].transpose(1, 2), dPr[..., :V], out=dv[r])
+        dv[r].addcmul_(kc[r] @ ends[..., :V], w[r, :, None])
 
     # gates: the unscaled terms carry exp(b_t) on the query side, exp(ĩ_j − b_j) on the key side
     kk = torch.linalg.vecdot(dk, kc)
@@ -357,7 +368,7 @@ def _chunk_backward(
         x_glob[-BH:, -1] += sS
     # the stabiliser m_t = b_t + M_t, M_t = max(running max of u = ĩ − b, m_in), chunk by
     # chunk m_out = g + M_C; its gradient run backwards over chunks
-    lef = le.to(dt)
+    lef = (cm <= m_in[:, None]).to(dt)  # where the entry stabiliser is M
     s_n = (gm * lef).sum(1).view(N, BH)
     c_n = lef[:, -1].view(N, BH)
     g_out, g = [], g_fin
@@ -380,9 +391,8 @@ def _chunk_backward(
         dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
         g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
         dS0[..., -1, -1] = g_m0.view(B, H)
-    for x, o in zip((dq, dk, dv1, kk + g_u, dlf), out, strict=True):
-        from_chunks(x, B, T, H, out=o)
-    return dS0
+    grads = [from_chunks(x, B, T, H) for x in (dq, dk, dv, kk + g_u, dlf)]
+    return (*grads, dS0)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -479,10 +489,14 @@ def chunk_mlstm(
     )
     if q.shape[0] * q.shape[2] == 0:
         return _finish(*_empty(qf, vf, S0), q, output_final_state)
-    xs = (qf, kf, _with_ones(vf), i_, lf)
+    xs = (qf, kf, vf, i_, lf)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, S0)):
-        o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
+        if vf.shape[-1] == 0:  # no values, the normaliser alone: nothing to gain from chunks
+            o, S = _recurrent(*xs, S0, scale, eps)
+        else:
+            o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
     else:
+        xs = (qf, kf, _with_ones(vf), i_, lf)
         with torch.no_grad():  # the core works in place
             o, S = run_sliced(functools.partial(_chunk_core, eps=eps), xs, S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
