@@ -55,7 +55,6 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     chunk_count,
-    chunked,
     compute_dtype,
     decay_exp,
     floor_log_gate,
@@ -160,13 +159,12 @@ def _recurrent(q, k, v, i, lf, S0, scale, eps):
     return torch.stack(outs, 1), pack_state(C, n, m)
 
 
-def _chunk_prologue(q, i, lf, S0, C, V1):
-    """What every chunk form pass needs before any [C, C] block: chunked gates, the stabilisers
-    and the state buffer. Returns (b, u, g, (cm, cm_at), M, m_in, m_out, m_fin, states):
-    b the cumulated log forget within each chunk [N·B·H, C], u = ĩ − b, g the chunks' total log
-    forget [N·B·H], u's running max and where it was reached, M = m_t − b_t, the entry and exit
-    stabilisers [N·B·H] and the final one [B·H]; states [N + 1, B·H, K, V + 1] with states[0]
-    the entry state (stabilised by m_in)."""
+def _chunk_prologue(q, i, lf, S0, C):
+    """What every chunk form pass needs before any [C, C] block: the chunked gates and the
+    stabilisers. Returns (b, u, g, (cm, cm_at), M, m_in, m_out, m_fin, S_init): b the cumulated
+    log forget within each chunk [N·B·H, C], u = ĩ − b, g the chunks' total log forget
+    [N·B·H], u's running max and where it was reached, M = m_t − b_t, the entry and exit
+    stabilisers [N·B·H], the final one [B·H], and the entry state [B·H, K, V + 1] (None: zero)."""
     B, T, H, K = q.shape
     N = -(-T // C)
     BH = B * H
@@ -176,13 +174,10 @@ def _chunk_prologue(q, i, lf, S0, C, V1):
     u = to_chunks(i, C) - b
     g = b[:, -1]
     cm, cm_at = u.cummax(1)
-    states = q.new_empty(N + 1, BH, K, V1)
     if S0 is None:
-        m = q.new_zeros(BH)
-        states[0].zero_()
+        m, S_init = q.new_zeros(BH), None
     else:
-        states[0].copy_(S0[..., :-1, :].reshape(BH, K, V1))
-        m = S0[..., -1, -1].reshape(BH)
+        m, S_init = S0[..., -1, -1].reshape(BH), S0[..., :-1, :].reshape(BH, K, -1)
     # the recurrent m at the chunk boundaries: a loop over chunks on [B·H] scalars,
     # m_out = max(g + m_in, g + max u)
     entries = []
@@ -193,7 +188,7 @@ def _chunk_prologue(q, i, lf, S0, C, V1):
     m_out = torch.cat([m_in[1:], m[None]]).view(-1)
     m_in = m_in.view(-1)
     M = torch.maximum(cm, m_in[:, None])
-    return b, u, g, (cm, cm_at), M, m_in, m_out, m, states
+    return b, u, g, (cm, cm_at), M, m_in, m_out, m, S_init
 
 
 def _pack(S, m, B, H):
@@ -212,8 +207,11 @@ def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
     V1 = v1.shape[-1]
     C = min(chunk_size, T)
     BH = B * H
-    b, u, g, _, M, m_in, m_out, m, states = _chunk_prologue(q, i, lf, S0, C, V1)
+    b, u, g, _, M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
+    # states[n]: the state entering chunk n (states[N] the final one), stabilised by m_in
+    states = q.new_empty(-(-T // C) + 1, BH, K, V1)
+    states[0] = 0 if S_init is None else S_init
     # intra-chunk: A_tj = q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
     A = (qc @ kc.transpose(1, 2)).mul_(decay_exp(u[:, None, :] - M[:, :, None], True).tril_())
     # each chunk's contribution to its exit state, stabilised by the exit m, written in place
@@ -233,58 +231,74 @@ def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
 # With autograd, the chunk form's [C, C] work (forward, and backward in reverse order) runs over
 # groups of whole chunks holding about this many (token, head) rows, so that each group's blocks
 # stay in cache (measured on 2 cores at T = 2048, B·H = 4: groups of 512 tokens took 0.55x the
-# time of one pass, 128 tokens 0.9x); the per-token work on gates and readout is done once.
+# time of one pass, 128 tokens 0.9x); the per-token work on gates is done once.
 GRAD_SLICE_ROWS = 2048
 
 
-def _groups(N, BH, C):
-    """(first chunk, end chunk, rows) of each group of chunks (GRAD_SLICE_ROWS)."""
-    G = max(1, GRAD_SLICE_ROWS // (BH * C))
-    return [(n, min(n + G, N), slice(n * BH, min(n + G, N) * BH)) for n in range(0, N, G)]
+def _groups(T, BH, C):
+    """(first chunk, end chunk, rows, first step, end step) of each group of whole chunks
+    (GRAD_SLICE_ROWS)."""
+    N, G = -(-T // C), max(1, GRAD_SLICE_ROWS // (BH * C))
+    out = []
+    for n0 in range(0, N, G):
+        n1 = min(n0 + G, N)
+        out.append((n0, n1, slice(n0 * BH, n1 * BH), n0 * C, min(n1 * C, T)))
+    return out
+
+
+def _denominator(Yn, m, eps):
+    """max(|Y_n|, lo) + eps and lo = exp(−max(m, −cap)), the readout's denominator."""
+    lo = torch.exp(-m.clamp(min=-_m_cap(m.dtype)))
+    return torch.maximum(Yn.abs(), lo) + eps, lo
 
 
 class _ChunkMLSTM(torch.autograd.Function):
     """The chunk form with its hand-derived backward (see the module docstring): one autograd
-    node, its forward run without autograd keeping what the backward needs."""
+    node, its forward run without autograd keeping what the backward needs. The normaliser's
+    column (n, den) is kept apart from the values' in every product, so that each is V wide, not
+    V + 1 (a product of odd width ran about 20% slower)."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, lf, S0, scale, chunk_size, eps):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        V1 = V + 1
         C = min(chunk_size, T)
         BH = B * H
-        b, u, g, (cm, cm_at), M, m_in, m_out, m, states = _chunk_prologue(q, i, lf, S0, C, V1)
-        qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)
+        b, u, g, (cm, cm_at), M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
+        NBH = b.shape[0]
         w = decay_exp(g[:, None] + u - m_out[:, None], True)  # an input's weight at the exit
         w_in = decay_exp(m_in[:, None] - M, True)  # the entry state's weight
         alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
-        D, A = (q.new_empty(qc.shape[0], C, C) for _ in range(2))
-        Y = q.new_empty(qc.shape[0], C, V1)
-        # the normaliser's column (n, den) apart from the values' in every product, so that each
-        # is V wide, not V + 1 (a product with an odd width ran about 20% slower)
-        for n0, n1, r in _groups(alpha.shape[0], BH, C):
+        # Sv, Sn: the state entering each chunk (values' part, normaliser), then the final one
+        Sv, Sn = q.new_empty(NBH // BH + 1, BH, K, V), q.new_empty(NBH // BH + 1, BH, K)
+        Sv[0], Sn[0] = (0, 0) if S_init is None else (S_init[..., :V], S_init[..., V])
+        D, A = (q.new_empty(NBH, C, C) for _ in range(2))
+        Yv, Yn = q.new_empty(NBH, C, V), q.new_empty(NBH, C)  # num, den (unscaled)
+        for n0, n1, r, t0, t1 in _groups(T, BH, C):
+            qg, kg, vg = (to_chunks(x[:, t0:t1], C) for x in (q, k, v))
             decay_exp(torch.sub(u[r, None, :], M[r, :, None], out=D[r]), True).tril_()
-            torch.bmm(qc[r], kc[r].transpose(1, 2), out=A[r]).mul_(D[r])
-            k_out = kc[r] * w[r, :, None]
-            exits = states[n0 + 1 : n1 + 1].view(-1, K, V1)
-            torch.bmm(k_out.transpose(1, 2), vc[r], out=exits[..., :V])
-            torch.sum(k_out, 1, out=exits[..., V])
+            torch.bmm(qg, kg.transpose(1, 2), out=A[r]).mul_(D[r])
+            k_out = kg.mul_(w[r, :, None])
+            torch.bmm(k_out.transpose(1, 2), vg, out=Sv[n0 + 1 : n1 + 1].view(-1, K, V))
+            torch.sum(k_out, 1, out=Sn[n0 + 1 : n1 + 1].view(-1, K))
             for n in range(n0, n1):
-                states[n + 1].addcmul_(states[n], alpha[n])
-            entries, Yr = states[n0:n1].view(-1, K, V1), Y[r]
-            torch.bmm(qc[r], entries[..., :V], out=Yr[..., :V])
-            torch.bmm(qc[r], entries[..., V:], out=Yr[..., V:])
-            Yr.mul_(w_in[r, :, None])
-            torch.baddbmm(Yr[..., :V], A[r], vc[r], out=Yr[..., :V])
-            Yr[..., V].add_(A[r].sum(-1))
-        Y.mul_(scale)  # scale · (num | den)
+                Sv[n + 1].addcmul_(Sv[n], alpha[n])
+                Sn[n + 1].addcmul_(Sn[n], alpha[n, :, 0])
+            torch.bmm(qg, Sv[n0:n1].view(-1, K, V), out=Yv[r]).mul_(w_in[r, :, None])
+            torch.bmm(qg, Sn[n0:n1].view(-1, K, 1), out=Yn[r, :, None]).mul_(w_in[r, :, None])
+            torch.baddbmm(Yv[r], A[r], vg, out=Yv[r])
+            Yn[r] += A[r].sum(-1)
+        Yn.mul_(scale)
         m_t = M.add_(b)
-        o = _readout(Y[..., :-1], Y[..., -1], m_t, eps)
-        ctx.save_for_backward(qc, kc, vc, D, A, Y, w, w_in, alpha, states, m_t, cm, cm_at, m_in, S0)
-        ctx.args = (B, T, H, scale, eps)
+        den, _ = _denominator(Yn, m_t, eps)
+        o = from_chunks(Yv.mul_(scale).div_(den[..., None]), B, T, H)
+        ctx.save_for_backward(
+            q, k, v, o, D, A, Yn, w, w_in, alpha, Sv, Sn, m_t, cm, cm_at, m_in, S0
+        )
+        ctx.args = (scale, eps, C)
         ctx.set_materialize_grads(False)
-        return from_chunks(o, B, T, H), _pack(states[-1], m, B, H)
+        S_fin = torch.cat([Sv[-1], Sn[-1, ..., None]], -1)
+        return o, _pack(S_fin, m, B, H)
 
     @staticmethod
     @once_differentiable
@@ -294,75 +308,72 @@ class _ChunkMLSTM(torch.autograd.Function):
 
 
 def _chunk_backward(
-    dO, dS_out, qc, kc, vc, D, A, Y, w, w_in, alpha, states, m, cm, cm_at, m_in, S0, B, T, H,
-    scale, eps,
+    dO, dS_out, q, k, v, o, D, A, Yn, w, w_in, alpha, Sv, Sn, m, cm, cm_at, m_in, S0, scale, eps,
+    C,
 ):  # fmt: skip
     """Gradients of (o, final state) with respect to (q, k, v, i, log f, S0) (None for an
     absent S0); the tensors as `_ChunkMLSTM.forward` keeps them (chunk-major [N·B·H, C, ·], m the
     readout's stabiliser b + M)."""
-    NBH, C, K = qc.shape
-    V = vc.shape[-1]
-    V1, BH = V + 1, B * H
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NBH, BH = D.shape[0], B * H
     N = NBH // BH
-    dt = Y.dtype
-    # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps, lo = exp(−max(m, −cap))
-    Yn = Y[..., V]
+    dt = q.dtype
     cap = _m_cap(dt)
-    lo = torch.exp(-m.clamp(min=-cap))
-    absn = Yn.abs()
-    den = torch.maximum(absn, lo) + eps
-    dP = Y.new_zeros(NBH, C, V1)  # dL/dY · scale: the gradient of the unscaled (num | den)
-    if dO is None:
-        dYY, gm = Y.new_zeros(NBH, C), Y.new_zeros(NBH, C)
-    else:
-        dP[..., :V] = chunked(dO, C).reshape(NBH, C, V)
-        r = torch.linalg.vecdot(dP[..., :V], Y[..., :V])  # dO·Y_v
-        g_den = -r / (den * den)
-        # which side of the max takes the gradient (half each on a tie, as torch.maximum)
-        pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
-        g_n = g_den * pick * torch.sign(Yn)  # dL/dY_n
-        g_lo = g_den * (1 - pick)
-        dYY = r / den + g_n * Yn  # dL/dY · Y
-        gm = -dYY - g_lo * lo * (m > -cap).to(dt)  # dL/dm_t at a fixed unscaled state
-        dP[..., :V].mul_((scale / den)[..., None])
-        dP[..., V] = g_n * scale
-    dP_in = dP * w_in[..., None]
-
-    # dS[n]: the gradient of the state entering chunk n (dS[N]: the final state's), run
-    # backwards group by group: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP; then the inputs' gradients
-    # within the group
-    dS = Y.new_empty(N + 1, BH, K, V1)
+    # dSv, dSn: the gradient of the state entering each chunk, then of the final one
+    dSv, dSn = q.new_empty(N + 1, BH, K, V), q.new_empty(N + 1, BH, K)
     sS = None
     if dS_out is None:
-        dS[-1].zero_()
-        g_fin = Y.new_zeros(BH)
+        dSv[-1], dSn[-1] = 0, 0
+        g_fin = q.new_zeros(BH)
     else:
-        dS[-1] = dS_out[..., :-1, :].reshape(BH, K, V1)
-        sS = torch.linalg.vecdot(dS[-1].flatten(1), states[-1].flatten(1))
+        dSv[-1] = dS_out[..., :-1, :V].reshape(BH, K, V)
+        dSn[-1] = dS_out[..., :-1, V].reshape(BH, K)
+        sS = torch.linalg.vecdot(dSv[-1].flatten(1), Sv[-1].flatten(1))
+        sS += torch.linalg.vecdot(dSn[-1], Sn[-1])
         g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
-    dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
-    for n0, n1, r in reversed(_groups(N, BH, C)):
-        qT, dPr, dPr_in = qc[r].transpose(1, 2), dP[r], dP_in[r]
-        inputs = dS[n0:n1].view(-1, K, V1)
-        torch.bmm(qT, dPr_in[..., :V], out=inputs[..., :V])
-        torch.bmm(qT, dPr_in[..., V:], out=inputs[..., V:])
+    dYY, gm, kk = (q.new_zeros(NBH, C) for _ in range(3))
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    for n0, n1, r, t0, t1 in reversed(_groups(T, BH, C)):
+        qg, kg, vg = (to_chunks(x[:, t0:t1], C) for x in (q, k, v))
+        wr, w_inr = w[r, :, None], w_in[r]
+        # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps: dP = scale · dL/dY, the
+        # gradient of the unscaled (num | den)
+        if dO is None:
+            dPv, dPn = torch.zeros_like(vg), q.new_zeros(n1 * BH - n0 * BH, C)
+        else:
+            den, lo = _denominator(Yn[r], m[r], eps)
+            rr = to_chunks(torch.linalg.vecdot(dO[:, t0:t1], o[:, t0:t1]), C) * den  # dO·Y_v
+            g_den = -rr / (den * den)
+            # which side of the max takes the gradient (half each on a tie, as torch.maximum)
+            absn = Yn[r].abs()
+            pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
+            g_n = g_den * pick * torch.sign(Yn[r])  # dL/dY_n
+            dYY[r] = rr / den + g_n * Yn[r]  # dL/dY · Y
+            gm[r] = -dYY[r] - g_den * (1 - pick) * lo * (m[r] > -cap).to(dt)  # dL/dm_t
+            dPv = to_chunks(dO[:, t0:t1], C).mul_((scale / den)[..., None])
+            dPn = g_n * scale
+        dPv_in, dPn_in = dPv * w_inr[..., None], dPn * w_inr
+        # the state gradients run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
+        qT = qg.transpose(1, 2)
+        torch.bmm(qT, dPv_in, out=dSv[n0:n1].view(-1, K, V))
+        torch.bmm(qT, dPn_in[..., None], out=dSn[n0:n1].view(-1, K, 1))
         for n in range(n1 - 1, n0 - 1, -1):
-            dS[n].addcmul_(dS[n + 1], alpha[n])
-        ends = dS[n0 + 1 : n1 + 1].view(-1, K, V1)
-        starts = states[n0:n1].view(-1, K, V1)
+            dSv[n].addcmul_(dSv[n + 1], alpha[n])
+            dSn[n].addcmul_(dSn[n + 1], alpha[n, :, 0])
+        ends_v, ends_n = dSv[n0 + 1 : n1 + 1].view(-1, K, V), dSn[n0 + 1 : n1 + 1].view(-1, 1, K)
         # dL/dA_tj = dP_t·[v_j | 1]
-        G = torch.bmm(dPr[..., :V], vc[r].transpose(1, 2)).add_(dPr[..., V:]).mul_(D[r])
-        torch.bmm(G, kc[r], out=dq[r])
-        dq[r].baddbmm_(dPr_in[..., :V], starts[..., :V].transpose(1, 2))
-        dq[r].baddbmm_(dPr_in[..., V:], starts[..., V:].transpose(1, 2))
-        torch.bmm(G.transpose(1, 2), qc[r], out=dk[r])
-        k_end = torch.bmm(vc[r], ends[..., :V].transpose(1, 2)).add_(ends[..., None, :, V])
-        dk[r].addcmul_(k_end, w[r, :, None])
-        torch.bmm(A[r].transpose(1, 2), dPr[..., :V], out=dv[r])
-        dv[r].addcmul_(kc[r] @ ends[..., :V], w[r, :, None])
+        G = torch.bmm(dPv, vg.transpose(1, 2)).add_(dPn[..., None]).mul_(D[r])
+        dq = torch.bmm(G, kg).baddbmm_(dPv_in, Sv[n0:n1].view(-1, K, V).transpose(1, 2))
+        dq.baddbmm_(dPn_in[..., None], Sn[n0:n1].view(-1, 1, K))
+        dk = torch.bmm(G.transpose(1, 2), qg)
+        dk.addcmul_(torch.bmm(vg, ends_v.transpose(1, 2)).add_(ends_n), wr)
+        dv = torch.bmm(A[r].transpose(1, 2), dPv).addcmul_(kg @ ends_v, wr)
+        kk[r] = torch.linalg.vecdot(dk, kg)
+        for x, out in zip((dq, dk, dv), grads, strict=True):
+            from_chunks(x, B, t1 - t0, H, out=out[:, t0:t1])
 
     # gates: the unscaled terms carry exp(b_t) on the query side, exp(ĩ_j − b_j) on the key side
-    kk = torch.linalg.vecdot(dk, kc)
     x_glob = dYY - kk  # dL/db_t through the unscaled state (b cumulated from the start)
     if sS is not None:
         x_glob[-BH:, -1] += sS
@@ -388,11 +399,11 @@ def _chunk_backward(
     dS0 = None
     if S0 is not None:
         dS0 = torch.zeros_like(S0)
-        dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
-        g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
-        dS0[..., -1, -1] = g_m0.view(B, H)
-    grads = [from_chunks(x, B, T, H) for x in (dq, dk, dv, kk + g_u, dlf)]
-    return (*grads, dS0)
+        dS0[..., :-1, :V] = dSv[0].view(B, H, K, V)
+        dS0[..., :-1, V] = dSn[0].view(B, H, K)
+        g_m0 = g + torch.linalg.vecdot(dSv[0].flatten(1), Sv[0].flatten(1))
+        dS0[..., -1, -1] = (g_m0 + torch.linalg.vecdot(dSn[0], Sn[0])).view(B, H)
+    return (*grads, from_chunks(kk + g_u, B, T, H), from_chunks(dlf, B, T, H), dS0)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
