@@ -33,6 +33,32 @@ m_t = b_t + M_t with M_t = max(m_0, max_{j≤t} (ĩ_j − b_j)) (a cumulative ma
 is exp(ĩ_j − b_j − M_t) ≤ 1 for j ≤ t, exp(m_0 − M_t) ≤ 1 for the entry state. The entry
 stabilisers follow from the chunks' gate sums alone, in a loop over chunks on [B·H] scalars
 before any state is formed, so each chunk's contribution to its exit state is one matmul.
+
+The chunk form's backward (`_ChunkMLSTM`, one autograd node) is written by hand and exact: it
+equals autograd through the recurrent form (tests/ops/test_mlstm.py, float64). With N̄_t =
+exp(m_t) Y_t the unscaled (num | den) and Y = s (qᵀC | qᵀn), h_t = R(N̄_t, m_t): N̄ is a gated
+linear attention (key weights exp(ĩ_j), decays exp(log f)) whatever the stabiliser, and m_t
+enters only through the readout's exp(−m_t) (the eps·exp(m_t) term) and the final state's
+scaling. So the gradient has two parts (δ the loss's gradient, dP = s δY):
+
+    readout: δY_v = δh / den,  g_den = −δh·h / den  to |Y_n| (sign(Y_n)) or to lo = exp(−m),
+             as the max picks (half each on a tie, as torch.maximum),
+    state, run backwards over chunks (δS_N the final state's):
+             δS_n = α_n δS_{n+1} + (w_in ∘ q)ᵀ dP,   δA = (dP [v | 1]ᵀ) ∘ D,
+             δq = δA k + (w_in ∘ dP) S_inᵀ,  δk = δAᵀ q + w ∘ ([v | 1] δS_exitᵀ),
+             δv = Aᵀ dP_v + w ∘ (k δS_exit),
+    gates through N̄: δĩ_j = δk_j·k_j,  δb_t = δY_t·Y_t − δk_t·k_t (+ ⟨δS_T, S_T⟩ at T),
+             b the log forget cumulated from the start, δlog f_s = Σ_{t ≥ s} δb_t,
+    stabiliser: δm_t = −δY_t·Y_t − lo_t g_lo [m_t > −cap] (and −⟨δS_T, S_T⟩ + δm_T at T),
+             through m_t = b_t + M_t, M_t = max(cummax_j u_j, m_in), m_out = g + M_C to the
+             gate where each max was reached (cummax's index, or m_in: a loop back over chunks
+             on [B·H] scalars),
+    initial state: δ(C₀ | n₀) = δS_0,  δm₀ = ⟨δS_0, S₀⟩ + the stabiliser chain's.
+
+The forward keeps each chunk's decays D and A = (q kᵀ) ∘ D, the denominator, the small
+per-token numbers (gates, weights, stabilisers) and the states; q, k and v are chunked again
+where needed. Both passes run the [C, C] work over groups of chunks (GRAD_SLICE_ROWS rows) so
+that each group's blocks stay in cache, and keep the normaliser's column apart in products.
 """
 
 from __future__ import annotations
@@ -639,17 +665,24 @@ def _kernels_peer(kind: str):
 
 
 def mlstm_workspace_bytes(variant, form, T, H, grad, K=64, V=64, chunk_size=64, **_):
-    """The chunk form's [C, C] blocks in float32 (exponents, decays, A and their copies, about
-    six), kept for backward with `grad`, else formed a slice of at most 8192 tokens at a time, and
-    its per-chunk states [K, V + 1]; the parallel form's [T, T] blocks; the recurrent form's
-    states (every step's, with `grad`)."""
+    """Float32 working memory beyond the inputs, output and gradients. Chunk form without autograd:
+    its [C, C] blocks (exponents, decays, A and their copies, about six) formed a slice of at most
+    8192 (token, head) rows at a time, and the per-chunk states [K, V + 1]. With autograd: what
+    the forward keeps for the backward (each token's rows of the [C, C] decays and products, two
+    C wide, and about 32 per-token numbers: gates, stabilisers, the denominator, their gradients),
+    the per-chunk states and their gradients, and one group's (GRAD_SLICE_ROWS) chunked inputs,
+    gradients and products, about 16 rows of max(K, V, C). Parallel form: its [T, T] blocks;
+    recurrent form: its states (every step's, with `grad`)."""
     state = H * (K + 1) * (V + 1) * 4
     if form == "recurrent":
         return (2 * T if grad else 4) * state
-    rows = T if grad else min(T, SLICE_ROWS)
     if form == "parallel":
-        return 8 * H * T * rows * 4
-    return rows * 6 * H * chunk_size * 4 + 3 * (rows // chunk_size + 1) * state
+        return 8 * H * T * T * 4 if grad else 8 * H * T * min(T, SLICE_ROWS) * 4
+    if not grad:
+        rows = min(T, SLICE_ROWS)
+        return rows * 6 * H * chunk_size * 4 + 3 * (rows // chunk_size + 1) * state
+    group = 16 * min(H * T, GRAD_SLICE_ROWS) * max(K, V, chunk_size) * 4
+    return H * T * (2 * chunk_size + 32) * 4 + 2 * (T // chunk_size + 1) * state + group
 
 
 register_family(
