@@ -358,28 +358,33 @@ def _chunk_backward(
         sS = torch.linalg.vecdot(dSv[-1].flatten(1), Sv[-1].flatten(1))
         sS += torch.linalg.vecdot(dSn[-1], Sn[-1])
         g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
-    dYY, gm, kk = (q.new_zeros(NBH, C) for _ in range(3))
+    # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps: dP = scale · dL/dY, the gradient
+    # of the unscaled (num | den); its value part is formed group by group below
+    groups = _groups(T, BH, C)
+    if dO is None:
+        dYY, gm, dPn = (q.new_zeros(NBH, C) for _ in range(3))
+    else:
+        den, lo = _denominator(Yn, m, eps)
+        dOo = [torch.linalg.vecdot(dO[:, t0:t1], o[:, t0:t1]) for *_, t0, t1 in groups]
+        rr = to_chunks(torch.cat(dOo, 1), C) * den  # dO·Y_v
+        g_den = -rr / (den * den)
+        # which side of the max takes the gradient (half each on a tie, as torch.maximum)
+        absn = Yn.abs()
+        pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
+        g_n = g_den * pick * torch.sign(Yn)  # dL/dY_n
+        dYY = rr / den + g_n * Yn  # dL/dY · Y
+        gm = -dYY - g_den * (1 - pick) * lo * (m > -cap).to(dt)  # dL/dm_t
+        dPn, dPv_scale = g_n * scale, (scale / den)[..., None]
+    kk = q.new_empty(NBH, C)
     grads = [torch.empty_like(x) for x in (q, k, v)]
-    for n0, n1, r, t0, t1 in reversed(_groups(T, BH, C)):
+    for n0, n1, r, t0, t1 in reversed(groups):
         qg, kg, vg = (to_chunks(x[:, t0:t1], C) for x in (q, k, v))
         wr, w_inr = w[r, :, None], w_in[r]
-        # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps: dP = scale · dL/dY, the
-        # gradient of the unscaled (num | den)
         if dO is None:
-            dPv, dPn = torch.zeros_like(vg), q.new_zeros(n1 * BH - n0 * BH, C)
+            dPv = torch.zeros_like(vg)
         else:
-            den, lo = _denominator(Yn[r], m[r], eps)
-            rr = to_chunks(torch.linalg.vecdot(dO[:, t0:t1], o[:, t0:t1]), C) * den  # dO·Y_v
-            g_den = -rr / (den * den)
-            # which side of the max takes the gradient (half each on a tie, as torch.maximum)
-            absn = Yn[r].abs()
-            pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
-            g_n = g_den * pick * torch.sign(Yn[r])  # dL/dY_n
-            dYY[r] = rr / den + g_n * Yn[r]  # dL/dY · Y
-            gm[r] = -dYY[r] - g_den * (1 - pick) * lo * (m[r] > -cap).to(dt)  # dL/dm_t
-            dPv = to_chunks(dO[:, t0:t1], C).mul_((scale / den)[..., None])
-            dPn = g_n * scale
-        dPv_in, dPn_in = dPv * w_inr[..., None], dPn * w_inr
+            dPv = to_chunks(dO[:, t0:t1], C).mul_(dPv_scale[r])
+        dPv_in, dPn_in = dPv * w_inr[..., None], dPn[r] * w_inr
         # the state gradients run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
         qT = qg.transpose(1, 2)
         torch.bmm(qT, dPv_in, out=dSv[n0:n1].view(-1, K, V))
@@ -389,7 +394,7 @@ def _chunk_backward(
             dSn[n].addcmul_(dSn[n + 1], alpha[n, :, 0])
         ends_v, ends_n = dSv[n0 + 1 : n1 + 1].view(-1, K, V), dSn[n0 + 1 : n1 + 1].view(-1, 1, K)
         # dL/dA_tj = dP_t·[v_j | 1]
-        G = torch.bmm(dPv, vg.transpose(1, 2)).add_(dPn[..., None]).mul_(D[r])
+        G = torch.bmm(dPv, vg.transpose(1, 2)).add_(dPn[r, :, None]).mul_(D[r])
         dq = torch.bmm(G, kg).baddbmm_(dPv_in, Sv[n0:n1].view(-1, K, V).transpose(1, 2))
         dq.baddbmm_(dPn_in[..., None], Sn[n0:n1].view(-1, 1, K))
         dk = torch.bmm(G.transpose(1, 2), qg)
