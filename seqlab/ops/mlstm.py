@@ -58,7 +58,7 @@ scaling. So the gradient has two parts (δ the loss's gradient, dP = s δY):
 The forward keeps each chunk's decays D and A = (q kᵀ) ∘ D, the denominator, the small
 per-token numbers (gates, weights, stabilisers) and the states; q, k and v are chunked again
 where needed. Both passes run the [C, C] work over groups of chunks (GRAD_SLICE_ROWS rows) so
-that each group's blocks stay in cache, and keep the normaliser's column apart in products.
+that each group's blocks stay in cache; the per-token work on gates and readout is done once.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     chunk_count,
+    chunked,
     compute_dtype,
     decay_exp,
     floor_log_gate,
@@ -278,16 +279,23 @@ def _denominator(Yn, m, eps):
     return torch.maximum(Yn.abs(), lo) + eps, lo
 
 
+def _value_chunks(v, t0, t1, C):
+    """[v | 1] of steps t0..t1 in chunks [G·B·H, C, V + 1] (`to_chunks`'s order)."""
+    c = chunked(v[:, t0:t1], C)
+    out = v.new_empty(*c.shape[:-1], c.shape[-1] + 1)
+    out[..., :-1] = c
+    out[..., -1] = 1
+    return out.view(-1, C, c.shape[-1] + 1)
+
+
 class _ChunkMLSTM(torch.autograd.Function):
     """The chunk form with its hand-derived backward (see the module docstring): one autograd
-    node, its forward run without autograd keeping what the backward needs. The normaliser's
-    column (n, den) is kept apart from the values' in every product, so that each is V wide, not
-    V + 1 (a product of odd width ran about 20% slower)."""
+    node, its forward run without autograd keeping what the backward needs."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, lf, S0, scale, chunk_size, eps):
         B, T, H, K = q.shape
-        V = v.shape[-1]
+        V1 = v.shape[-1] + 1
         C = min(chunk_size, T)
         BH = B * H
         b, u, g, (cm, cm_at), M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
@@ -295,36 +303,36 @@ class _ChunkMLSTM(torch.autograd.Function):
         w = decay_exp(g[:, None] + u - m_out[:, None], True)  # an input's weight at the exit
         w_in = decay_exp(m_in[:, None] - M, True)  # the entry state's weight
         alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
-        # Sv, Sn: the state entering each chunk (values' part, normaliser), then the final one
-        Sv, Sn = q.new_empty(NBH // BH + 1, BH, K, V), q.new_empty(NBH // BH + 1, BH, K)
-        Sv[0], Sn[0] = (0, 0) if S_init is None else (S_init[..., :V], S_init[..., V])
+        # states[n]: the state entering chunk n (stabilised by m_in), states[N] the final one
+        states = q.new_empty(NBH // BH + 1, BH, K, V1)
+        states[0] = 0 if S_init is None else S_init
         D, A = (q.new_empty(NBH, C, C) for _ in range(2))
-        Yv, Yn = q.new_empty(NBH, C, V), q.new_empty(NBH, C)  # num, den (unscaled)
+        Y = q.new_empty(NBH, C, V1)  # (num | den), unscaled
         for n0, n1, r, t0, t1 in _groups(T, BH, C):
-            qg, kg, vg = (to_chunks(x[:, t0:t1], C) for x in (q, k, v))
+            qg, kg, vg = (
+                to_chunks(q[:, t0:t1], C),
+                to_chunks(k[:, t0:t1], C),
+                _value_chunks(v, t0, t1, C),
+            )
             decay_exp(torch.sub(u[r, None, :], M[r, :, None], out=D[r]), True).tril_()
             torch.bmm(qg, kg.transpose(1, 2), out=A[r]).mul_(D[r])
             k_out = kg.mul_(w[r, :, None])
-            torch.bmm(k_out.transpose(1, 2), vg, out=Sv[n0 + 1 : n1 + 1].view(-1, K, V))
-            torch.sum(k_out, 1, out=Sn[n0 + 1 : n1 + 1].view(-1, K))
-            for n in range(n0, n1):
-                Sv[n + 1].addcmul_(Sv[n], alpha[n])
-                Sn[n + 1].addcmul_(Sn[n], alpha[n, :, 0])
-            torch.bmm(qg, Sv[n0:n1].view(-1, K, V), out=Yv[r]).mul_(w_in[r, :, None])
-            torch.bmm(qg, Sn[n0:n1].view(-1, K, 1), out=Yn[r, :, None]).mul_(w_in[r, :, None])
-            torch.baddbmm(Yv[r], A[r], vg, out=Yv[r])
-            Yn[r] += A[r].sum(-1)
-        Yn.mul_(scale)
+            torch.bmm(k_out.transpose(1, 2), vg, out=states[n0 + 1 : n1 + 1].view(-1, K, V1))
+            steps = zip(states[n0:n1], states[n0 + 1 : n1 + 1], alpha[n0:n1], strict=True)
+            for S_n, S_next, al in steps:
+                S_next.addcmul_(S_n, al)
+            torch.bmm(qg, states[n0:n1].view(-1, K, V1), out=Y[r]).mul_(w_in[r, :, None])
+            torch.baddbmm(Y[r], A[r], vg, out=Y[r])
+        Y.mul_(scale)
+        Yn = Y[..., -1]
         m_t = M.add_(b)
         den, _ = _denominator(Yn, m_t, eps)
-        o = from_chunks(Yv.mul_(scale).div_(den[..., None]), B, T, H)
-        ctx.save_for_backward(
-            q, k, v, o, D, A, Yn, w, w_in, alpha, Sv, Sn, m_t, cm, cm_at, m_in, S0
-        )
+        o = from_chunks(Y[..., :-1].div_(den[..., None]), B, T, H)
+        kept = (D, A, Yn, w, w_in, alpha, states, m_t, cm, cm_at, m_in)
+        ctx.save_for_backward(q, k, v, o, *kept, S0)
         ctx.args = (scale, eps, C)
         ctx.set_materialize_grads(False)
-        S_fin = torch.cat([Sv[-1], Sn[-1, ..., None]], -1)
-        return o, _pack(S_fin, m, B, H)
+        return o, _pack(states[-1], m, B, H)
 
     @staticmethod
     @once_differentiable
@@ -334,32 +342,31 @@ class _ChunkMLSTM(torch.autograd.Function):
 
 
 def _chunk_backward(
-    dO, dS_out, q, k, v, o, D, A, Yn, w, w_in, alpha, Sv, Sn, m, cm, cm_at, m_in, S0, scale, eps,
-    C,
+    dO, dS_out, q, k, v, o, D, A, Yn, w, w_in, alpha, states, m, cm, cm_at, m_in, S0, scale,
+    eps, C,
 ):  # fmt: skip
     """Gradients of (o, final state) with respect to (q, k, v, i, log f, S0) (None for an
     absent S0); the tensors as `_ChunkMLSTM.forward` keeps them (chunk-major [N·B·H, C, ·], m the
     readout's stabiliser b + M)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    V1 = V + 1
     NBH, BH = D.shape[0], B * H
     N = NBH // BH
     dt = q.dtype
     cap = _m_cap(dt)
-    # dSv, dSn: the gradient of the state entering each chunk, then of the final one
-    dSv, dSn = q.new_empty(N + 1, BH, K, V), q.new_empty(N + 1, BH, K)
+    # dS[n]: the gradient of the state entering chunk n, dS[N] the final state's
+    dS = q.new_empty(N + 1, BH, K, V1)
     sS = None
     if dS_out is None:
-        dSv[-1], dSn[-1] = 0, 0
+        dS[-1] = 0
         g_fin = q.new_zeros(BH)
     else:
-        dSv[-1] = dS_out[..., :-1, :V].reshape(BH, K, V)
-        dSn[-1] = dS_out[..., :-1, V].reshape(BH, K)
-        sS = torch.linalg.vecdot(dSv[-1].flatten(1), Sv[-1].flatten(1))
-        sS += torch.linalg.vecdot(dSn[-1], Sn[-1])
+        dS[-1] = dS_out[..., :-1, :].reshape(BH, K, V1)
+        sS = torch.linalg.vecdot(dS[-1].flatten(1), states[-1].flatten(1))
         g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
     # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps: dP = scale · dL/dY, the gradient
-    # of the unscaled (num | den); its value part is formed group by group below
+    # of the unscaled (num | den), formed group by group below from these per-token numbers
     groups = _groups(T, BH, C)
     if dO is None:
         dYY, gm, dPn = (q.new_zeros(NBH, C) for _ in range(3))
@@ -378,28 +385,33 @@ def _chunk_backward(
     kk = q.new_empty(NBH, C)
     grads = [torch.empty_like(x) for x in (q, k, v)]
     for n0, n1, r, t0, t1 in reversed(groups):
-        qg, kg, vg = (to_chunks(x[:, t0:t1], C) for x in (q, k, v))
-        wr, w_inr = w[r, :, None], w_in[r]
+        qg, kg, vg = (
+            to_chunks(q[:, t0:t1], C),
+            to_chunks(k[:, t0:t1], C),
+            _value_chunks(v, t0, t1, C),
+        )
+        dP = q.new_empty(vg.shape)
         if dO is None:
-            dPv = torch.zeros_like(vg)
+            dP[..., :V] = 0
         else:
-            dPv = to_chunks(dO[:, t0:t1], C).mul_(dPv_scale[r])
-        dPv_in, dPn_in = dPv * w_inr[..., None], dPn[r] * w_inr
+            torch.mul(
+                chunked(dO[:, t0:t1], C),
+                dPv_scale[r].view(n1 - n0, B, H, C, 1),
+                out=dP.view(n1 - n0, B, H, C, V1)[..., :V],
+            )
+        dP[..., V] = dPn[r]
+        dP_in = dP * w_in[r, :, None]
         # the state gradients run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
-        qT = qg.transpose(1, 2)
-        torch.bmm(qT, dPv_in, out=dSv[n0:n1].view(-1, K, V))
-        torch.bmm(qT, dPn_in[..., None], out=dSn[n0:n1].view(-1, K, 1))
-        for n in range(n1 - 1, n0 - 1, -1):
-            dSv[n].addcmul_(dSv[n + 1], alpha[n])
-            dSn[n].addcmul_(dSn[n + 1], alpha[n, :, 0])
-        ends_v, ends_n = dSv[n0 + 1 : n1 + 1].view(-1, K, V), dSn[n0 + 1 : n1 + 1].view(-1, 1, K)
-        # dL/dA_tj = dP_t·[v_j | 1]
-        G = torch.bmm(dPv, vg.transpose(1, 2)).add_(dPn[r, :, None]).mul_(D[r])
-        dq = torch.bmm(G, kg).baddbmm_(dPv_in, Sv[n0:n1].view(-1, K, V).transpose(1, 2))
-        dq.baddbmm_(dPn_in[..., None], Sn[n0:n1].view(-1, 1, K))
-        dk = torch.bmm(G.transpose(1, 2), qg)
-        dk.addcmul_(torch.bmm(vg, ends_v.transpose(1, 2)).add_(ends_n), wr)
-        dv = torch.bmm(A[r].transpose(1, 2), dPv).addcmul_(kg @ ends_v, wr)
+        torch.bmm(qg.transpose(1, 2), dP_in, out=dS[n0:n1].view(-1, K, V1))
+        steps = zip(dS[n0:n1], dS[n0 + 1 : n1 + 1], alpha[n0:n1], strict=True)
+        for dS_n, dS_next, al in reversed(list(steps)):
+            dS_n.addcmul_(dS_next, al)
+        ends = dS[n0 + 1 : n1 + 1].view(-1, K, V1)
+        G = torch.bmm(dP, vg.transpose(1, 2)).mul_(D[r])  # dL/dA
+        dq = torch.bmm(G, kg).baddbmm_(dP_in, states[n0:n1].view(-1, K, V1).transpose(1, 2))
+        dk = torch.bmm(G.transpose(1, 2), qg).addcmul_(vg @ ends.transpose(1, 2), w[r, :, None])
+        dv = torch.bmm(A[r].transpose(1, 2), dP[..., :V])
+        dv.addcmul_(kg @ ends[..., :V], w[r, :, None])
         kk[r] = torch.linalg.vecdot(dk, kg)
         for x, out in zip((dq, dk, dv), grads, strict=True):
             from_chunks(x, B, t1 - t0, H, out=out[:, t0:t1])
@@ -414,9 +426,9 @@ def _chunk_backward(
     s_n = (gm * lef).sum(1).view(N, BH)
     c_n = lef[:, -1].view(N, BH)
     g_out, g = [], g_fin
-    for n in range(N - 1, -1, -1):
+    for s, c in zip(s_n.flip(0), c_n.flip(0), strict=True):
         g_out.append(g)
-        g = s_n[n] + c_n[n] * g
+        g = torch.addcmul(s, c, g)
     g_out = torch.stack(g_out[::-1]).view(NBH)
     gM = gm.clone()
     gM[:, -1] += g_out
@@ -430,10 +442,9 @@ def _chunk_backward(
     dS0 = None
     if S0 is not None:
         dS0 = torch.zeros_like(S0)
-        dS0[..., :-1, :V] = dSv[0].view(B, H, K, V)
-        dS0[..., :-1, V] = dSn[0].view(B, H, K)
-        g_m0 = g + torch.linalg.vecdot(dSv[0].flatten(1), Sv[0].flatten(1))
-        dS0[..., -1, -1] = (g_m0 + torch.linalg.vecdot(dSn[0], Sn[0])).view(B, H)
+        dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
+        g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
+        dS0[..., -1, -1] = g_m0.view(B, H)
     return (*grads, from_chunks(kk + g_u, B, T, H), from_chunks(dlf, B, T, H), dS0)
 
 
