@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from seqlab.mixers.base import LayerFlops, OpCall, State
 from seqlab.mixers.conv import ShortConv
 from seqlab.mixers.recurrent import RecurrentConfig, RecurrentMixer
-from seqlab.ops.mlstm import mlstm, mlstm_flops, pack_state, unpack_state
+from seqlab.ops.mlstm import mlstm, mlstm_flops, mlstm_workspace_bytes, pack_state, unpack_state
 from seqlab.ops.registry import Flops
 
 
@@ -136,10 +136,9 @@ class MLSTM(RecurrentMixer):
         return LayerFlops(per_token, prefill, mlstm_flops(1, H, D, D, "recurrent"))
 
     def core_bytes(self, T: int, grad: bool) -> int:
-        """The chunk form's [C, C] blocks in float32 (about six; kept for backward with `grad`,
-        else formed a slice of at most 8192 tokens at a time)."""
-        per_token = 6 * self.num_heads * self.config.chunk_size * 4
-        return per_token * (T if grad else min(T, 8192))
+        """The op's working memory (`mlstm_workspace_bytes`) in the form the layer runs."""
+        D, C = self.head_dim, self.config.chunk_size
+        return mlstm_workspace_bytes("default", self.form(T), T, self.num_heads, grad, D, D, C)
 
     def op_call(self) -> OpCall:
         dims = {"K": self.head_dim, "V": self.head_dim}

@@ -33,6 +33,32 @@ m_t = b_t + M_t with M_t = max(m_0, max_{j≤t} (ĩ_j − b_j)) (a cumulative ma
 is exp(ĩ_j − b_j − M_t) ≤ 1 for j ≤ t, exp(m_0 − M_t) ≤ 1 for the entry state. The entry
 stabilisers follow from the chunks' gate sums alone, in a loop over chunks on [B·H] scalars
 before any state is formed, so each chunk's contribution to its exit state is one matmul.
+
+The chunk form's backward (`_ChunkMLSTM`, one autograd node) is written by hand and exact: it
+equals autograd through the recurrent form (tests/ops/test_mlstm.py, float64). With N̄_t =
+exp(m_t) Y_t the unscaled (num | den) and Y = s (qᵀC | qᵀn), h_t = R(N̄_t, m_t): N̄ is a gated
+linear attention (key weights exp(ĩ_j), decays exp(log f)) whatever the stabiliser, and m_t
+enters only through the readout's exp(−m_t) (the eps·exp(m_t) term) and the final state's
+scaling. So the gradient has two parts (δ the loss's gradient, dP = s δY):
+
+    readout: δY_v = δh / den,  g_den = −δh·h / den  to |Y_n| (sign(Y_n)) or to lo = exp(−m),
+             as the max picks (half each on a tie, as torch.maximum),
+    state, run backwards over chunks (δS_N the final state's):
+             δS_n = α_n δS_{n+1} + (w_in ∘ q)ᵀ dP,   δA = (dP [v | 1]ᵀ) ∘ D,
+             δq = δA k + (w_in ∘ dP) S_inᵀ,  δk = δAᵀ q + w ∘ ([v | 1] δS_exitᵀ),
+             δv = Aᵀ dP_v + w ∘ (k δS_exit),
+    gates through N̄: δĩ_j = δk_j·k_j,  δb_t = δY_t·Y_t − δk_t·k_t (+ ⟨δS_T, S_T⟩ at T),
+             b the log forget cumulated from the start, δlog f_s = Σ_{t ≥ s} δb_t,
+    stabiliser: δm_t = −δY_t·Y_t − lo_t g_lo [m_t > −cap] (and −⟨δS_T, S_T⟩ + δm_T at T),
+             through m_t = b_t + M_t, M_t = max(cummax_j u_j, m_in), m_out = g + M_C to the
+             gate where each max was reached (cummax's index, or m_in: a loop back over chunks
+             on [B·H] scalars),
+    initial state: δ(C₀ | n₀) = δS_0,  δm₀ = ⟨δS_0, S₀⟩ + the stabiliser chain's.
+
+The forward keeps each chunk's decays D and A = (q kᵀ) ∘ D, the denominator, the small
+per-token numbers (gates, weights, stabilisers) and the states; q, k and v are chunked again
+where needed. Both passes run the [C, C] work over groups of chunks (GRAD_SLICE_ROWS rows) so
+that each group's blocks stay in cache; the per-token work on gates and readout is done once.
 """
 
 from __future__ import annotations
@@ -43,6 +69,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from seqlab.ops._common import (
     SLICE_ROWS,
@@ -54,9 +81,11 @@ from seqlab.ops._common import (
     check_shape,
     check_tensor,
     chunk_count,
+    chunked,
     compute_dtype,
     decay_exp,
     floor_log_gate,
+    from_chunks,
     outside_autocast,
     run_sliced,
     to_chunks,
@@ -157,62 +186,266 @@ def _recurrent(q, k, v, i, lf, S0, scale, eps):
     return torch.stack(outs, 1), pack_state(C, n, m)
 
 
-def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
-    """Chunkwise-parallel form on one time slice; v1 = [v | 1] [B, T, H, V + 1]. Returns the
-    output in chunks [N·B·H, C, V] and the packed final state."""
+def _chunk_prologue(q, i, lf, S0, C):
+    """What every chunk form pass needs before any [C, C] block: the chunked gates and the
+    stabilisers. Returns (b, u, g, (cm, cm_at), M, m_in, m_out, m_fin, S_init): b the cumulated
+    log forget within each chunk [N·B·H, C], u = ĩ − b, g the chunks' total log forget
+    [N·B·H], u's running max and where it was reached, M = m_t − b_t, the entry and exit
+    stabilisers [N·B·H], the final one [B·H], and the entry state [B·H, K, V + 1] (None: zero)."""
     B, T, H, K = q.shape
-    V1 = v1.shape[-1]
-    C = min(chunk_size, T)
     N = -(-T // C)
     BH = B * H
-    inplace = not torch.is_grad_enabled()
     if N * C != T:  # padded steps: no forgetting and no input (ĩ = the dtype's lowest value)
         i = F.pad(i, (0, 0, 0, N * C - T), value=torch.finfo(i.dtype).min)
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
-    b = to_chunks(lf, C).cumsum(1)  # [N·B·H, C]: cumulated log forget within the chunk
-    u = to_chunks(i, C) - b  # ĩ_j − b_j
-    g = b[:, -1]  # [N·B·H]: the chunk's total log forget
-    a = g + u.max(1).values  # the largest exponent of an input reaching the chunk's exit
-
-    # entry stabiliser of every chunk (the recurrent m at the chunk boundaries)
+    b = to_chunks(lf, C).cumsum(1)
+    u = to_chunks(i, C) - b
+    g = b[:, -1]
+    cm, cm_at = u.cummax(1)
     if S0 is None:
-        m, S = q.new_zeros(BH), q.new_zeros(BH, K, V1)
+        m, S_init = q.new_zeros(BH), None
     else:
-        S, m = S0[..., :-1, :].reshape(BH, K, V1), S0[..., -1, -1].reshape(BH)
+        m, S_init = S0[..., -1, -1].reshape(BH), S0[..., :-1, :].reshape(BH, K, -1)
+    # the recurrent m at the chunk boundaries: a loop over chunks on [B·H] scalars,
+    # m_out = max(g + m_in, g + max u)
     entries = []
-    for g_n, a_n in zip(g.view(N, BH), a.view(N, BH), strict=True):
+    for g_n, a_n in zip(g.view(N, BH), (g + cm[:, -1]).view(N, BH), strict=True):
         entries.append(m)
         m = torch.maximum(g_n + m, a_n)
     m_in = torch.stack(entries)  # [N, B·H]
     m_out = torch.cat([m_in[1:], m[None]]).view(-1)
     m_in = m_in.view(-1)
+    M = torch.maximum(cm, m_in[:, None])
+    return b, u, g, (cm, cm_at), M, m_in, m_out, m, S_init
 
-    M = torch.maximum(u.cummax(1).values, m_in[:, None])  # [N·B·H, C]: m_t − b_t
-    # intra-chunk: A_tj = s q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
-    E = u[:, None, :] - M[:, :, None]
-    D = decay_exp(E, inplace)
-    D = D.tril_() if inplace else D.tril()
-    A = qc @ kc.transpose(1, 2)
-    A = A.mul_(D) if inplace else A * D
-    # each chunk's contribution to its exit state, stabilised by the exit m
-    w = decay_exp(g[:, None] + u - m_out[:, None], inplace)[..., None]
-    k_out = kc.mul_(w) if inplace else kc * w
-    dS = (k_out.transpose(1, 2) @ vc).view(N, BH, K, V1)
-    alpha = torch.exp(g.view(N, BH) + m_in.view(N, BH) - m_out.view(N, BH))
-    states = []
-    for al_n, dS_n in zip(alpha, dS, strict=True):
-        states.append(S)
-        S = torch.addcmul(dS_n, S, al_n[:, None, None])
-    starts = torch.stack(states).view(-1, K, V1)  # the state entering each chunk
-    w_in = decay_exp(m_in[:, None] - M, inplace)[..., None]
-    q_in = qc.mul_(w_in) if inplace else qc * w_in
-    Hc = A @ vc
-    Hc = torch.baddbmm(Hc, q_in, starts, out=Hc) if inplace else torch.baddbmm(Hc, q_in, starts)
-    Hc = Hc.mul_(scale) if inplace else Hc * scale
-    o = _readout(Hc[..., :-1], Hc[..., -1], b + M, eps)
-    S_out = torch.cat([S, torch.zeros_like(S[:, :1])], 1)
+
+def _pack(S, m, B, H):
+    """[B·H, K, V + 1] and [B·H] → the packed state [B, H, K + 1, V + 1]."""
+    S_out = S.new_zeros(S.shape[0], S.shape[1] + 1, S.shape[2])
+    S_out[:, :-1] = S
     S_out[:, -1, -1] = m
-    return o, S_out.view(B, H, K + 1, V1)
+    return S_out.view(B, H, *S_out.shape[1:])
+
+
+def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
+    """Chunkwise-parallel form on one time slice, without autograd, every intermediate
+    overwritten in place; v1 = [v | 1] [B, T, H, V + 1]. Returns the output in chunks
+    [N·B·H, C, V] and the packed final state."""
+    B, T, H, K = q.shape
+    V1 = v1.shape[-1]
+    C = min(chunk_size, T)
+    BH = B * H
+    b, u, g, _, M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
+    # states[n]: the state entering chunk n (states[N] the final one), stabilised by m_in
+    states = q.new_empty(-(-T // C) + 1, BH, K, V1)
+    states[0] = 0 if S_init is None else S_init
+    # intra-chunk: A_tj = q_t·k_j exp(ĩ_j − b_j − M_t), j ≤ t
+    A = (qc @ kc.transpose(1, 2)).mul_(decay_exp(u[:, None, :] - M[:, :, None], True).tril_())
+    # each chunk's contribution to its exit state, stabilised by the exit m, written in place
+    # of the next entry state, then the states in order: S_{n+1} += α_n S_n
+    kc.mul_(decay_exp(g[:, None] + u - m_out[:, None], True)[..., None])
+    torch.bmm(kc.transpose(1, 2), vc, out=states[1:].view(-1, K, V1))
+    alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
+    for S_n, S_next, al in zip(states[:-1], states[1:], alpha, strict=True):
+        S_next.addcmul_(S_n, al)
+    Hc = torch.bmm(qc, states[:-1].view(-1, K, V1))
+    Hc.mul_(decay_exp(m_in[:, None] - M, True)[..., None])
+    Hc = torch.baddbmm(Hc, A, vc, out=Hc).mul_(scale)  # [N·B·H, C, V + 1]: scale · (num | den)
+    o = _readout(Hc[..., :-1], Hc[..., -1], M.add_(b), eps)
+    return o, _pack(states[-1], m, B, H)
+
+
+# With autograd, the chunk form's [C, C] work (forward, and backward in reverse order) runs over
+# groups of whole chunks holding about this many (token, head) rows, so that each group's blocks
+# stay in cache (measured at T = 2048, B·H = 4 on one thread: groups of 512 tokens took 0.7-0.8x
+# the time of one group of 2048; groups of 256 or 1024 tokens were no faster than 512).
+GRAD_SLICE_ROWS = 2048
+
+
+def _groups(T, BH, C):
+    """(first chunk, end chunk, rows, first step, end step) of each group of whole chunks
+    (GRAD_SLICE_ROWS)."""
+    N, G = -(-T // C), max(1, GRAD_SLICE_ROWS // (BH * C))
+    out = []
+    for n0 in range(0, N, G):
+        n1 = min(n0 + G, N)
+        out.append((n0, n1, slice(n0 * BH, n1 * BH), n0 * C, min(n1 * C, T)))
+    return out
+
+
+def _denominator(Yn, m, eps):
+    """max(|Y_n|, lo) + eps and lo = exp(−max(m, −cap)), the readout's denominator."""
+    lo = torch.exp(-m.clamp(min=-_m_cap(m.dtype)))
+    return torch.maximum(Yn.abs(), lo) + eps, lo
+
+
+def _value_chunks(v, t0, t1, C):
+    """[v | 1] of steps t0..t1 in chunks [G·B·H, C, V + 1] (`to_chunks`'s order)."""
+    c = chunked(v[:, t0:t1], C)
+    out = v.new_empty(*c.shape[:-1], c.shape[-1] + 1)
+    out[..., :-1] = c
+    out[..., -1] = 1
+    return out.view(-1, C, c.shape[-1] + 1)
+
+
+class _ChunkMLSTM(torch.autograd.Function):
+    """The chunk form with its hand-derived backward (see the module docstring): one autograd
+    node, its forward run without autograd keeping what the backward needs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, lf, S0, scale, chunk_size, eps):
+        B, T, H, K = q.shape
+        V1 = v.shape[-1] + 1
+        C = min(chunk_size, T)
+        BH = B * H
+        b, u, g, (cm, cm_at), M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
+        NBH = b.shape[0]
+        w = decay_exp(g[:, None] + u - m_out[:, None], True)  # an input's weight at the exit
+        w_in = decay_exp(m_in[:, None] - M, True)  # the entry state's weight
+        alpha = torch.exp(g + m_in - m_out).view(-1, BH, 1, 1)
+        # states[n]: the state entering chunk n (stabilised by m_in), states[N] the final one
+        states = q.new_empty(NBH // BH + 1, BH, K, V1)
+        states[0] = 0 if S_init is None else S_init
+        D, A = (q.new_empty(NBH, C, C) for _ in range(2))
+        Y = q.new_empty(NBH, C, V1)  # (num | den), unscaled
+        for n0, n1, r, t0, t1 in _groups(T, BH, C):
+            qg, kg, vg = (
+                to_chunks(q[:, t0:t1], C),
+                to_chunks(k[:, t0:t1], C),
+                _value_chunks(v, t0, t1, C),
+            )
+            decay_exp(torch.sub(u[r, None, :], M[r, :, None], out=D[r]), True).tril_()
+            torch.bmm(qg, kg.transpose(1, 2), out=A[r]).mul_(D[r])
+            k_out = kg.mul_(w[r, :, None])
+            torch.bmm(k_out.transpose(1, 2), vg, out=states[n0 + 1 : n1 + 1].view(-1, K, V1))
+            steps = zip(states[n0:n1], states[n0 + 1 : n1 + 1], alpha[n0:n1], strict=True)
+            for S_n, S_next, al in steps:
+                S_next.addcmul_(S_n, al)
+            torch.bmm(qg, states[n0:n1].view(-1, K, V1), out=Y[r]).mul_(w_in[r, :, None])
+            torch.baddbmm(Y[r], A[r], vg, out=Y[r])
+        Y.mul_(scale)
+        Yn = Y[..., -1]
+        m_t = M.add_(b)
+        den, _ = _denominator(Yn, m_t, eps)
+        o = from_chunks(Y[..., :-1].div_(den[..., None]), B, T, H)
+        kept = (D, A, Yn, w, w_in, alpha, states, m_t, cm, cm_at, m_in)
+        ctx.save_for_backward(q, k, v, o, *kept, S0)
+        ctx.args = (scale, eps, C)
+        ctx.set_materialize_grads(False)
+        return o, _pack(states[-1], m, B, H)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dO, dS_out):
+        grads = _chunk_backward(dO, dS_out, *ctx.saved_tensors, *ctx.args)
+        return (*grads, None, None, None)
+
+
+def _chunk_backward(
+    dO, dS_out, q, k, v, o, D, A, Yn, w, w_in, alpha, states, m, cm, cm_at, m_in, S0, scale,
+    eps, C,
+):  # fmt: skip
+    """Gradients of (o, final state) with respect to (q, k, v, i, log f, S0) (None for an
+    absent S0); the tensors as `_ChunkMLSTM.forward` keeps them (chunk-major [N·B·H, C, ·], m the
+    readout's stabiliser b + M)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    V1 = V + 1
+    NBH, BH = D.shape[0], B * H
+    N = NBH // BH
+    dt = q.dtype
+    cap = _m_cap(dt)
+    # dS[n]: the gradient of the state entering chunk n, dS[N] the final state's
+    dS = q.new_empty(N + 1, BH, K, V1)
+    sS = None
+    if dS_out is None:
+        dS[-1] = 0
+        g_fin = q.new_zeros(BH)
+    else:
+        dS[-1] = dS_out[..., :-1, :].reshape(BH, K, V1)
+        sS = torch.linalg.vecdot(dS[-1].flatten(1), states[-1].flatten(1))
+        g_fin = dS_out[..., -1, -1].reshape(BH).to(dt) - sS
+    # the readout h = Y_v / den, den = max(|Y_n|, lo) + eps: dP = scale · dL/dY, the gradient
+    # of the unscaled (num | den), formed group by group below from these per-token numbers
+    groups = _groups(T, BH, C)
+    if dO is None:
+        dYY, gm, dPn = (q.new_zeros(NBH, C) for _ in range(3))
+    else:
+        den, lo = _denominator(Yn, m, eps)
+        dOo = [torch.linalg.vecdot(dO[:, t0:t1], o[:, t0:t1]) for *_, t0, t1 in groups]
+        rr = to_chunks(torch.cat(dOo, 1), C) * den  # dO·Y_v
+        g_den = -rr / (den * den)
+        # which side of the max takes the gradient (half each on a tie, as torch.maximum)
+        absn = Yn.abs()
+        pick = (absn > lo).to(dt) + 0.5 * (absn == lo).to(dt)
+        g_n = g_den * pick * torch.sign(Yn)  # dL/dY_n
+        dYY = rr / den + g_n * Yn  # dL/dY · Y
+        gm = -dYY - g_den * (1 - pick) * lo * (m > -cap).to(dt)  # dL/dm_t
+        dPn, dPv_scale = g_n * scale, (scale / den)[..., None]
+    kk = q.new_empty(NBH, C)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    for n0, n1, r, t0, t1 in reversed(groups):
+        qg, kg, vg = (
+            to_chunks(q[:, t0:t1], C),
+            to_chunks(k[:, t0:t1], C),
+            _value_chunks(v, t0, t1, C),
+        )
+        dP = q.new_empty(vg.shape)
+        if dO is None:
+            dP[..., :V] = 0
+        else:
+            torch.mul(
+                chunked(dO[:, t0:t1], C),
+                dPv_scale[r].view(n1 - n0, B, H, C, 1),
+                out=dP.view(n1 - n0, B, H, C, V1)[..., :V],
+            )
+        dP[..., V] = dPn[r]
+        dP_in = dP * w_in[r, :, None]
+        # the state gradients run backwards: dS_n = α_n dS_{n+1} + (w_in q)ᵀ dP
+        torch.bmm(qg.transpose(1, 2), dP_in, out=dS[n0:n1].view(-1, K, V1))
+        steps = zip(dS[n0:n1], dS[n0 + 1 : n1 + 1], alpha[n0:n1], strict=True)
+        for dS_n, dS_next, al in reversed(list(steps)):
+            dS_n.addcmul_(dS_next, al)
+        ends = dS[n0 + 1 : n1 + 1].view(-1, K, V1)
+        G = torch.bmm(dP, vg.transpose(1, 2)).mul_(D[r])  # dL/dA
+        dq = torch.bmm(G, kg).baddbmm_(dP_in, states[n0:n1].view(-1, K, V1).transpose(1, 2))
+        dk = torch.bmm(G.transpose(1, 2), qg).addcmul_(vg @ ends.transpose(1, 2), w[r, :, None])
+        dv = torch.bmm(A[r].transpose(1, 2), dP[..., :V])
+        dv.addcmul_(kg @ ends[..., :V], w[r, :, None])
+        kk[r] = torch.linalg.vecdot(dk, kg)
+        for x, out in zip((dq, dk, dv), grads, strict=True):
+            from_chunks(x, B, t1 - t0, H, out=out[:, t0:t1])
+
+    # gates: the unscaled terms carry exp(b_t) on the query side, exp(ĩ_j − b_j) on the key side
+    x_glob = dYY - kk  # dL/db_t through the unscaled state (b cumulated from the start)
+    if sS is not None:
+        x_glob[-BH:, -1] += sS
+    # the stabiliser m_t = b_t + M_t, M_t = max(running max of u = ĩ − b, m_in), chunk by
+    # chunk m_out = g + M_C; its gradient run backwards over chunks
+    lef = (cm <= m_in[:, None]).to(dt)  # where the entry stabiliser is M
+    s_n = (gm * lef).sum(1).view(N, BH)
+    c_n = lef[:, -1].view(N, BH)
+    g_out, g = [], g_fin
+    for s, c in zip(s_n.flip(0), c_n.flip(0), strict=True):
+        g_out.append(g)
+        g = torch.addcmul(s, c, g)
+    g_out = torch.stack(g_out[::-1]).view(NBH)
+    gM = gm.clone()
+    gM[:, -1] += g_out
+    g_u = torch.zeros_like(gM).scatter_add_(1, cm_at, gM * (1 - lef))
+    x_loc = gm - g_u
+    x_loc[:, -1] += g_out
+    # dL/dlog f_s = Σ_{t ≥ s} (x_glob over the sequence, x_loc within the chunk)
+    total = x_glob.sum(1).view(N, BH)
+    later = total.flip(0).cumsum(0).flip(0) - total
+    dlf = (x_loc + x_glob).flip(1).cumsum(1).flip(1).add_(later.view(NBH, 1))
+    dS0 = None
+    if S0 is not None:
+        dS0 = torch.zeros_like(S0)
+        dS0[..., :-1, :] = dS[0].view(B, H, K, V1)
+        g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
+        dS0[..., -1, -1] = g_m0.view(B, H)
+    return (*grads, from_chunks(kk + g_u, B, T, H), from_chunks(dlf, B, T, H), dS0)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -309,8 +542,16 @@ def chunk_mlstm(
     )
     if q.shape[0] * q.shape[2] == 0:
         return _finish(*_empty(qf, vf, S0), q, output_final_state)
-    core = functools.partial(_chunk_core, eps=eps)
-    o, S = run_sliced(core, (qf, kf, _with_ones(vf), i_, lf), S0, scale, chunk_size)
+    xs = (qf, kf, vf, i_, lf)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, S0)):
+        if vf.shape[-1] == 0:  # no values, the normaliser alone: nothing to gain from chunks
+            o, S = _recurrent(*xs, S0, scale, eps)
+        else:
+            o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
+    else:
+        xs = (qf, kf, _with_ones(vf), i_, lf)
+        with torch.no_grad():  # the core works in place
+            o, S = run_sliced(functools.partial(_chunk_core, eps=eps), xs, S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
 
 
@@ -440,17 +681,24 @@ def _kernels_peer(kind: str):
 
 
 def mlstm_workspace_bytes(variant, form, T, H, grad, K=64, V=64, chunk_size=64, **_):
-    """The chunk form's [C, C] blocks in float32 (exponents, decays, A and their copies, about
-    six), kept for backward with `grad`, else formed a slice of at most 8192 tokens at a time, and
-    its per-chunk states [K, V + 1]; the parallel form's [T, T] blocks; the recurrent form's
-    states (every step's, with `grad`)."""
+    """Float32 working memory beyond the inputs, output and gradients. Chunk form without autograd:
+    its [C, C] blocks (exponents, decays, A and their copies, about six) formed a slice of at most
+    8192 (token, head) rows at a time, and the per-chunk states [K, V + 1]. With autograd: what
+    the forward keeps for the backward (each token's rows of the [C, C] decays and products, two
+    C wide, and about 32 per-token numbers: gates, stabilisers, the denominator, their gradients),
+    the per-chunk states and their gradients, and one group's (GRAD_SLICE_ROWS) chunked inputs,
+    gradients and products, about 16 rows of max(K, V, C). Parallel form: its [T, T] blocks;
+    recurrent form: its states (every step's, with `grad`)."""
     state = H * (K + 1) * (V + 1) * 4
     if form == "recurrent":
         return (2 * T if grad else 4) * state
-    rows = T if grad else min(T, SLICE_ROWS)
     if form == "parallel":
-        return 8 * H * T * rows * 4
-    return rows * 6 * H * chunk_size * 4 + 3 * (rows // chunk_size + 1) * state
+        return 8 * H * T * T * 4 if grad else 8 * H * T * min(T, SLICE_ROWS) * 4
+    if not grad:
+        rows = min(T, SLICE_ROWS)
+        return rows * 6 * H * chunk_size * 4 + 3 * (rows // chunk_size + 1) * state
+    group = 16 * min(H * T, GRAD_SLICE_ROWS) * max(K, V, chunk_size) * 4
+    return H * T * (2 * chunk_size + 32) * 4 + 2 * (T // chunk_size + 1) * state + group
 
 
 register_family(

@@ -235,3 +235,171 @@ def test_parallel_form_with_a_state_equals_the_recurrent_form():
     r, R = recurrent_mlstm(**x, initial_state=S0, output_final_state=True)
     torch.testing.assert_close(o, r, **TOL)
     torch.testing.assert_close(S, R, **TOL)
+
+
+# The chunk form's hand-written backward (`_ChunkMLSTM`) against autograd through the recurrent
+# form, float64. Gate settings beyond GATES: "huge" input gates (ĩ up to ~60: the stabiliser
+# switches to the input branch m_t = ĩ_t at many steps), "weak" inputs (exp(ĩ) ≈ e^−6: the
+# normaliser stays small, so |den| < exp(−m) and the readout's max takes its other branch).
+BACKWARD_GATES = {
+    **GATES,
+    "huge": (15.0, 20.0, 3.0, 1.0),
+    "weak": (1.0, -6.0, 1.0, 3.0),
+}
+
+
+def gate_inputs(B, T, H, K, V, gates, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    si, mi, sf, mf = BACKWARD_GATES[gates]
+    x = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    return {**x, "i": si * randn(B, T, H) + mi, "f": sf * randn(B, T, H) + mf}
+
+
+def run_with_grads(fn, x, S0, loss_on, seed, **kwargs):
+    """fn's output, final state and the gradients of a seeded random weighting of the output
+    ("o"), of the final state ("state") or of both, with respect to q, k, v, i, f (and S0)."""
+    xs = leaves(x)
+    S0 = None if S0 is None else S0.clone().requires_grad_()
+    o, S = fn(**xs, initial_state=S0, output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    ws = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.dtype)
+    loss = 0
+    if loss_on in ("o", "both"):
+        loss = loss + (o * wo).sum()
+    if loss_on in ("state", "both"):
+        loss = loss + (S * ws).sum()
+    wrt = [*xs.values(), *([] if S0 is None else [S0])]
+    names = [*xs, *([] if S0 is None else ["initial_state"])]
+    return (
+        o.detach(),
+        S.detach(),
+        dict(zip(names, torch.autograd.grad(loss, wrt, materialize_grads=True), strict=True)),
+    )
+
+
+def assert_grads_match(actual, expected, label):
+    """Each tensor to 1e-9 of its own largest entry. The floor (1e-30) sits far above the chunk
+    form's exp clamp at e^−80 (what it stands in for changes results by ~1e-35 of their scale)
+    and far below any gradient these inputs give."""
+    o, S, grads = actual
+    o_ref, S_ref, grads_ref = expected
+    pairs = [("o", o, o_ref), ("state", S, S_ref)]
+    pairs += [(f"d/d{n}", grads[n], grads_ref[n]) for n in grads_ref]
+    assert grads.keys() == grads_ref.keys()
+    for name, a, b in pairs:
+        atol = 1e-9 * b.abs().max().item() + 1e-30
+        torch.testing.assert_close(
+            a, b, rtol=1e-9, atol=atol, msg=lambda m, n=name: f"{label} {n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("gates", list(BACKWARD_GATES))
+@pytest.mark.parametrize(
+    ("B", "T", "H", "K", "V", "chunk_size", "seed"),
+    [
+        (1, 40, 2, 8, 5, 16, 0),  # T not a multiple of the chunk, K ≠ V
+        (2, 7, 3, 4, 6, 16, 1),  # T < chunk, B > 1
+        (2, 48, 2, 6, 6, 16, 2),  # whole chunks
+        (1, 1, 1, 3, 2, 4, 3),  # one step
+    ],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_backward_equals_autograd_through_the_recurrent_form(
+    B, T, H, K, V, chunk_size, seed, gates, with_state
+):
+    x = gate_inputs(B, T, H, K, V, gates, seed)
+    S0 = pack_state(*random_state(B, H, K, V, seed=seed + 10)) if with_state else None
+    for loss_on in ("o", "state", "both"):
+        label = f"{gates} state={with_state} loss on {loss_on}"
+        ours = run_with_grads(chunk_mlstm, x, S0, loss_on, seed, chunk_size=chunk_size)
+        ref = run_with_grads(recurrent_mlstm, x, S0, loss_on, seed)
+        assert_grads_match(ours, ref, label)
+
+
+def test_backward_gate_settings_reach_every_branch(monkeypatch):
+    """The gate settings above are only a test of the max terms' gradients if they take both
+    sides: the readout's max(|den|, exp(−m)) and the stabiliser's max(log f + m, ĩ)."""
+    import seqlab.ops.mlstm as mlstm_ops
+
+    readout = mlstm_ops._readout
+    lo_side = []
+
+    def spy(num, den, m, eps):
+        lo_side.append(den.abs() < torch.exp(-m))
+        return readout(num, den, m, eps)
+
+    monkeypatch.setattr(mlstm_ops, "_readout", spy)
+    for gates in BACKWARD_GATES:
+        x = gate_inputs(1, 40, 2, 8, 5, gates, 0)
+        lo_side.clear()
+        recurrent_mlstm(**x)
+        share = torch.stack(lo_side).double().mean().item()
+        lf = F.logsigmoid(x["f"])
+        m, switch = torch.zeros(1, 2, dtype=torch.float64), []
+        for t in range(40):
+            switch.append(x["i"][:, t] > lf[:, t] + m)
+            m = torch.maximum(lf[:, t] + m, x["i"][:, t])
+        switched = torch.stack(switch).double().mean().item()
+        if gates == "weak":  # the other side of the readout's max throughout
+            assert share == 1, share
+        else:  # both sides of the stabiliser's max, the readout's max too but for huge inputs
+            top = 0.95 if gates == "huge" else 0.5
+            assert 0.1 < switched < 0.95 and 0 < share < top, (gates, share, switched)
+
+
+def test_chunk_backward_passes_gradcheck():
+    x = gate_inputs(1, 5, 1, 3, 2, "spread", 4)
+    S0 = pack_state(*random_state(1, 1, 3, 2, seed=4))
+    args = [t.clone().requires_grad_() for t in (*x.values(), S0)]
+
+    def fn(q, k, v, i, f, S0):
+        return chunk_mlstm(q, k, v, i, f, initial_state=S0, output_final_state=True, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_float32_chunk_gradients_are_close_to_float64():
+    x = gate_inputs(2, 150, 2, 16, 16, "spread", 5)
+    S0 = pack_state(*random_state(2, 2, 16, 16))
+    _, _, ref = run_with_grads(recurrent_mlstm, x, S0, "both", 0)
+    x32 = {n: t.float() for n, t in x.items()}
+    _, _, grads = run_with_grads(chunk_mlstm, x32, S0.float(), "both", 0)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        scale = ref[name].abs().max()
+        torch.testing.assert_close(g.double(), ref[name], rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_chunk_gradient_of_some_inputs_only():
+    """Inputs that do not require a gradient get none; the others are unchanged."""
+    x = gate_inputs(1, 30, 2, 4, 4, "spread", 6)
+    _, _, full = run_with_grads(chunk_mlstm, x, None, "both", 0, chunk_size=8)
+    v = x["v"].clone().requires_grad_()
+    o, S = chunk_mlstm(**{**x, "v": v}, output_final_state=True, chunk_size=8)
+    gen = torch.Generator().manual_seed(0)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
+    (dv,) = torch.autograd.grad(loss, [v])
+    torch.testing.assert_close(dv, full["v"], **TOL)
+
+
+@pytest.mark.parametrize("gates", ["spread", "strong", "huge"])
+@pytest.mark.parametrize(("B", "T", "H", "chunk_size"), [(1, 70, 2, 16), (2, 45, 1, 8)])
+def test_chunk_backward_over_time_slices_equals_the_recurrent_form(
+    monkeypatch, B, T, H, chunk_size, gates
+):
+    """With autograd the chunk form runs in slices of whole chunks, the state and its gradient
+    carried between them; slices of one or two chunks here (the last one shorter)."""
+    import seqlab.ops.mlstm as mlstm_ops
+
+    monkeypatch.setattr(mlstm_ops, "GRAD_SLICE_ROWS", 2 * B * H * chunk_size)
+    x = gate_inputs(B, T, H, 8, 5, gates, T)
+    for S0 in (None, pack_state(*random_state(B, H, 8, 5))):
+        ours = run_with_grads(chunk_mlstm, x, S0, "both", 1, chunk_size=chunk_size)
+        ref = run_with_grads(recurrent_mlstm, x, S0, "both", 1)
+        assert_grads_match(ours, ref, f"{gates} state={S0 is not None}")
