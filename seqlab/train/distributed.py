@@ -419,6 +419,13 @@ class World:
         groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         state = optimizer_by_name(optimizer_state, groups) if self.is_main else {}
         set_optimizer_state_dict(model, optimizer, state, options=options)
+        # Its broadcast hands hyperparameters back as lists where the optimizer keeps tuples
+        # (AdamW's betas): restore its own types, so that a checkpoint written after a resume
+        # is the one-process format to the letter.
+        for group in optimizer.param_groups:
+            for key, default in optimizer.defaults.items():
+                if isinstance(default, tuple) and isinstance(group.get(key), list):
+                    group[key] = tuple(group[key])
 
 
 def local_tensors(named: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:

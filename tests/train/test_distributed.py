@@ -362,10 +362,10 @@ def running(pid: int) -> bool:
     return state != "Z"  # a zombie holds no lock and no port
 
 
-def kill_after_a_checkpoint(command: list[str], out: Path) -> int:
+def kill_after_a_checkpoint(command: list[str], out: Path, ranks_at_least: int = 2) -> int:
     """Start `command`, SIGKILL the job (the launcher and every rank at once, as a scheduler
     ends a job) once it has written its second checkpoint, and return the step of its last
-    checkpoint."""
+    checkpoint. `ranks_at_least`: the processes below the launcher (0 for one process)."""
     run = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while checkpointed_step(out) < 2 * EVERY and run.poll() is None:
@@ -377,7 +377,7 @@ def kill_after_a_checkpoint(command: list[str], out: Path) -> int:
             os.kill(pid, signal.SIGKILL)
     run.wait()
     assert run.returncode == -signal.SIGKILL, run.stdout.read().decode()
-    assert len(ranks) >= 2, ranks  # the launcher's ranks were there to be killed
+    assert len(ranks) >= ranks_at_least, ranks  # the launcher's ranks were there to be killed
     for pid in ranks:  # gone before anything resumes in their folder
         while running(pid):
             assert time.monotonic() < deadline, f"rank {pid} survived SIGKILL"

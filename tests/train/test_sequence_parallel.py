@@ -1,11 +1,12 @@
 """Sequence parallelism in the trainer: `seqlab train --sequence-parallel N` under torchrun (gloo,
 real processes) gives the loss curve, gradient norms, held-out metrics and final weights of the
 one-process run of the same config; settings that cannot run are refused before any training;
-the checkpoint of a split run resumes in one process."""
+the checkpoint of a split run resumes in one process, and a one-process run's resumes split."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,4 +257,21 @@ def test_a_killed_sequence_parallel_run_resumes_in_one_process(tmp_path):
     at_kill = kill_after_a_checkpoint(torchrun(2, args, tmp_path / "b.db"), killed)
     resumed = run_alone(sp_args(killed, HYBRID, **long), tmp_path / "b.db")
     assert f"resumed from the checkpoint at step {at_kill}" in resumed.output
+    assert_same_run(killed, reference, steps=LONG, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_killed_one_process_run_resumes_with_its_sequences_split(tmp_path):
+    """The other way: a one-process run killed after a checkpoint resumes under torchrun with
+    N = 2 and ends like the run that was one process throughout."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    long = dict(steps=LONG, eval_every=EVERY)
+    run_alone(sp_args(reference, HYBRID, **long), tmp_path / "a.db")
+    one = [sys.executable, "-m", "seqlab.cli", *sp_args(killed, HYBRID, **long)]
+    at_kill = kill_after_a_checkpoint(
+        [*one, "--results", str(tmp_path / "b.db")], killed, ranks_at_least=0
+    )
+    split = sp_args(killed, HYBRID, "--distributed", "ddp", "--sequence-parallel", "2", **long)
+    resumed = run_torchrun(2, split, tmp_path / "b.db")
+    assert resumed.stdout.count(f"resumed from the checkpoint at step {at_kill}") == 1
     assert_same_run(killed, reference, steps=LONG, rtol=1e-4, atol=ATOL)
