@@ -39,8 +39,8 @@ the whole job averages every rank's share: each rank's loss is weighted by W ove
 batch's scored tokens as above, so the result is again the one-process gradient of the global
 token mean. "none" under torchrun stays an error ("ddp" with N = W is pure sequence parallelism);
 N > 1 in one process and N not dividing W are errors before any work, and the trainer refuses a
-mixer that cannot split or a training length T that N does not divide before the process group
-is made. N = 1 is plain data parallelism.
+mixer that cannot split before the process group is made; a batch whose T is not a multiple of N
+is padded at its end with unscored targets. N = 1 is plain data parallelism.
 
 Evaluation is not split: every rank evaluates the whole held-out split with the same weights and
 gets the same figures as the one-process run (with FSDP the ranks must run every forward together

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from rich.console import Console
@@ -379,7 +380,7 @@ class Trainer:
         check_tracking(config)  # a missing package, before the process group and the model
         self.model_config, self.task, self.config = model_config, task, config
         if config.sequence_parallel > 1:
-            check_sequence_split(model_config, task, config.sequence_parallel)
+            check_sequence_split(model_config, config.sequence_parallel)
         # Checked (batch divisible among the ranks) before the process group is made.
         self.world, self.device = World.join(
             config.distributed,
@@ -499,6 +500,13 @@ class Trainer:
         mine = slice(world.replica * rows, (world.replica + 1) * rows)
         inputs, targets = inputs[mine], targets[mine]
         if world.sequence_group is not None:
+            # T padded to a multiple of the group's N at the end, with targets nobody scores:
+            # the model is causal, so no real token sees the padding (only a MoE balance loss
+            # counts it), and each rank takes an equal slice
+            pad = -inputs.shape[1] % dist.get_world_size(world.sequence_group)
+            if pad:
+                inputs = F.pad(inputs, (0, pad), value=0)
+                targets = F.pad(targets, (0, pad), value=IGNORE)
             inputs = local_slice(inputs, world.sequence_group)
             targets = local_slice(targets, world.sequence_group)
         pieces = list(zip(inputs.chunk(n), targets.chunk(n), strict=True))
@@ -926,19 +934,10 @@ class Trainer:
         return target is not None and metrics.get("all", 0.0) >= target
 
 
-def training_lengths(task: Task) -> list[int]:
-    """The lengths T a training batch of `task` can have: a synthetic task's batch is as long as
-    the longest of its rows, so any of its training rows' lengths; a streamed task's rows are all
-    `seq_len` long."""
-    if isinstance(task, SyntheticTask):
-        return sorted(set(task.dataset(task.splits[0]).lengths.tolist()))
-    return [task.seq_len]
-
-
-def check_sequence_split(model_config: ModelConfig, task: Task, n: int) -> None:
+def check_sequence_split(model_config: ModelConfig, n: int) -> None:
     """A ValueError, before any work, if `n` ranks cannot share the model's training sequences:
-    a mixer of the pattern that cannot run on a slice of T, or a training length T that does
-    not divide into `n` equal slices."""
+    a mixer of the pattern that cannot run on a slice of T. (A length T that `n` does not divide
+    is padded at the end: `Trainer.shard_backward`.)"""
     named = {s.name: MIXERS[s.name] for s in model_config.mixer_specs() if s.name in MIXERS}
     try:
         refuse_unsplittable(named)
@@ -946,14 +945,6 @@ def check_sequence_split(model_config: ModelConfig, task: Task, n: int) -> None:
         raise ValueError(
             f"train.sequence_parallel {n} with model pattern {model_config.pattern!r}: {e}"
         ) from None
-    lengths = training_lengths(task)
-    if bad := [t for t in lengths if t % n]:
-        shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
-        raise ValueError(
-            f"train.sequence_parallel {n}: {type(task).__name__}'s training sequences have "
-            f"lengths T = {shown}, not multiples of {n}: each rank of a sequence group takes "
-            f"T / {n} tokens of every sequence"
-        )
 
 
 def train(
