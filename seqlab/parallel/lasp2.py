@@ -220,7 +220,6 @@ def lasp2_gated_linear(
     else:
         b = floor_log_gate(gf, dt).cumsum(1)  # [B, T_r, H] or [B, T_r, H, K]
         D = b[:, -1].exp()  # [B, H] or [B, H, K]
-        Dm = D[..., None, None] if D.dim() == 2 else D[..., None]
 
         def decay(D_s, S):
             return (D_s[..., None, None] if D_s.dim() == 2 else D_s[..., None]) * S
@@ -230,7 +229,7 @@ def lasp2_gated_linear(
     o = o + torch.einsum("bthk,bhkv->bthv", q_in, S_in) * scale
     S = None
     if output_final_state:
-        S = F + (S_in if D is None else Dm * S_in)
+        S = F + (S_in if D is None else decay(D, S_in))
     return o.to(q.dtype), S
 
 

@@ -41,12 +41,15 @@ def test_throughput_leaves_the_warm_up_out(tmp_path):
         bench.throughput(tmp_path, warmup=30)
 
 
+# a tiny model and run for the real cases: 2 timed steps after 2 of warm-up, fp32
+TINY = ["--arch", "gla,attn", "--d-model", "32", "--n-layers", "2", "--seq-len", "32"]
+TINY += ["--batch-size", "4", "--steps", "4", "--warmup", "2", "--precisions", "fp32"]
+
+
 def test_one_real_case_end_to_end(tmp_path):
     bench = load()
     out = tmp_path / "t.md"
-    args = ["--arch", "gla,attn", "--d-model", "32", "--n-layers", "2", "--seq-len", "32"]
-    args += ["--batch-size", "4", "--steps", "4", "--warmup", "2", "--precisions", "fp32"]
-    bench.main([*args, "--modes", "eager", "--procs", "1", "--threads", "1", "--out", str(out)])
+    bench.main([*TINY, "--modes", "eager", "--procs", "1", "--threads", "1", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     (row,) = rows
     assert "failed" not in row, row
@@ -58,9 +61,7 @@ def test_two_ddp_processes_count_the_global_batch(tmp_path):
     """The torchrun case launches (its flags are the CLI's) and counts every rank's tokens."""
     bench = load()
     out = tmp_path / "t.md"
-    args = ["--arch", "gla,attn", "--d-model", "32", "--n-layers", "2", "--seq-len", "32"]
-    args += ["--batch-size", "4", "--steps", "4", "--warmup", "2", "--precisions", "fp32"]
-    bench.main([*args, "--modes", "eager", "--procs", "2", "--threads", "2", "--out", str(out)])
+    bench.main([*TINY, "--modes", "eager", "--procs", "2", "--threads", "2", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["fp32 · eager · 1 proc", "fp32 · eager · 2 proc"]
     for row in rows:

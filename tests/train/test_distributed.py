@@ -78,7 +78,7 @@ def train_args(out: Path, *extra: str, steps: int = STEPS, eval_every: int = 1) 
     ]
 
 
-def torchrun(nproc: int, args: list[str], results: Path, **popen) -> list[str]:
+def torchrun(nproc: int, args: list[str], results: Path) -> list[str]:
     """The command line of `seqlab train` in `nproc` processes on this machine."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     return [
@@ -92,11 +92,14 @@ def torchrun(nproc: int, args: list[str], results: Path, **popen) -> list[str]:
     ]
 
 
-def run_torchrun(nproc: int, args: list[str], results: Path) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, args: list[str], results: Path, env: dict[str, str] = ENV, fails: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `torchrun(...)` to its end; it must succeed, or with `fails` exit non-zero."""
     done = subprocess.run(
-        torchrun(nproc, args, results), env=ENV, capture_output=True, text=True, timeout=300
+        torchrun(nproc, args, results), env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert (done.returncode != 0) == fails, done.stdout + done.stderr
     return done
 
 
@@ -216,14 +219,7 @@ def test_rank_0_alone_logs_to_mlflow_and_wandb(tmp_path):
     args = train_args(out, "--distributed", "ddp", "--mlflow", "out", "--wandb", "p")
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env |= {n: str(tmp_path / n.lower()) for n in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}
-    done = subprocess.run(
-        torchrun(2, args, tmp_path / "results.db"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_torchrun(2, args, tmp_path / "results.db", env=env)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "seqlab"]
     (run,) = client.search_runs([experiment.experiment_id])
@@ -302,14 +298,7 @@ def test_one_process_accepts_any_batch_and_every_kind():
 def test_torchrun_refuses_an_indivisible_batch_before_training(tmp_path):
     out = tmp_path / "run"
     args = train_args(out, "--distributed", "ddp", "--batch-size", "6", "--grad-accum", "2")
-    done = subprocess.run(
-        torchrun(2, args, tmp_path / "results.db"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
+    done = run_torchrun(2, args, tmp_path / "results.db", fails=True)
     assert "batch_size (6) must be a multiple of world size × grad_accum (2 × 2 = 4)" in " ".join(
         done.stdout.split()
     )

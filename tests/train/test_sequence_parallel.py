@@ -5,7 +5,6 @@ the checkpoint of a split run resumes in one process, and a one-process run's re
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from seqlab.train.trainer import (
 )
 from tests.train.conftest import tiny_model, tiny_task, tiny_train
 from tests.train.test_distributed import (
-    ENV,
     EVERY,
     LONG,
     assert_same_run,
@@ -149,14 +147,7 @@ def test_two_replicas_of_two_ranks_with_accumulation_train_like_one_process(alon
 def test_torchrun_refuses_a_mixer_that_cannot_split_before_training(tmp_path):
     out = tmp_path / "run"
     args = sp_args(out, "gla,lstm", "--distributed", "ddp", "--sequence-parallel", "2")
-    done = subprocess.run(
-        torchrun(2, args, tmp_path / "results.db"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
+    done = run_torchrun(2, args, tmp_path / "results.db", fails=True)
     said = " ".join(done.stdout.split())
     assert "these mixers cannot run on a slice of the sequence: lstm" in said, said
     assert not out.exists() or not list(out.glob("step-*"))
