@@ -226,16 +226,17 @@ def _pack(S, m, B, H):
     return S_out.view(B, H, *S_out.shape[1:])
 
 
-def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
+def _chunk_core(q, k, v, i, lf, S0, scale, chunk_size, eps=EPS):
     """Chunkwise-parallel form on one time slice, without autograd, every intermediate
-    overwritten in place; v1 = [v | 1] [B, T, H, V + 1]. Returns the output in chunks
-    [N·B·H, C, V] and the packed final state."""
+    overwritten in place; v [B, T, H, V], V ≥ 1, chunked as [v | 1]. Returns the output in
+    chunks [N·B·H, C, V] and the packed final state."""
     B, T, H, K = q.shape
-    V1 = v1.shape[-1]
+    V1 = v.shape[-1] + 1
     C = min(chunk_size, T)
     BH = B * H
     b, u, g, _, M, m_in, m_out, m, S_init = _chunk_prologue(q, i, lf, S0, C)
-    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v1, C)  # [N·B·H, C, ·]
+    # [N·B·H, C, ·]; [v | 1] built in its chunks (no [B, T, H, V + 1] copy of v first)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), _value_chunks(v, 0, T, C)
     # states[n]: the state entering chunk n (states[N] the final one), stabilised by m_in
     states = q.new_empty(-(-T // C) + 1, BH, K, V1)
     states[0] = 0 if S_init is None else S_init
@@ -250,8 +251,11 @@ def _chunk_core(q, k, v1, i, lf, S0, scale, chunk_size, eps=EPS):
         S_next.addcmul_(S_n, al)
     Hc = torch.bmm(qc, states[:-1].view(-1, K, V1))
     Hc.mul_(decay_exp(m_in[:, None] - M, True)[..., None])
-    Hc = torch.baddbmm(Hc, A, vc, out=Hc).mul_(scale)  # [N·B·H, C, V + 1]: scale · (num | den)
-    o = _readout(Hc[..., :-1], Hc[..., -1], M.add_(b), eps)
+    Hc = torch.baddbmm(Hc, A, vc, out=Hc)  # [N·B·H, C, V + 1]: (num | den), unscaled
+    # the scale on the denominator column, on the numerator with the division (`_readout`
+    # in place: one pass over Hc and no new tensor)
+    den, _ = _denominator(Hc[..., -1].mul_(scale), M.add_(b), eps)
+    o = Hc[..., :-1].mul_((scale / den)[..., None])
     return o, _pack(states[-1], m, B, H)
 
 
@@ -323,11 +327,11 @@ class _ChunkMLSTM(torch.autograd.Function):
                 S_next.addcmul_(S_n, al)
             torch.bmm(qg, states[n0:n1].view(-1, K, V1), out=Y[r]).mul_(w_in[r, :, None])
             torch.baddbmm(Y[r], A[r], vg, out=Y[r])
-        Y.mul_(scale)
-        Yn = Y[..., -1]
+        Yn = Y[..., -1].mul_(scale)  # the scale on the denominator column, on the
+        # numerator with the division: one pass over Y fewer
         m_t = M.add_(b)
         den, _ = _denominator(Yn, m_t, eps)
-        o = from_chunks(Y[..., :-1].div_(den[..., None]), B, T, H)
+        o = from_chunks(Y[..., :-1].mul_((scale / den)[..., None]), B, T, H)
         kept = (D, A, Yn, w, w_in, alpha, states, m_t, cm, cm_at, m_in)
         ctx.save_for_backward(q, k, v, o, *kept, S0)
         ctx.args = (scale, eps, C)
@@ -409,10 +413,12 @@ def _chunk_backward(
         ends = dS[n0 + 1 : n1 + 1].view(-1, K, V1)
         G = torch.bmm(dP, vg.transpose(1, 2)).mul_(D[r])  # dL/dA
         dq = torch.bmm(G, kg).baddbmm_(dP_in, states[n0:n1].view(-1, K, V1).transpose(1, 2))
-        dk = torch.bmm(G.transpose(1, 2), qg).addcmul_(vg @ ends.transpose(1, 2), w[r, :, None])
-        dv = torch.bmm(A[r].transpose(1, 2), dP[..., :V])
-        dv.addcmul_(kg @ ends[..., :V], w[r, :, None])
+        # the exit weights ride on [v | 1] and k (each used for the last time): one product
+        # each, accumulated in place, instead of a product, then a weighted sum
+        wr = w[r, :, None]
+        dk = torch.bmm(G.transpose(1, 2), qg).baddbmm_(vg.mul_(wr), ends.transpose(1, 2))
         kk[r] = torch.linalg.vecdot(dk, kg)
+        dv = torch.bmm(A[r].transpose(1, 2), dP[..., :V]).baddbmm_(kg.mul_(wr), ends[..., :V])
         for x, out in zip((dq, dk, dv), grads, strict=True):
             from_chunks(x, B, t1 - t0, H, out=out[:, t0:t1])
 
@@ -446,11 +452,6 @@ def _chunk_backward(
         g_m0 = g + torch.linalg.vecdot(dS[0].flatten(1), states[0].flatten(1))
         dS0[..., -1, -1] = g_m0.view(B, H)
     return (*grads, from_chunks(kk + g_u, B, T, H), from_chunks(dlf, B, T, H), dS0)
-
-
-def _with_ones(v: torch.Tensor) -> torch.Tensor:
-    """[v | 1]: the normaliser n is C's column for a value of 1."""
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
 
 
 def _parallel(q, k, v, i, lf, S0, scale, eps):
@@ -543,13 +544,11 @@ def chunk_mlstm(
     if q.shape[0] * q.shape[2] == 0:
         return _finish(*_empty(qf, vf, S0), q, output_final_state)
     xs = (qf, kf, vf, i_, lf)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, S0)):
-        if vf.shape[-1] == 0:  # no values, the normaliser alone: nothing to gain from chunks
-            o, S = _recurrent(*xs, S0, scale, eps)
-        else:
-            o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
+    if vf.shape[-1] == 0:  # no values, the normaliser alone: nothing to gain from chunks
+        o, S = _recurrent(*xs, S0, scale, eps)
+    elif torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, S0)):
+        o, S = _ChunkMLSTM.apply(*xs, S0, scale, chunk_size, eps)
     else:
-        xs = (qf, kf, _with_ones(vf), i_, lf)
         with torch.no_grad():  # the core works in place
             o, S = run_sliced(functools.partial(_chunk_core, eps=eps), xs, S0, scale, chunk_size)
     return _finish(o, S, q, output_final_state)
