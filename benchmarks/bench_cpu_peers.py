@@ -7,9 +7,10 @@
 
 Forward (no grad) and forward+backward, float32, B = 1, H = 4, K = V = 64, chunk 64; each entry
 is the median of `--repeats` timed calls after one warm-up call, the implementations taking turns
-call by call (load from other processes falls on all alike), and each ratio is to the fastest
-peer of that case measured in this run. Peers, all on the same inputs and conventions
-([B, T, H, K] layout, scale K^-0.5, log-space gates, β per head):
+call by call in an order shuffled each round (load from other processes falls on all alike, and
+none always runs after the same one: a call's time depends on the heap state its predecessor
+left), and each ratio is to the fastest peer of that case measured in this run. Peers, all on
+the same inputs and conventions ([B, T, H, K] layout, scale K^-0.5, log-space gates, β per head):
 
 - fla 0.6.0 `naive_chunk_gated_delta_rule`, `naive_chunk_simple_gla`, `naive_recurrent_gla`;
 - transformers `torch_chunk_gated_delta_rule` (Qwen3-Next). With fla importable, transformers
@@ -30,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.ops.registry import family
+from seqlab.profile.measure import interleaved_times
 
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 # --cases name → (op family, variant) in seqlab.ops.registry; the inputs stay this script's own
@@ -170,16 +171,12 @@ def stepper(fn: Callable, inputs: dict, backward: bool) -> Callable[[], None]:
 
 def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
     """ms of each timed call per implementation; one warm-up each, then the timed calls take
-    turns, so load from other processes on a shared machine falls on all of them alike."""
+    turns in an order shuffled each round (`interleaved_times`), so load from other processes
+    falls on all of them alike and none always follows the same one."""
     for step in steps.values():
         step()
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(repeats):
-        for n, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[n].append(1e3 * (time.perf_counter() - t0))
-    return times
+    times = interleaved_times(steps, repeats)
+    return {n: [1e3 * t for t in ts] for n, ts in times.items()}
 
 
 def paired_ratio(ours: list[float], peers: list[list[float]]) -> tuple[float, float, float]:

@@ -6,8 +6,9 @@ against every installed peer, in one process.
 
 For each family (seqlab.ops.registry) and variant, on the family's make_inputs (realistic gates)
 with B = 1, H = 4 and the family's dims (float32): forward+backward at T = 2048 and forward at
-T = 8192 (`--seq-lens` changes both), the forms and peers taking turns call by call (load from
-other processes falls on all alike), each entry the median of the repeats. The slow form is the
+T = 8192 (`--seq-lens` changes both), the forms and peers taking turns call by call in an order
+shuffled each round (load from other processes falls on all alike, and none always runs after
+the same one), each entry the median of the repeats. The slow form is the
 family's "recurrent" form (else its reference; a family whose only form is its fast form, such
 as attention, has no ratio there); a measurement whose first call takes longer than
 `--cap` seconds has that call as its one sample, and `--skip-slow` leaves the slow form out at
@@ -31,6 +32,7 @@ import torch
 
 from seqlab.ops.registry import OpFamily, families
 from seqlab.profile.bench import cpu_name
+from seqlab.profile.measure import interleaved_times
 
 B, H = 1, 4
 PASSES = (("fwd+bwd", 2048), ("fwd", 8192))
@@ -94,14 +96,9 @@ def measure(
         if first > cap:  # too slow to repeat: the first call is the one sample
             result[name] = [first]
             continue
-        runs[name] = (run, repeats)
-        result[name] = []
-    for i in range(max((n for _, n in runs.values()), default=0)):
-        for name, (run, n) in runs.items():
-            if i < n:
-                t0 = time.perf_counter()
-                run()
-                result[name].append(time.perf_counter() - t0)
+        runs[name] = run
+    if runs:  # in turns, the order shuffled each round (`interleaved_times`)
+        result.update(interleaved_times(runs, repeats))
     return {n: statistics.median(v) if isinstance(v, list) else v for n, v in result.items()}
 
 
@@ -231,8 +228,9 @@ def main(argv=None) -> None:
     table = rows(names, passes, args.repeats, args.cap, args.skip_slow, print)
     header = (
         f"# Op families on CPU\n\n{machine()}\n\n"
-        f"float32, median of {args.repeats} interleaved calls after a warm-up (the first call "
-        f"alone where it took over {args.cap:g} s); {time.monotonic() - start:.0f} s in all. "
+        f"float32, median of {args.repeats} interleaved calls (the order shuffled each round) "
+        f"after a warm-up (the first call alone where it took over {args.cap:g} s); "
+        f"{time.monotonic() - start:.0f} s in all. "
         "Bold: the family's fast form. Command: `PYTHONPATH=. python benchmarks/bench_families.py "
         f"--seq-lens {args.seq_lens} --repeats {args.repeats} --cap {args.cap:g}"
         + (" --skip-slow" if args.skip_slow else "")

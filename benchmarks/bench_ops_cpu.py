@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.ops.registry import OpFamily, family
+from seqlab.profile.measure import interleaved_times
 
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 FORMS = ("chunk", "recurrent", "parallel")
@@ -126,7 +127,8 @@ def run_one(fam: OpFamily, inputs, form: str, backward: bool, repeats: int) -> l
 
 def gate_sweep(cases: list[str], seq_lens: list[int], repeats: int) -> list[str]:
     """Chunk-form time at each constant log-decay of SWEEP over the time at the first (0): one
-    warm-up call each, then the settings take turns call by call, so load falls on all alike."""
+    warm-up call each, then the settings take turns call by call in an order shuffled each round,
+    so load falls on all alike."""
     head = " | ".join(f"g={d:g}" for d in SWEEP)
     lines = [
         "",
@@ -139,19 +141,14 @@ def gate_sweep(cases: list[str], seq_lens: list[int], repeats: int) -> list[str]
     for name in cases:
         for T in seq_lens:
             for backward in (False, True):
-                steps = []
+                steps = {}
                 for d in SWEEP:
                     op, inputs = make_case(name, T, torch.Generator().manual_seed(0), str(d))
-                    steps.append(stepper(op, inputs, "chunk", backward))
-                for step in steps:
+                    steps[d] = stepper(op, inputs, "chunk", backward)
+                for step in steps.values():
                     step()
-                times: list[list[float]] = [[] for _ in steps]
-                for _ in range(repeats):
-                    for step, out in zip(steps, times, strict=True):
-                        t0 = time.perf_counter()
-                        step()
-                        out.append(time.perf_counter() - t0)
-                ms = [1e3 * statistics.median(t) for t in times]
+                times = interleaved_times(steps, repeats)
+                ms = [1e3 * statistics.median(times[d]) for d in SWEEP]
                 cells = [f"{m:.1f} ({m / ms[0]:.2f}×)" for m in ms]
                 kind = "fwd+bwd" if backward else "fwd"
                 top = max(m / ms[0] for m in ms)

@@ -24,9 +24,10 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,33 @@ def time_call(
     for _ in range(warmup):
         fn()
     return Timing(first, tuple(timed() for _ in range(repeats)))
+
+
+def interleaved_times(
+    calls: Mapping[str, Callable[[], object]], rounds: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of every call in each of `rounds` rounds: each round runs every call once, in an
+    order shuffled anew each round (seeded, so a rerun takes the same orders).
+
+    Calls taking turns share the load of other processes alike; the shuffle keeps any one call
+    from always following the same one. A call's time on a CPU depends on what ran before it:
+    on the 2-core VM (2026-12-06), mlstm_kernels' chunkwise forward+backward took 37 ms after
+    seqlab's call and 26 ms after a long recurrent loop (6,600 page faults per call against none:
+    the allocator's heap state the previous call left), and an A/B of two codes in a fixed order
+    read 0.61-0.92x where the shuffled order read 0.96x.
+    """
+    if rounds < 1:
+        raise ValueError(f"need rounds ≥ 1, got {rounds}")
+    names = list(calls)
+    order = random.Random(seed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        order.shuffle(names)
+        for n in names:
+            t0 = time.perf_counter()
+            calls[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -8,6 +8,7 @@ import torch
 
 from seqlab.profile.measure import (
     Timing,
+    interleaved_times,
     is_out_of_memory,
     memory_method,
     peak_memory,
@@ -39,6 +40,38 @@ def test_time_call_times_the_first_call_apart(warmup, repeats):
 def test_time_call_rejects_no_repeats():
     with pytest.raises(ValueError, match="repeats"):
         time_call(lambda: None, CPU, repeats=0)
+
+
+def _log_calls(names):
+    log = []
+    return log, {n: (lambda n=n: log.append(n)) for n in names}
+
+
+def test_interleaved_times_shuffles_each_round_reproducibly():
+    """Every call runs once per round; the orders vary between rounds (so no call always runs
+    after the same one), and the same seed gives the same orders."""
+    names, rounds = ["a", "b", "c", "d"], 12
+    log, calls = _log_calls(names)
+    times = interleaved_times(calls, rounds)
+    assert set(times) == set(names) and all(len(t) == rounds for t in times.values())
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    orders = [tuple(log[i : i + 4]) for i in range(0, len(log), 4)]
+    assert all(sorted(o) == names for o in orders)
+    assert len(set(orders)) > 1
+    # over the run, each call comes right after at least two different calls
+    after = {n: {log[i - 1] for i in range(1, len(log)) if log[i] == n} for n in names}
+    assert all(len(prev) >= 2 for prev in after.values()), after
+    again, calls = _log_calls(names)
+    interleaved_times(calls, rounds)
+    assert again == log
+    other, calls = _log_calls(names)
+    interleaved_times(calls, rounds, seed=1)
+    assert other != log
+
+
+def test_interleaved_times_rejects_no_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_times({"a": lambda: None}, 0)
 
 
 needs_rss = pytest.mark.skipif(
