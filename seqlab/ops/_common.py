@@ -138,7 +138,7 @@ def check_log_gate(name: str, g: torch.Tensor, q: torch.Tensor, values: bool = T
     if not (lo > -math.inf and hi <= 0):
         raise ValueError(
             f"{name} is a log-space decay and must be finite and ≤ 0 (decay factor exp({name}) "
-            f"in (0, 1]); got min {g.min().item():.4g}, max {g.max().item():.4g}"
+            f"in (0, 1]); got min {lo:.4g}, max {hi:.4g}"
         )
 
 
