@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.ops.registry import family
-from seqlab.profile.measure import interleaved_times
+from seqlab.profile.measure import interleaved_times, package_versions
 
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 # --cases name → (op family, variant) in seqlab.ops.registry; the inputs stay this script's own
@@ -50,6 +50,7 @@ FAMILY_CASES = {
     "gla_channel": ("gated_linear", "channel"),
 }
 CASES = tuple(FAMILY_CASES)
+PEER_PACKAGES = ("fla-core", "transformers")
 GATES = ("mild", "logsigmoid", "strong")
 
 
@@ -264,7 +265,8 @@ def main() -> None:
         f"seqlab chunk forms vs pure-PyTorch peers, CPU, float32, B={B} H={H} K={K} V={V} "
         f"chunk={CHUNK}, median of {args.repeats} rounds; {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}, "
-        f"load avg {load0} at the start, {load} at the end",
+        f"load avg {load0} at the start, {load} at the end; peers: "
+        f"{package_versions(PEER_PACKAGES)}",
         "",
         "Each cell: median ms, then for seqlab the median over rounds of its time / the fastest "
         "peer's time in the same round [lowest–highest round], for a peer its median / the "

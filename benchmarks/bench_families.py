@@ -32,7 +32,7 @@ import torch
 
 from seqlab.ops.registry import OpFamily, families
 from seqlab.profile.bench import cpu_name
-from seqlab.profile.measure import interleaved_times
+from seqlab.profile.measure import interleaved_times, package_versions
 
 B, H = 1, 4
 PASSES = (("fwd+bwd", 2048), ("fwd", 8192))
@@ -157,12 +157,17 @@ def _line(row: dict) -> str:
     return f"{row['family']}/{row['variant']} {row['form']} {row['pass']} T={row['T']}: {ms}"
 
 
+# The outside packages the families' peers come from (their speed changes between releases)
+PEER_PACKAGES = ("fla-core", "mlstm-kernels", "xlstm", "mamba-ssm")
+
+
 def machine() -> str:
     cpu = cpu_name()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{cpu}; {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs; torch "
-        f"{torch.__version__}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average {load}"
+        f"{torch.__version__}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average {load}; "
+        f"peers: {package_versions(PEER_PACKAGES)}"
     )
 
 

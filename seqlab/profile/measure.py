@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib.metadata
 import os
 import random
 import statistics
@@ -130,6 +131,19 @@ def interleaved_times(
             calls[n]()
             times[n].append(time.perf_counter() - t0)
     return times
+
+
+def package_versions(names: list[str] | tuple[str, ...]) -> str:
+    """ "name version, ..." of installed distributions ("name not installed" for a missing one),
+    for a benchmark's header: a peer's speed changes between its releases (transformers' gated
+    delta function, fla's naive forms), so a ratio is only reproducible with the versions."""
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name} not installed")
+    return ", ".join(out)
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -3,6 +3,8 @@ anything runs: speed is measured by `seqlab bench`, not tested."""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from seqlab.profile.measure import (
     interleaved_times,
     is_out_of_memory,
     memory_method,
+    package_versions,
     peak_memory,
     time_call,
 )
@@ -67,6 +70,15 @@ def test_interleaved_times_shuffles_each_round_reproducibly():
     other, calls = _log_calls(names)
     interleaved_times(calls, rounds, seed=1)
     assert other != log
+
+
+def test_package_versions_names_each_package_or_its_absence():
+    line = package_versions(("torch", "pydantic", "seqlab-no-such-package"))
+    assert line == (
+        f"torch {importlib.metadata.version('torch')}, "
+        f"pydantic {importlib.metadata.version('pydantic')}, seqlab-no-such-package not installed"
+    )
+    assert package_versions(()) == ""
 
 
 def test_interleaved_times_rejects_no_rounds():
