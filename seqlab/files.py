@@ -39,6 +39,11 @@ def writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # exists() follows links: a dangling one cannot be made a folder
+            raise ValueError(
+                f"{str(path)!r} cannot be made: {str(probe)!r} is a broken symbolic link "
+                f"(to {os.readlink(probe)!r})"
+            )
         if probe.parent == probe:
             break
         probe = probe.parent

@@ -80,10 +80,17 @@ def test_results_command_on_a_missing_database_creates_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "probe", "bench"])
-@pytest.mark.parametrize("where", ["file", "under_file"])
+@pytest.mark.parametrize("where", ["file", "under_file", "broken_link", "under_broken_link"])
 def test_an_out_that_cannot_be_a_writable_folder(command, where, tmp_path):
     blocker = text_file(tmp_path)
-    out = blocker if where == "file" else blocker / "sub"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")  # a dangling link: bench once ran and lost its results
+    out = {
+        "file": blocker,
+        "under_file": blocker / "sub",
+        "broken_link": link,
+        "under_broken_link": link / "sub",
+    }[where]
     args = {"train": TRAIN, "probe": PROBE, "bench": BENCH}[command]
     result, text = run([*args, "--out", str(out), *results_db(command, tmp_path)])
     assert result.exit_code == 2, result.output

@@ -7,6 +7,7 @@ Checks live here, at the boundary of the public ops; the cores they call trust t
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,19 +18,68 @@ def outside_autocast(fn: Callable) -> Callable:
     """fn run with autocast off on its inputs' device. An op casts its inputs to its compute
     dtype itself (float32 for 16-bit inputs); under a bf16 autocast its inner products would go
     back to 16 bits, losing the float32 state and the decays' range, and solves have no bf16
-    kernel on a CPU. Outputs keep the dtype the op gives them (its inputs')."""
+    kernel on a CPU. Outputs keep the dtype the op gives them (its inputs').
+
+    Under autocast, q, k and v (the parameters of those names) in different dtypes are
+    promoted to their common one first, as autocast does for its "promote" ops: a mixer whose
+    projections autocast put in bf16 may compute one of them in float32 (a float32 bias added,
+    a float32 feature map), which outside autocast would be the caller's error.
+    """
+    names = list(inspect.signature(fn).parameters)
+    qkv = [(i, n) for i, n in enumerate(names) if n in ("q", "k", "v")]
+
+    def promoted(args, kwargs):
+        got = [(i, n, args[i] if i < len(args) else kwargs.get(n)) for i, n in qkv]
+        xs = [(i, n, x) for i, n, x in got if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        if len({x.dtype for *_, x in xs}) < 2:
+            return args, kwargs
+        dtype = functools.reduce(torch.promote_types, (x.dtype for *_, x in xs))
+        args, kwargs = list(args), dict(kwargs)
+        for i, n, x in xs:
+            if i < len(args):
+                args[i] = x.to(dtype)
+            else:
+                kwargs[n] = x.to(dtype)
+        return args, kwargs
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         for x in (*args, *kwargs.values()):
             if isinstance(x, torch.Tensor):
                 if torch.is_autocast_enabled(x.device.type):
+                    args, kwargs = promoted(args, kwargs)
                     with torch.autocast(x.device.type, enabled=False):
                         return fn(*args, **kwargs)
                 break
         return fn(*args, **kwargs)
 
     return run
+
+
+def connected_zeros(shape: Sequence[int], *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Zeros of `shape` in the first input's dtype and device, in the autograd graph of every
+    input that requires grad (their gradients come back as zeros): an op with nothing to
+    compute (no rows, no values) still returns an output a loss can be backpropagated through,
+    as the same op with rows does."""
+    x = next(t for t in inputs if t is not None)
+    out = x.new_zeros(shape)
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            out = out + t.sum() * 0
+    return out
+
+
+def refuse_double_backward(op: str, form: str, instead: str) -> None:
+    """Called first in a hand-written backward: autograd runs a backward with grad mode on only
+    when asked to differentiate it again (create_graph=True: a gradient penalty, a Hessian-vector
+    product), which such a backward (in-place buffers, no graph of its own) cannot give. Without
+    this the second derivative came back as zero or torch failed deep inside."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}'s {form} form has a hand-written backward that cannot be differentiated "
+            f"again (create_graph=True, e.g. a gradient penalty); use form={instead!r}, whose "
+            "backward is autograd's"
+        )
 
 
 FORMS = ("recurrent", "chunk", "parallel")
@@ -313,7 +363,7 @@ def run_sliced(core: Callable, xs: Sequence, S0, scale: float, chunk_size: int):
     if B * H == 0 or xs[2].shape[-1] == 0:  # nothing to compute (the cores need rows and V)
         K, V = xs[0].shape[-1], xs[2].shape[-1]
         S = xs[0].new_zeros(B, H, K, V) if S0 is None else S0
-        return xs[0].new_zeros(B, T, H, V), S
+        return connected_zeros((B, T, H, V), *xs, S0), S
     L = chunk_size * max(1, SLICE_ROWS // (B * H * chunk_size))
     if torch.is_grad_enabled() or T <= L:
         o, S = core(*xs, S0, scale, chunk_size)

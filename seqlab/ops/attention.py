@@ -218,7 +218,13 @@ def attention(
     cache ++ new tokens is returned, trimmed to the last `window - 1` tokens when windowed.
     `scale` (default K^-1/2) may be any finite number: 0 weighs the visible keys equally, a
     negative one favours the least similar.
+
+    Under autocast q, k and v of different dtypes go to the autocast dtype first, as SDPA
+    would take them there (a mixer may hand over a float32 k beside bf16 projections).
     """
+    if torch.is_autocast_enabled(q.device.type) and len({q.dtype, k.dtype, v.dtype}) > 1:
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(low) if t.is_floating_point() else t for t in (q, k, v))
     scale, window, cu = _check_args(
         q, k, v, scale, window, initial_state, output_final_state, cu_seqlens
     )

@@ -69,7 +69,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from seqlab.ops._common import (
     SLICE_ROWS,
@@ -83,10 +82,12 @@ from seqlab.ops._common import (
     chunk_count,
     chunked,
     compute_dtype,
+    connected_zeros,
     decay_exp,
     floor_log_gate,
     from_chunks,
     outside_autocast,
+    refuse_double_backward,
     run_sliced,
     to_chunks,
     value_range,
@@ -342,8 +343,8 @@ class _ChunkMLSTM(torch.autograd.Function):
         return o, _pack(states[-1], m, B, H)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dO, dS_out):
+        refuse_double_backward("mlstm", "chunk", "parallel")
         grads = _chunk_backward(dO, dS_out, *ctx.saved_tensors, *ctx.args)
         return (*grads, None, None, None)
 
@@ -489,12 +490,12 @@ def _finish(o, S, q, output_final_state):
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def _empty(q, v, S0):
-    """No rows or no values: nothing to compute."""
+def _empty(q, v, S0, *inputs):
+    """No rows: nothing to compute (the output stays in the graph of `inputs`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = S0 if S0 is not None else q.new_zeros(B, H, K + 1, V + 1)
-    return q.new_zeros(B, T, H, V), S
+    return connected_zeros((B, T, H, V), q, v, S0, *inputs), S
 
 
 @outside_autocast
@@ -518,7 +519,7 @@ def recurrent_mlstm(
         q, k, v, i, f, scale, eps, initial_state, check_values
     )
     if q.shape[0] * q.shape[2] == 0:
-        return _finish(*_empty(qf, vf, S0), q, output_final_state)
+        return _finish(*_empty(qf, vf, S0, kf, i_, lf), q, output_final_state)
     o, S = _recurrent(qf, kf, vf, i_, lf, S0, scale, eps)
     return _finish(o, S, q, output_final_state)
 
@@ -545,7 +546,7 @@ def chunk_mlstm(
         q, k, v, i, f, scale, eps, initial_state, check_values
     )
     if q.shape[0] * q.shape[2] == 0:
-        return _finish(*_empty(qf, vf, S0), q, output_final_state)
+        return _finish(*_empty(qf, vf, S0, kf, i_, lf), q, output_final_state)
     xs = (qf, kf, vf, i_, lf)
     if vf.shape[-1] == 0:  # no values, the normaliser alone: nothing to gain from chunks
         o, S = _recurrent(*xs, S0, scale, eps)
@@ -577,7 +578,7 @@ def parallel_mlstm(
         q, k, v, i, f, scale, eps, initial_state, check_values
     )
     if q.shape[0] * q.shape[2] == 0:
-        return _finish(*_empty(qf, vf, S0), q, output_final_state)
+        return _finish(*_empty(qf, vf, S0, kf, i_, lf), q, output_final_state)
     o, S = _parallel(qf, kf, vf, i_, lf, S0, scale, eps)
     return _finish(o, S, q, output_final_state)
 

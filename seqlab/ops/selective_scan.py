@@ -64,6 +64,7 @@ from seqlab.ops._common import (
     decay_exp,
     exp_floor,
     outside_autocast,
+    refuse_double_backward,
 )
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
@@ -205,6 +206,7 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dS):
+        refuse_double_backward("selective_scan", "scan", "chunk")
         u, delta, A, B, C, E, H = ctx.saved_tensors
         Bsz, T, Dd = u.shape
         N, TB = A.shape[1], T * Bsz

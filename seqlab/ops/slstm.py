@@ -62,7 +62,13 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from seqlab.ops._common import check_shape, check_tensor, compute_dtype, outside_autocast
+from seqlab.ops._common import (
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    outside_autocast,
+    refuse_double_backward,
+)
 from seqlab.ops.registry import Flops, OpFamily, register_family
 
 FORGET = ("sigmoid", "exp")
@@ -214,6 +220,7 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
+        refuse_double_backward("slstm", "fused", "recurrent")
         R, G, St = ctx.saved_tensors
         T, H, Bsz, _, D = G.shape
         Hs, Cs, Ns = St[1:, 0], St[1:, 1], St[1:, 2]  # [T, H, B, D]

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from seqlab.files import write_atomic
 from seqlab.train.probe import ProbeRow, human_bytes
-from seqlab.train.results import COLUMNS, lookup
+from seqlab.train.results import _KEY, COLUMNS, lookup
 from seqlab.train.trainer import TrainResult
 
 _JSON_WORDS = {"true": True, "false": False, "null": None}
@@ -21,12 +21,16 @@ _JSON_WORDS = {"true": True, "false": False, "null": None}
 
 def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
     """["num_kv_pairs=4", "model.pattern=gdn(head_dim=16)"] → {"num_kv_pairs": 4,
-    "model.pattern": "gdn(head_dim=16)"}: split at the first "=", values are Python literals where
-    they read as one (true, false and null too, as in JSON: configs take no text for a bool),
-    else text."""
+    "model.pattern": "gdn(head_dim=16)"}: split at the first "=", or at the last where what is
+    left of it is a dotted key (a slice metric: "metrics.final.num_kv_pairs=2,seq_len=16=0.5");
+    values are Python literals where they read as one (true, false and null too, as in JSON:
+    configs take no text for a bool), else text."""
     options = {}
     for item in items:
         key, sep, text = item.partition("=")
+        last_key, _, last_text = item.rpartition("=")
+        if last_key != key and _KEY.match(last_key):
+            key, text = last_key, last_text
         if not sep or not key:
             raise ValueError(f"{what} {item!r} must read key=value")
         try:

@@ -21,10 +21,13 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 
 import seqlab
-from seqlab.files import write_atomic
+from seqlab.files import writable_dir, write_atomic
 from seqlab.model.lm import ModelConfig
 from seqlab.tasks import TASKS, Task
 from seqlab.train.trainer import TrainConfig, TrainResult, resolve_device
@@ -60,6 +63,12 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_task ON runs (task, created);
 """
+# The columns of the runs table, in order (`add` inserts by position).
+RUN_COLUMNS = tuple(re.findall(r"^    (\w+) ", SCHEMA, re.MULTILINE))
+# A temporary file `write_atomic` leaves in runs/ when its writer is killed mid-write:
+# .<run id>.json.<random>.tmp. One older than STALE_TMP_S is removed when a writer opens the store.
+_TMP = re.compile(r"^\.\d{8}-\d{6}-[0-9a-f]{8}\.json\.[A-Za-z0-9_]+\.tmp$")
+STALE_TMP_S = 600.0
 # Columns `seqlab results` shows, in order: (title, dotted path into the record).
 COLUMNS = (
     ("id", "id"),
@@ -76,6 +85,7 @@ COLUMNS = (
     ("state B", "cost.state_bytes"),
     ("wall s", "cost.wall_time_s"),
 )
+_SQLITE_INT = range(-(2**63), 2**63)
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_=,]+)*$")
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
@@ -282,7 +292,7 @@ class ResultsStore:
                 raise ResultsError(
                     f"no results database at {str(self.path)!r}: no run has been recorded there"
                 )
-            self._check(lambda db: db.execute("SELECT COUNT(*) FROM runs").fetchone())
+            self._check(self._check_columns)
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +301,41 @@ class ResultsStore:
                 f"cannot make the folder of the results database {str(self.path)!r}: "
                 f"{e.strerror or e}"
             ) from None
-        self._check(lambda db: db.executescript(SCHEMA))
+        try:
+            writable_dir(self.json_dir)
+        except ValueError as e:
+            raise ResultsError(
+                f"the JSON folder of the results database {str(self.path)!r} cannot be written: {e}"
+            ) from None
+        self._check(lambda db: (db.executescript(SCHEMA), self._check_columns(db)))
+        self._remove_stale_tmp()
+
+    def _check_columns(self, db: sqlite3.Connection) -> None:
+        """The runs table must have the columns `add` writes, in that order."""
+        columns = tuple(row[1] for row in db.execute("PRAGMA table_info(runs)"))
+        if not columns:
+            raise sqlite3.DatabaseError("no such table: runs")
+        if columns != RUN_COLUMNS:
+            raise ResultsError(
+                f"{str(self.path)!r} is an SQLite database but not a seqlab results store "
+                f"(its runs table has the columns {', '.join(columns)}; "
+                f"expected {', '.join(RUN_COLUMNS)})"
+            )
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove the temporary files of writers killed mid-write (only old ones: a fresh one may
+        be a live writer's)."""
+        try:
+            names = [p for p in self.json_dir.iterdir() if _TMP.match(p.name)]
+        except OSError:
+            return  # not made yet
+        for tmp in names:
+            try:
+                if time.time() - tmp.lstat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+                    log.info("%s: removed %s, left by a writer killed mid-write", self.path, tmp)
+            except OSError:
+                pass  # gone already, or not ours to remove
 
     def _check_header(self) -> None:
         """A file that is there and not empty must start as an SQLite database does (SQLite
@@ -343,7 +387,32 @@ class ResultsStore:
             # On a read-only filesystem SQLite cannot make that file; nobody can write the
             # database there either, so it is read as immutable (no locks, no WAL index).
             db.close()
+        wal = Path(f"{self.path}-wal")
+        try:
+            has_wal = wal.stat().st_size > 0
+        except OSError:
+            has_wal = False
+        if not has_wal:
             return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+        # Immutable ignores the WAL, and the runs in it: read a copy of both, held in memory.
+        try:
+            with tempfile.TemporaryDirectory(prefix="seqlab-results-") as tmp:
+                copy = Path(tmp) / "results.db"
+                shutil.copyfile(self.path, copy)
+                shutil.copyfile(wal, f"{copy}-wal")
+                disk = sqlite3.connect(copy)
+                try:
+                    db = sqlite3.connect(":memory:")
+                    disk.backup(db)
+                finally:
+                    disk.close()
+                return db
+        except (OSError, sqlite3.Error) as e:
+            raise ResultsError(
+                f"{str(self.path)!r} is on a read-only filesystem and has runs in its write-ahead "
+                f"log {str(wal)!r}, which cannot be read there nor copied to a temporary folder "
+                f"({e})"
+            ) from None
 
     def add(self, record: dict[str, Any]) -> str:
         """Store a record (from `run_record`); returns its new id."""
@@ -399,17 +468,27 @@ class ResultsStore:
             when = parse_since(since) if isinstance(since, str) else since
             clauses.append("created >= ?")
             params.append(when.astimezone(UTC).isoformat(timespec="microseconds"))
-        for key, value in (where or {}).items():
+        # A list or dict value as it reads back from a record (tuples become lists).
+        where = {k: json.loads(json.dumps(v, default=str)) for k, v in (where or {}).items()}
+        objects = {}  # dict values: their keys may be in any order, so compared in Python
+        for key, value in where.items():
             if not _KEY.match(key):
                 raise ValueError(f"where: {key!r} is not a dotted key like train.lr")
             path = "$" + "".join(f'."{part}"' for part in key.split("."))
             if isinstance(value, bool):
                 value = int(value)  # json_extract gives JSON true/false as 1/0
+            if isinstance(value, int) and value not in _SQLITE_INT:
+                raise ValueError(f"where: {key}={value} is too large an integer for SQLite")
+            test = "json_extract(record, ?) IS ?"
+            if isinstance(value, list):
+                test = "json_extract(record, ?) = json(?)"  # an array reads back as JSON text
+                value = json.dumps(value)
+            elif isinstance(value, dict):
+                test = "json_type(record, ?) = ?"
+                objects[key], value = value, "object"
             # Records older versions wrote with NaN or Infinity are not JSON to SQLite, and one
             # would fail the whole query: they pass here and are filtered in Python below.
-            clauses.append(
-                "CASE WHEN json_valid(record) THEN json_extract(record, ?) IS ? ELSE 1 END"
-            )
+            clauses.append(f"CASE WHEN json_valid(record) THEN {test} ELSE 1 END")
             params += [path, value]
         sql = "SELECT record, created, id, json_valid(record) FROM runs"
         if clauses:
@@ -431,14 +510,16 @@ class ResultsStore:
         records = []
         for text, _, run_id, valid in rows:
             if valid:
-                records.append(json.loads(text))
+                record = json.loads(text)
+                if _matches(record, objects):
+                    records.append(record)
                 continue
             try:
                 record = standard_record(json.loads(text))
             except json.JSONDecodeError as e:
                 log.warning("%s: run %s is not readable JSON, skipped (%s)", self.path, run_id, e)
                 continue
-            if _matches(record, where or {}):
+            if _matches(record, where):
                 records.append(record)
         return records if limit is None or not where else records[max(0, len(records) - limit) :]
 

@@ -68,6 +68,16 @@ LATEST = "latest.json"
 MODEL, TRAINER = "model.safetensors", "trainer.pt"
 MANIFEST = "checkpoint.json"
 STEP_DIR = re.compile(r"step-\d{8}")
+PARTIAL_DIR = re.compile(r"\.step-\d{8}\.partial")
+
+
+def step_folders(out: Path) -> list[Path]:
+    """The checkpoint folders in `out`: step-NNNNNNNN exactly. Anything else named step-…
+    (a user's step-best/, a copied step-00000010-backup/, step-by-step/ where out_dir is a
+    working folder) is not the trainer's, and is never read or removed."""
+    return [p for p in out.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+
+
 # Fields that may differ between a run and its resumption: they change nothing in the trajectory.
 # A run may also resume in another number of processes, with another kind of data parallelism or
 # another split of its sequences: the global batch and so the trajectory stay the same, to float
@@ -249,8 +259,21 @@ def verify_checkpoint(folder: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest}: missing or damaged ({type(e).__name__} {e})") from None
+
+    def well_formed(entry) -> bool:
+        return (
+            isinstance(entry, dict)
+            and type(entry.get("bytes")) is int
+            and isinstance(entry.get("sha256"), str)
+        )
+
     if not isinstance(files, dict) or set(files) != {MODEL, TRAINER}:
         raise CheckpointError(f"{manifest}: damaged (files {files!r})")
+    for name, want in files.items():
+        if not well_formed(want):
+            raise CheckpointError(
+                f"{manifest}: damaged (the entry of {name} is {want!r}, expected bytes and sha256)"
+            )
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
@@ -283,7 +306,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         if isinstance(name, str) and STEP_DIR.fullmatch(name) and (out / name).is_dir():
             return out / name
         problem = f"{pointer} is damaged or names no step folder of this run"
-    folders = sorted((p for p in out.glob("step-*") if STEP_DIR.fullmatch(p.name)), reverse=True)
+    folders = sorted(step_folders(out), reverse=True)
     for folder in folders:
         if (folder / MANIFEST).exists():
             try:
@@ -662,7 +685,7 @@ class Trainer:
                 f"{folder}: could not write the checkpoint of step {self.step} "
                 f"({e.strerror or e}); {out / LATEST} still names the last complete one"
             ) from None
-        for old in out.glob("step-*"):
+        for old in step_folders(out):  # only the run's own step-NNNNNNNN folders
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -761,10 +784,12 @@ class Trainer:
     def claim_out_dir(self, stack: contextlib.ExitStack) -> None:
         """Lock out_dir for the time of `stack` and clean what killed writes left there."""
         out = stack.enter_context(exclusive_folder(self.config.out_dir))
-        for folder in (out, *out.glob("step-*")):
+        for folder in (out, *step_folders(out)):
             for path in remove_stale_temporaries(folder):
                 log.info("removed %s, left by a killed write", path)
         for partial in out.glob(".step-*.partial"):
+            if not PARTIAL_DIR.fullmatch(partial.name) or not partial.is_dir():
+                continue  # not a checkpoint this trainer began
             shutil.rmtree(partial)
             log.info("removed %s, a checkpoint whose writing was killed", partial)
 
@@ -881,7 +906,8 @@ class Trainer:
         if not self.world.is_main:  # every rank stops alike; rank 0 reads out_dir and says why
             return f"{why}. Last good checkpoint: see rank 0"
         kept = latest_checkpoint(self.config.out_dir) if self.config.out_dir is not None else None
-        message = f"{why}. Last good checkpoint: {kept or 'none (no out_dir)'}"
+        none = "none (no out_dir)" if self.config.out_dir is None else "none written yet"
+        message = f"{why}. Last good checkpoint: {kept or none}"
         log.warning(message)
         return message
 

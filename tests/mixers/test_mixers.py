@@ -179,6 +179,21 @@ def test_low_precision_parameters_keep_a_float32_recurrent_state(case):
             assert t.dtype == (torch.float32 if name in mixer.matrices else torch.bfloat16), name
 
 
+@pytest.mark.parametrize("case", ALL)
+def test_runs_under_bf16_autocast_with_float32_parameters(case):
+    """The trainer's precision="bf16": float32 weights, bf16 autocast (rwkv7 once passed the
+    op a float32 k beside a bf16 q, as its LoRA biases are float32)."""
+    mixer = make_mixer(case)
+    x = make_x().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = stream(mixer, x, [17])
+    ref, _ = mixer(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref, rtol=0.1, atol=0.1)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("case", ["attn", "mamba2", "gdn"])
 def test_float64_parameters_give_a_float64_state(case):
     mixer = make_mixer(case, dtype=torch.float64)

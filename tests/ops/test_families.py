@@ -144,3 +144,94 @@ def test_a_bf16_autocast_leaves_the_fast_form_in_float32(name, variant):
         if torch.is_tensor(b):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+QKV_CASES = [(n, v) for n, v in CASES if {"q", "k", "v"} <= set(inputs(n, v, 4, B=1))]
+
+
+@pytest.mark.parametrize(("name", "variant"), QKV_CASES)
+def test_autocast_promotes_q_k_v_of_mixed_dtypes(name, variant):
+    """Under autocast a mixer may hand an op a bf16 q and v (its projections) beside a float32
+    k (a float32 bias added): the op promotes them to float32, as autocast's promote ops do.
+    Outside autocast the same call is the caller's error."""
+    fam = family(name)
+    x = inputs(name, variant, 40, dtype=torch.float32)
+    kwargs = {"output_final_state": True} if fam.stateful else {}
+    fast = fam.forms[fam.fast]
+    want = fast(**x, **kwargs)
+    mixed = {**x, "q": x["q"].bfloat16(), "v": x["v"].bfloat16()}
+    with pytest.raises(TypeError, match="share one dtype"):
+        fast(**mixed, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(**mixed, **kwargs)
+    got, want = (r if isinstance(r, tuple) else (r,) for r in (got, want))
+    if name == "attention":  # SDPA, which autocast puts in bf16: q, k, v go there together
+        assert got[0].dtype == torch.bfloat16
+        torch.testing.assert_close(got[0].float(), want[0], rtol=0.05, atol=0.05)
+        return
+    assert got[0].dtype == torch.float32
+    exact = {**x, "q": mixed["q"].float(), "v": mixed["v"].float()}
+    ref = fast(**exact, **kwargs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+
+
+# forms whose backward is written by hand, and the form the refusal names instead
+HAND_WRITTEN = [
+    ("mlstm", "default", "chunk", "parallel"),
+    ("slstm", "sigmoid", "fused", "recurrent"),
+    ("selective_scan", None, "scan", "chunk"),
+]
+
+
+def leaf(t):
+    """A fresh leaf of a floating input (others, like sLSTM's forget-gate name, as they are)."""
+    return t.clone().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t
+
+
+@pytest.mark.parametrize(("name", "variant", "form", "instead"), HAND_WRITTEN)
+def test_a_hand_written_backward_refuses_to_be_differentiated_again(name, variant, form, instead):
+    """create_graph=True (a gradient penalty) through a hand-written backward is a clear error
+    naming a form that can do it; it once gave a silent zero (mlstm) or a torch error (slstm)."""
+    fam = family(name)
+    variant = variant or fam.variants[0]
+    x = inputs(name, variant, 9)
+    first = next(iter(x))
+
+    def penalty_grad(f):
+        xs = {n: leaf(t) for n, t in x.items()}
+        out = f(**xs)
+        o = out[0] if isinstance(out, tuple) else out
+        (g,) = torch.autograd.grad(o.square().sum(), xs[first], create_graph=True)
+        wrt = [t for t in xs.values() if torch.is_tensor(t) and t.requires_grad]
+        return torch.autograd.grad(g.square().sum(), wrt, allow_unused=True, materialize_grads=True)
+
+    with pytest.raises(RuntimeError, match=f"use form='{instead}'"):
+        penalty_grad(fam.forms[form])
+    ref = penalty_grad(fam.forms[fam.reference])
+    got = penalty_grad(fam.forms[instead])
+    for a, b in zip(got, ref, strict=True):  # to round-off of the largest entry
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()) + 1e-12)
+    # a plain backward is unchanged
+    xs = {n: leaf(t) for n, t in x.items()}
+    out = fam.forms[form](**xs)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert torch.isfinite(xs[first].grad).all()
+
+
+ALL_FORMS = [(name, v, form) for name, v in CASES for form in family(name).forms]
+
+
+@pytest.mark.parametrize(("name", "variant", "form"), ALL_FORMS)
+def test_an_empty_batch_stays_in_the_graph(name, variant, form):
+    """B = 0 with inputs that require grad: an empty output a loss can be backpropagated through
+    (empty gradients), as with rows; once the chunk forms returned a detached tensor."""
+    x = {n: leaf(t) for n, t in inputs(name, variant, 5, B=0).items()}
+    fam = family(name)
+    out = fam.forms[form](**x, **({"output_final_state": True} if fam.stateful else {}))
+    o = out[0] if isinstance(out, tuple) else out
+    assert o.shape[0] == 0 and o.requires_grad
+    o.sum().backward()
+    for n, t in x.items():
+        if torch.is_tensor(t) and t.requires_grad and t.grad is not None:
+            assert t.grad.shape == t.shape and not t.grad.any(), n

@@ -1,9 +1,13 @@
 import csv
 import json
 import math
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from seqlab.cli import app
-from seqlab.train.results import ResultsStore, flatten, parse_since, run_record
+from seqlab.train.report import parse_options
+from seqlab.train.results import ResultsError, ResultsStore, flatten, parse_since, run_record
 from seqlab.train.trainer import best_metrics, train
 from tests.train.conftest import tiny_model, tiny_task, tiny_train
 from tests.train.test_trainer import poison_loss
@@ -274,3 +279,130 @@ def test_a_diverged_run_is_recorded_as_diverged(tmp_path, monkeypatch):
     store = ResultsStore(tmp_path / "r.db")
     run_id = store.add(rec)
     assert store.runs(where={"status": "diverged"})[0]["id"] == run_id
+
+
+def test_a_foreign_runs_table_is_refused_up_front(tmp_path):
+    path = tmp_path / "r.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (task TEXT, created TEXT)")
+    db.commit()
+    db.close()
+    for read_only in (False, True):
+        with pytest.raises(ResultsError, match=r"not a seqlab results store.*task, created"):
+            ResultsStore(path, read_only=read_only)
+    result = CliRunner().invoke(app, ["results", "--db", str(path)])
+    assert result.exit_code != 0 and "not a seqlab results store" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_json_folder_that_cannot_be_written_is_refused_up_front(tmp_path):
+    ResultsStore(tmp_path / "r.db").add(record())
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(ResultsError, match=r"JSON folder.*r\.db'.*runs' is a file"):
+        ResultsStore(tmp_path / "r.db")
+    assert ResultsStore(tmp_path / "r.db", read_only=True).count() == 1  # reading needs no folder
+
+
+def test_a_read_only_filesystem_still_reads_the_write_ahead_log(tmp_path, monkeypatch):
+    src = ResultsStore(tmp_path / "src" / "r.db")
+    first = src.add(record())
+    hold = src.connect()  # a live reader keeps the WAL from being folded into the database
+    hold.execute("SELECT 1").fetchone()
+    later = [src.add(record(lr=3e-3)) for _ in range(3)]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    shutil.copyfile(src.path, ro / "r.db")
+    shutil.copyfile(f"{src.path}-wal", ro / "r.db-wal")  # no -shm, as left by a killed writer
+    hold.close()
+    assert (ro / "r.db-wal").stat().st_size > 0
+
+    connect = sqlite3.connect
+
+    class CannotMakeShm(sqlite3.Connection):
+        def execute(self, *args):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    def read_only_fs(database, *args, **kwargs):  # mode=ro cannot make the -shm file there
+        if "mode=ro" in str(database):
+            kwargs["factory"] = CannotMakeShm
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_fs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    store = ResultsStore(ro / "r.db", read_only=True)
+    assert [r["id"] for r in store.runs()] == [first, *later]
+    assert [r["id"] for r in store.runs(where={"train.lr": 0.003})] == later
+    assert store.count() == 4
+    assert list((tmp_path / "tmp").iterdir()) == []  # the copies are gone
+    assert sorted(p.name for p in ro.iterdir()) == ["r.db", "r.db-wal"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", no_space)
+    with pytest.raises(ResultsError, match=r"write-ahead log '.*r\.db-wal'"):
+        store.runs()
+    # Without a WAL, the database is read as it is.
+    (ro / "r.db-wal").unlink()
+    assert [r["id"] for r in store.runs()] == [first]
+
+
+def test_where_compares_lists_and_dicts_as_json(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    a = store.add(record(betas=[0.9, 0.95], mix={"seq_len": 16, "pairs": [2, 4]}))
+    b = store.add(record(betas=[0.9, 0.99], mix={"seq_len": 16, "pairs": [2]}))
+
+    def ids(**where):
+        return [r["id"] for r in store.runs(where=where)]
+
+    assert ids(betas=[0.9, 0.95]) == [a]
+    assert ids(betas=(0.9, 0.99)) == [b]
+    assert ids(betas=[0.9]) == []
+    assert ids(mix={"pairs": [2, 4], "seq_len": 16}) == [a]  # keys in any order
+    assert ids(mix={"seq_len": 16}) == []
+    assert ids(**{"mix.pairs": [2]}) == [b]
+    assert [r["id"] for r in store.runs(where={"betas": [0.9, 0.99]}, limit=1)] == [b]
+    with pytest.raises(ValueError, match="train.seed=.*too large"):
+        store.runs(where={"train.seed": 10**20})
+    args = ["results", "--db", str(store.path), "--where", "betas=[0.9,0.95]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "1 runs in" in result.output, result.output
+    args = ["results", "--db", str(store.path), "--where", "train.seed=99999999999999999999"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "too large" in result.output
+
+
+def test_where_keys_may_contain_equals_signs(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    a = store.add(record(accuracy=0.25))
+    store.add(record(accuracy=0.75))
+    assert parse_options(["metrics.final.num_kv_pairs=2,seq_len=64=0.25"]) == {
+        "metrics.final.num_kv_pairs=2,seq_len=64": 0.25
+    }
+    assert parse_options(["model.pattern=gdn(head_dim=16)", "x=a=b"]) == {
+        "model.pattern": "gdn(head_dim=16)",
+        "x": "a=b",
+    }
+    where = ["--where", "metrics.final.num_kv_pairs=2,seq_len=64=0.25"]
+    result = CliRunner().invoke(app, ["results", "--db", str(store.path), *where])
+    assert result.exit_code == 0 and "1 runs in" in result.output and a in result.output
+
+
+def test_a_writer_removes_stale_temporary_files(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.add(record())
+    runs = tmp_path / "runs"
+    stale = runs / ".20260101-120000-0123abcd.json.k2j_x9q.tmp"  # a writer killed mid-write
+    fresh = runs / ".20260101-120001-4567ef01.json.a8f3hh2.tmp"  # a live writer's
+    other = runs / ".notes.json.old.tmp"  # not the store's
+    for path in (stale, fresh, other):
+        path.write_text("{")
+    old = time.time() - 3600
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    ResultsStore(tmp_path / "r.db", read_only=True)
+    assert stale.exists()  # a reader removes nothing
+    ResultsStore(tmp_path / "r.db")
+    assert not stale.exists() and fresh.exists() and other.exists()

@@ -21,6 +21,7 @@ from seqlab.train.trainer import (
     WarmupCosine,
     latest_checkpoint,
     train,
+    verify_checkpoint,
 )
 from tests.train.conftest import TINY_MQAR_ARGS, tiny_model, tiny_task, tiny_train
 
@@ -388,6 +389,36 @@ def test_a_damaged_latest_json_never_restarts_from_zero(tmp_path, monkeypatch, p
     with pytest.raises(CheckpointError, match=rf"{out}.*latest\.json.*step-00000030"):
         checkpointed_run(out, steps=30)
     assert (out / "step-00000030" / "trainer.pt").exists()
+
+
+def test_only_the_runs_own_step_folders_are_removed(tmp_path, monkeypatch):
+    """A checkpoint removes the older step-NNNNNNNN folders, never a user's folder whose name
+    merely starts with step- (a backup, notes in a working folder used as out_dir)."""
+    interrupted_run(tmp_path, monkeypatch)
+    mine = {"step-by-step": "notes", "step-00000010-backup": "copy", "step-best": "x"}
+    for name, text in mine.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text(text)
+    (tmp_path / ".step-best.partial").mkdir()  # not a partial checkpoint of the trainer's
+    assert checkpointed_run(tmp_path, steps=30).resumed_from == 20
+    for name, text in mine.items():
+        assert (tmp_path / name / "notes.txt").read_text() == text
+    assert (tmp_path / ".step-best.partial").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("step-????????")) == ["step-00000030"]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [None, "abc", {"bytes": "12", "sha256": "0"}, {"bytes": 12}, {"bytes": 1.5, "sha256": "0"}],
+)
+def test_a_wrongly_shaped_manifest_is_a_checkpoint_error(tmp_path, entry):
+    checkpointed_run(tmp_path)
+    manifest = tmp_path / "step-00000010" / "checkpoint.json"
+    record = json.loads(manifest.read_text())
+    record["files"]["trainer.pt"] = entry
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=rf"{manifest}: damaged .*trainer\.pt"):
+        verify_checkpoint(manifest.parent)
 
 
 HOLD_LOCK = """
