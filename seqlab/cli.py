@@ -277,6 +277,21 @@ def _out_dir(path: Path) -> None:
         raise typer.BadParameter(str(e), param_hint="--out") from None
 
 
+def _file_to_write(path: Path, flag: str) -> None:
+    """`path` can be written as a file: not a folder, in a folder that is or can be made."""
+    from seqlab.files import writable_dir
+
+    try:
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not a file")
+        try:
+            writable_dir(path.parent)
+        except ValueError as e:
+            raise ValueError(f"{str(path)!r} cannot be written: {e}") from None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
+
+
 def _store(path: Path | None, flag: str, read_only: bool = False):
     """The results store, opened and checked now, before any work."""
     from seqlab.train.results import ResultsError, ResultsStore
@@ -577,6 +592,8 @@ def results(
     from seqlab.train.report import results_table
 
     store = _store(db, "--db", read_only=True)
+    if csv is not None:
+        _file_to_write(csv, "--csv")
     try:
         runs = store.runs(task, arch, since, _options(where, "--where"), limit)
     except ValueError as e:
@@ -710,6 +727,11 @@ def probe(
     png = plot_probe(rows, out / f"probe-{name}.png", title=title)
     table_csv = write_probe_csv(rows, out / f"probe-{name}.csv")
     console.print(f"wrote {png} and {table_csv}")
+    diverged = [r for r in rows if r.result.stop_reason == "non_finite"]
+    for r in diverged:
+        console.print(f"[red]{escape(r.arch)}: {escape(r.result.message)}[/red]")
+    if diverged:  # as `train` does: a script sees that the comparison is not complete
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

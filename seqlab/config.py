@@ -44,7 +44,9 @@ def check_positive_int(name: str, value: object) -> int:
 class Config(BaseModel):
     """Base of every component config: frozen, strict about keys, built with `make`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: no float option of any component takes NaN or ±inf (an inf
+    # init_std built non-finite weights; an inf width factor overflowed deep in a mixer)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -206,7 +206,7 @@ def read_toml(path: str | Path) -> dict:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ExperimentError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ExperimentError(f"{path}: not valid TOML ({e})") from None
     except OSError as e:
         raise ExperimentError(f"{path}: cannot be read ({e.strerror or e})") from None

@@ -143,3 +143,27 @@ def test_read_only_store_opens_read_only(tmp_path):
             db.execute("DELETE FROM runs")
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("where", ["folder", "under_file"])
+def test_results_csv_that_cannot_be_a_file_is_refused(where, tmp_path):
+    db = tmp_path / "r.db"
+    ResultsStore(db)
+    csv = tmp_path if where == "folder" else text_file(tmp_path) / "runs.csv"
+    result, text = run(["results", "--db", str(db), "--csv", str(csv)])
+    assert result.exit_code == 2, result.output
+    assert "--csv" in text and str(csv) in text
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    config = tmp_path / "binary.toml"
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    result, text = run(["train", "--config", str(config), "--no-record"])
+    assert result.exit_code == 2, result.output
+    assert str(config) in text and "not valid TOML" in text
+
+
+def test_an_empty_out_dir_is_refused(tmp_path):
+    result, text = run([*TRAIN, "--set", "train.out_dir=''", "--no-record"])
+    assert result.exit_code == 2, result.output
+    assert "out_dir" in text

@@ -35,6 +35,20 @@ def test_no_coercion_into_ints_bools_or_numbers(cls, options):
         cls.make(**options)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_float_option_takes_nan_or_inf(value):
+    """Every config refuses non-finite floats: ModelConfig(init_std=inf) built non-finite
+    weights, mlstm(proj_factor=inf) and mom(expand_v=inf) overflowed inside the mixer."""
+    with pytest.raises(ValueError, match="init_std.*finite"):
+        ModelConfig.make(vocab_size=8, init_std=value)
+    with pytest.raises(ValueError, match="proj_factor.*finite"):
+        build_mixer("mlstm", 32, proj_factor=value)
+    with pytest.raises(ValueError, match="expand_v.*finite"):
+        build_mixer("mom", 32, expand_v=value)
+    with pytest.raises(ValueError, match="norm_eps.*finite"):
+        build_mixer("gdn", 32, norm_eps=value)
+
+
 def test_mixer_and_task_options_are_strict_too():
     with pytest.raises(ValueError, match="num_heads"):
         build_mixer("attn", 32, num_heads=True)

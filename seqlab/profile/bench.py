@@ -18,9 +18,11 @@ from the previous length by the ratio of analytic FLOPs — exceeds `max_seconds
 memory exceeds `max_memory_gb` (default: 60 % of the memory available when the run starts) —
 predicted analytically (seqlab.profile.cost.memory_bytes; OpSpec.memory_bytes, from the
 family's workspace_bytes) for every length, the first included, and extrapolated linearly in
-T from the previous length's measured peak — or when it runs out of memory; the longer lengths
-of that measurement are then skipped too.
-A length whose every measurement is skipped makes no inputs, so nothing large is allocated.
+T from the previous length's measured peak, a model's weights (counted on the meta device)
+added to both — or when it runs out of memory; the longer lengths of that measurement are then
+skipped too.
+A length whose every measurement is skipped makes no inputs, so nothing large is allocated; an
+architecture is built only at its first length with a measurement that fits.
 With `time_limit` the whole run starts no measurement past that many seconds (nor one predicted
 to end past it), so a run under a wall-clock limit ends with results. `progress(result)` is
 called after every measured length, with `result["complete"]` False until the run ends: the CLI
@@ -203,12 +205,18 @@ class _Budget:
         _, work0, s0, _ = self.last[key]
         return s0 * work / work0
 
-    def check_memory(self, key: Any, T: int, predicted: int | None) -> str | None:
-        """Skip (and remember) a measurement whose analytic peak memory is over the limit; works
-        for the first length too, where there is no measurement to extrapolate from."""
+    def check_memory(
+        self, key: Any, T: int, predicted: int | None, held_bytes: int = 0
+    ) -> str | None:
+        """Skip (and remember) a measurement whose analytic peak memory, plus the `held_bytes`
+        live before it (a model's weights), is over the limit; works for the first length too,
+        where there is no measurement to extrapolate from."""
         if key in self.skipped:
             return self.skipped[key]
-        if predicted is None or self.max_bytes is None or predicted <= self.max_bytes:
+        if predicted is None and not held_bytes:
+            return None
+        predicted = held_bytes + (predicted or 0)
+        if self.max_bytes is None or predicted <= self.max_bytes:
             return None
         gb, limit = predicted / 2**30, self.max_bytes / 2**30
         return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
@@ -221,14 +229,18 @@ class _Budget:
         calls: int,
         extra_s: float,
         predicted_bytes: int | None = None,
+        held_bytes: int = 0,
     ) -> str | None:
+        """Skip (with the reason) a measurement predicted over a limit; `held_bytes` are live
+        before it and not part of its measured peak (a model's weights), so they are added to
+        the predicted peak and to the peak extrapolated from the previous length."""
         if key in self.skipped:
             return self.skipped[key]
         left = None if self.deadline is None else self.deadline - self.clock()
         if left is not None and left <= 0:
             self.stopped = self.stopped or f"the run's time limit ({self.time_limit:g} s) passed"
             return self.stopped
-        if reason := self.check_memory(key, T, predicted_bytes):
+        if reason := self.check_memory(key, T, predicted_bytes, held_bytes):
             return reason
         if key not in self.last:
             return None
@@ -240,8 +252,9 @@ class _Budget:
             return self.fail(
                 key, T, f"predicted {seconds:.0f} s > {left:.0f} s left of the time limit"
             )
-        if bytes0 is not None and self.max_bytes is not None and bytes0 * T / T0 > self.max_bytes:
-            gb = bytes0 * T / T0 / 2**30
+        grown = None if bytes0 is None else held_bytes + bytes0 * T / T0
+        if grown is not None and self.max_bytes is not None and grown > self.max_bytes:
+            gb = grown / 2**30
             limit = self.max_bytes / 2**30
             return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
         return None
@@ -271,11 +284,12 @@ def _measure(
     extra_s: float = 0.0,
     peer: bool = False,
     predicted_bytes: int | None = None,
+    held_bytes: int = 0,
 ) -> dict[str, Any]:
     """Time and measure the call `make_fn` sets up, unless the budget says skip. A peer's
     failure is recorded, not raised: another library's kernel may reject a shape."""
     calls = 2 + warmup + repeats  # first call, warm-up, samples, the memory call
-    reason = budget.check(key, T, work, calls, extra_s, predicted_bytes)
+    reason = budget.check(key, T, work, calls, extra_s, predicted_bytes, held_bytes)
     if reason is not None:
         return {"skipped": reason}
     try:
@@ -333,26 +347,38 @@ def _model_calls(model: CausalLM, ids: torch.Tensor) -> dict[str, Callable[[], t
 
 
 def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, entry, save) -> None:
-    """Fill `entry` (already in the result) with a point per length, calling save() after each."""
-    torch.manual_seed(config.seed)
-    model = CausalLM(config.arch_config(arch)).to(device=device, dtype=dtype).eval()
+    """Fill `entry` (already in the result) with a point per length, calling save() after each.
+
+    The costs and memory predictions come from the model built on the meta device; the real one
+    is built only at the first length with a pass that fits, its weights (`weight_bytes`) counted
+    in every pass's predicted peak, so an architecture whose weights alone are over the limit is
+    skipped with nothing allocated."""
+    meta = meta_model(config.arch_config(arch), dtype)
+    weights = _weight_bytes(meta)
+    model: CausalLM | None = None
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)
-    layers = [str(s) for s in model.config.mixer_specs()]
-    entry.update(arch=arch, layers=layers, params=model.num_params(), points=[], fits={})
+    layers = [str(s) for s in meta.config.mixer_specs()]
+    entry.update(arch=arch, layers=layers, params=meta.num_params(), weight_bytes=weights)
+    entry.update(points=[], fits={})
     for T in config.seq_lens:
-        cost = model_cost(model, T)
-        memory = memory_bytes(model, T, B)
+        cost = model_cost(meta, T)
+        memory = memory_bytes(meta, T, B)
         point: dict[str, Any] = {"seq_len": T, "analytic": cost.to_dict()}
         point["predicted_peak_bytes"] = memory
-        skips = {name: budget.check_memory((arch, name), T, memory[name]) for name in memory}
-        if all(skips.values()):  # none fits: make no inputs
+        skips = {
+            name: budget.check_memory((arch, name), T, memory[name], weights) for name in memory
+        }
+        if all(skips.values()):  # none fits: make no inputs (nor, before now, the model)
             for name in MODEL_PASSES:
                 point[name] = {"skipped": skips[name]}
                 log(f"{arch} T={T} {name}: {skips[name]}")
             _add_model_point(entry, point)
             save()
             continue
+        if model is None:
+            torch.manual_seed(config.seed)
+            model = CausalLM(config.arch_config(arch)).to(device=device, dtype=dtype).eval()
         ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=gen).to(device)
         calls = _model_calls(model, ids)
         work = {
@@ -374,6 +400,7 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
                 repeats,
                 extra_s=prefill_s if name == "decode" else 0.0,
                 predicted_bytes=memory[name],
+                held_bytes=weights,
             )
             log(f"{arch} T={T} {name}: {_brief(point[name])}")
         fwd = point["forward"]
@@ -382,6 +409,13 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
             point["forward_flops_per_s"] = work["forward"] / fwd["median_s"]
         _add_model_point(entry, point)
         save()
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (tied ones once), e.g. of one on the meta
+    device: what building it for real allocates."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _add_model_point(entry: dict[str, Any], point: dict[str, Any]) -> None:

@@ -119,7 +119,8 @@ def probe_table(rows: Sequence[ProbeRow], title: str) -> Table:
 
 
 def write_probe_csv(rows: Sequence[ProbeRow], path: str | Path) -> Path:
-    """The probe table as CSV, with raw numbers: accuracy as a fraction, state in bytes."""
+    """The probe table as CSV, with raw numbers: accuracy as a fraction, state in bytes, and why
+    each run stopped ("steps", "target_accuracy", or "non_finite": diverged, accuracy blank)."""
     names = slice_names([r.result for r in rows])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,12 +128,12 @@ def write_probe_csv(rows: Sequence[ProbeRow], path: str | Path) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(["arch", "n_layers", *names, "params", "state_bytes", "wall_time_s"])
+            header = ["arch", "n_layers", *names, "params", "state_bytes", "wall_time_s"]
+            out.writerow([*header, "stop_reason"])
             for r in rows:
                 accuracy = [r.result.final.get(name, "") for name in names]
-                out.writerow(
-                    [r.arch, r.n_layers, *accuracy, r.params, r.state_bytes, r.result.wall_time_s]
-                )
+                row = [r.arch, r.n_layers, *accuracy, r.params, r.state_bytes]
+                out.writerow([*row, r.result.wall_time_s, r.result.stop_reason])
 
     write_atomic(path, write)
     return path

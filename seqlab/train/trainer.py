@@ -118,7 +118,8 @@ class TrainConfig(Config):
     target_accuracy: float | None = Field(None, gt=0, le=1)  # stop once "all" reaches it
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
-    out_dir: str | None = None  # checkpoints; None: keep nothing on disk
+    # checkpoints; None: keep nothing on disk ("" is refused: it would mean the current folder)
+    out_dir: str | None = Field(None, min_length=1)
     # On a terminal a progress bar; elsewhere (nohup, CI) one line on stderr per evaluation.
     progress: bool = True
     # "bf16": the forward (and evaluation) under torch.autocast to bfloat16; weights, gradients

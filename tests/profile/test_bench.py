@@ -328,3 +328,38 @@ def test_the_first_length_of_every_family_is_skipped_by_predicted_memory():
     for op in run_bench(config)["ops"]:
         (point,) = op["points"]
         assert "GiB > max 2.0 GiB" in point["seqlab"]["forward"]["skipped"], op["op"]
+
+
+def test_an_architecture_whose_weights_are_over_the_limit_is_skipped_unbuilt(monkeypatch):
+    """`--max-memory-gb 1 --d-model 32768 --n-layers 8` built the 4.6 GB model before any check
+    and died allocating it: now the weights, counted on the meta device, are in every pass's
+    predicted peak, and the architecture is skipped like any other over-budget measurement."""
+    import seqlab.profile.bench as bench
+
+    def never_built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(bench, "CausalLM", never_built)
+    config = BenchConfig.make(
+        archs=("attn",), seq_lens=(8, 16), d_model=32768, n_layers=8, level="model", repeats=1,
+        warmup=0, decode_repeats=1, max_memory_gb=1,
+    )  # fmt: skip
+    (model,) = run_bench(config)["models"]
+    weights = model["weight_bytes"]
+    assert weights >= 4 * model["params"] > 2**30  # float32, the ties counted once
+    for T, point in zip((8, 16), model["points"], strict=True):
+        for name in MODEL_PASSES:
+            reason = point[name]["skipped"]
+            assert reason.startswith("predicted ") and "GiB > max 1.0 GiB (at T = 8)" in reason
+            assert float(reason.split()[1]) >= weights / 2**30 - 0.05  # the weights counted
+        assert point["predicted_peak_bytes"]["forward"] > 0, T
+
+
+def test_the_weights_count_in_the_predicted_and_the_extrapolated_peak():
+    budget = _Budget(max_seconds=30, max_bytes=100)
+    assert budget.check_memory("a", 8, 60, held_bytes=40) is None
+    assert budget.check_memory("b", 8, 61, held_bytes=40).startswith("predicted")
+    assert budget.check_memory("c", 8, None, held_bytes=101).startswith("predicted")
+    budget.record("d", 8, work=1, seconds=0.001, peak=30)  # measured above the weights
+    assert budget.check("d", 16, work=2, calls=1, extra_s=0, held_bytes=40) is None  # 40 + 60
+    assert budget.check("d", 32, work=4, calls=1, extra_s=0, held_bytes=40).startswith("predicted")

@@ -70,6 +70,18 @@ def test_probe_command_prints_a_table_and_writes_png_csv_and_runs(tmp_path, resu
     assert all(r["train"]["steps"] == 4 and r["task"]["preset"] == "cpu" for r in records)
 
 
+def test_probe_command_exits_1_and_says_so_when_a_run_diverged(tmp_path):
+    out = tmp_path / "probe"
+    task_options = [arg for option in TINY_MQAR_ARGS for arg in ("--task-option", option)]
+    args = ["probe", "--task", "mqar", *task_options, "--arch", "gla", "--arch", "attn"]
+    args += ["--steps", "6", "--d-model", "16", "--batch-size", "8", "--lr", "1e6"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-record"])
+    assert result.exit_code == 1, result.output
+    assert "gla:" in result.output and "non-finite" in result.output.lower()
+    rows = list(csv.DictReader((out / "probe-mqar.csv").open()))
+    assert [r["stop_reason"] for r in rows] == ["non_finite", "non_finite"]
+
+
 def test_probe_command_reports_bad_input(tmp_path):
     args = ["probe", "--task", "nope", "--arch", "attn", "--steps", "2", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
