@@ -237,7 +237,8 @@ class _Fused(torch.autograd.Function):
         dn_dh = Hs * inv_n  # −∂h/∂n
         dz_dc = ip * (1 - tz * tz)  # ∂c/∂z̃
         do_dh = Cs * inv_n * so * (1 - so)  # ∂h/∂õ
-        sel_i = (i >= a).to(G.dtype)  # the max took ĩ
+        # the max took ĩ; on a tie half each way, as torch.maximum (the recurrent form) splits
+        sel_i = (i > a).to(G.dtype) + 0.5 * (i == a).to(G.dtype)
         # first step: empty units took ĩ, and where their f' was clamped at 1 it has no slope
         empty = St[0, 2] == 0
         sel_i[0].masked_fill_(empty, 1.0)

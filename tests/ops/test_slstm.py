@@ -279,3 +279,27 @@ def test_errors():
         fused_slstm(**{**x, "R": x["R"].long()})
     with pytest.raises(ValueError, match="form"):
         slstm(**x, form="chunk")
+
+
+def test_fused_backward_splits_a_tie_of_the_stabiliser_max_as_the_recurrent_form():
+    """With the exponential forget gate, ĩ = f̃ = 1 and m₀ = 0 make ĩ_t = log f_t + m_{t−1} at
+    every step: torch.maximum (the recurrent form) gives half the gradient to each side, and the
+    fused backward must too (it gave all to ĩ: d/dx differed by 0.56 on a scale of 0.75 where
+    the loss reads the final state)."""
+    B, T, H, D = 1, 3, 1, 2
+    x = torch.zeros(B, T, 4, H, D, dtype=torch.float64)
+    x[:, :, 0], x[:, :, 1], x[:, :, 2], x[:, :, 3] = 1.0, 1.0, 0.7, 0.3
+    half, one = torch.full((B, H, D), 0.5), torch.ones(B, H, D)
+    S0 = torch.stack([torch.zeros(B, H, D), half, one, torch.zeros(B, H, D)], 1).double()
+    R = torch.zeros(H, D, 4, D, dtype=torch.float64)
+
+    def grads(form):
+        xs, s0 = x.clone().requires_grad_(), S0.clone().requires_grad_()
+        o, S = slstm(xs, R, forget="exp", initial_state=s0, form=form, output_final_state=True)
+        gen = torch.Generator().manual_seed(5)
+        loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+        loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
+        return torch.autograd.grad(loss, (xs, s0))
+
+    for got, want in zip(grads("fused"), grads("recurrent"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
