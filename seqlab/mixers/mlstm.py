@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from seqlab.mixers.base import LayerFlops, OpCall, State
@@ -33,7 +33,7 @@ class MLSTMConfig(RecurrentConfig):
     block size of the block-diagonal q, k, v projections."""
 
     num_heads: PositiveInt = 4
-    proj_factor: PositiveFloat = 2.0
+    proj_factor: PositiveFloat = Field(2.0, allow_inf_nan=False)
     d_conv: PositiveInt = 4
     qkv_blocksize: PositiveInt = 4
 
@@ -74,6 +74,11 @@ class MLSTM(RecurrentMixer):
         c = self.config
         self.num_heads = H = c.num_heads
         self.d_inner = E = round(c.proj_factor * d_model)
+        if E < H:  # E = 0 passed the multiple check and failed inside the conv
+            raise ValueError(
+                f"proj_factor = {c.proj_factor:g} is too small: proj_factor · d_model = "
+                f"{c.proj_factor * d_model:g} rounds to {E} < num_heads ({H})"
+            )
         if E % H or E % c.qkv_blocksize:
             raise ValueError(
                 f"proj_factor · d_model = {E} must be a multiple of num_heads ({H}) and of "

@@ -6,6 +6,7 @@ for logits in stream(model, iter(tokens), block_size=256): ...   # constant memo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,8 +17,9 @@ from seqlab.model.lm import CausalLM
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
         raise ValueError(f"temperature must be finite and ≥ 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    bad_type = isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+    if top_k is not None and (bad_type or top_k < 1):
+        raise ValueError(f"top_k must be an int ≥ 1 or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
 
@@ -33,7 +35,12 @@ def sample(
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    # A temperature so small that logits / temperature overflows acts as its limit, greedy: such
+    # rows keep only their argmax (per row, with no host read; -inf logits stay masked).
+    overflow = (scaled.isinf() & logits.isfinite()).any(-1, keepdim=True)
+    greedy = torch.full_like(scaled, float("-inf")).scatter(-1, logits.argmax(-1, keepdim=True), 0)
+    logits = torch.where(overflow, greedy, scaled)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,7 +48,9 @@ def sample(
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        # The most likely token is always kept (top_p may round to 0 in float32).
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

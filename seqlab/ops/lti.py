@@ -221,6 +221,8 @@ def _check_lmu(u, Abar, Bbar, initial_state):
     d = Bbar.shape[0] if Bbar.dim() == 1 else None
     check_shape("Bbar", Bbar, "d", (d,))
     check_shape("Abar", Abar, "dd", (d, d))
+    if d == 0:
+        raise ValueError("the memory order d must be ≥ 1, got d = 0 (Bbar has shape (0,))")
     if initial_state is not None:
         check_tensor("initial_state", initial_state)
         check_shape("initial_state", initial_state, "BHd", (Bn, H, d))

@@ -161,9 +161,8 @@ def _prepare(q, k, v, i, f, scale, eps, initial_state, check_values):
 
 
 def _readout(num, den, m, eps):
-    """h = num / (max(|den|, exp(−m)) + eps); num [..., V], den and m [...]."""
-    lo = torch.exp(-m.clamp(min=-_m_cap(m.dtype)))
-    return num / (torch.maximum(den.abs(), lo) + eps)[..., None]
+    """h = num / (max(|den|, exp(−m)) + eps); num [..., V], den and m [...] (`_denominator`)."""
+    return num / _denominator(den, m, eps)[0][..., None]
 
 
 def _recurrent(q, k, v, i, lf, S0, scale, eps):
@@ -282,8 +281,18 @@ def _groups(T, BH, C):
 
 
 def _denominator(Yn, m, eps):
-    """max(|Y_n|, lo) + eps and lo = exp(−max(m, −cap)), the readout's denominator."""
-    lo = torch.exp(-m.clamp(min=-_m_cap(m.dtype)))
+    """max(|Y_n|, lo) + eps and lo = exp(−max(m, −cap)), the readout's denominator, for every
+    form (the chunk backward reads lo too).
+
+    lo is floored at about √tiny (tiny the dtype's smallest normal; √tiny · e^0.001): where
+    exp(−m) underflowed to 0, a zero query row with eps = 0 gave 0 / 0, and √tiny rather than
+    tiny keeps den² (the chunk backward's −rr / den²) from underflowing to 0 as well. It only
+    matters where |Y_n| < √tiny too (≈ 1e-19 in float32). The floor caps m at hi =
+    −log(√tiny) − 0.001 through a detached shift, so d lo / dm stays −lo, the derivative the
+    chunk backward uses, and every form's gradient agrees; below hi the value is unchanged."""
+    m = m.clamp(min=-_m_cap(m.dtype))
+    hi = -0.5 * math.log(torch.finfo(m.dtype).tiny) - 1e-3
+    lo = torch.exp(-(m - (m - hi).clamp(min=0).detach()))
     return torch.maximum(Yn.abs(), lo) + eps, lo
 
 

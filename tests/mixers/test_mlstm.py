@@ -71,6 +71,19 @@ def test_bad_dims_raise():
         build_mixer("mlstm", 31, num_heads=4)
 
 
+@pytest.mark.parametrize("proj_factor", [0.01, 0.05])
+def test_a_proj_factor_too_small_for_the_heads_is_a_config_error(proj_factor):
+    """round(proj_factor · d_model) = 0 (or 2 < 4 heads) failed inside torch's conv."""
+    with pytest.raises(ValueError, match=rf"proj_factor = {proj_factor:g} is too small"):
+        build_mixer("mlstm", 32, num_heads=4, proj_factor=proj_factor)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_proj_factor_is_a_config_error(value):
+    with pytest.raises(ValueError, match="proj_factor: Input should be a finite number"):
+        build_mixer("mlstm", 32, proj_factor=value)
+
+
 @pytest.mark.parametrize("pattern", ["mlstm", "mlstm,attn", "mlstm*3,attn"])
 def test_patterns_build_and_run(pattern):
     from seqlab.model.lm import CausalLM, ModelConfig

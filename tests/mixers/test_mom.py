@@ -129,3 +129,11 @@ def test_top_1_weighs_by_the_router_probability():
 def test_top_k_above_the_memories_is_an_error():
     with pytest.raises(ValueError, match=r"top_k \(3\) must be at most num_memories \(2\)"):
         build_mixer("mom", 16, num_memories=2, top_k=3)
+
+
+@pytest.mark.parametrize("options", [{}, {"head_dim": 4}])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_expand_v_is_a_config_error(options, value):
+    """expand_v = inf overflowed in int(head_dim · expand_v) instead of naming the field."""
+    with pytest.raises(ValueError, match="expand_v: Input should be a finite number"):
+        build_mixer("mom", 32, expand_v=value, **options)

@@ -130,6 +130,46 @@ def test_sample_top_k_top_p_support():
         sample(logits, temperature=-1.0)
 
 
+def test_sample_overflowing_temperature_is_greedy_and_masked_logits_stay_masked():
+    """logits / 1e-40 overflows float32: it acts as its limit, greedy, instead of NaN probs."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.0], [-5.0, -1.0, float("-inf"), -3.0]])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample(logits, temperature=1e-40, generator=gen).tolist() == [1, 1]
+        assert sample(logits, temperature=1e-40, top_k=2, top_p=0.5, generator=gen).tolist() == [
+            1,
+            1,
+        ]
+    # a moderate temperature with a -inf logit is not sent to greedy: both finite tokens occur
+    row = torch.tensor([[0.0, 0.0, float("-inf")]]).expand(400, -1)
+    assert set(sample(row, temperature=0.5, generator=gen).tolist()) == {0, 1}
+
+
+def test_sample_tiny_top_p_keeps_the_most_likely_token():
+    """top_p = 1e-300 rounds to 0 in float32; the most likely token is still kept."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 5.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, top_p=1e-300, generator=gen).tolist() == [0, 2]
+    assert sample(logits, top_p=1e-3, generator=gen).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("k", [2.5, 0, -1, True, "2"])
+def test_sample_refuses_a_bad_top_k(k):
+    with pytest.raises(ValueError, match="top_k"):
+        sample(torch.zeros(2, 5), top_k=k)
+
+
+def test_generate_with_extreme_sampling_settings():
+    prompt = ids(2, 3)
+    greedy = generate(small("gdn"), prompt, max_new_tokens=3, temperature=0)
+    tiny = generate(small("gdn"), prompt, max_new_tokens=3, temperature=1e-40, seed=0)
+    assert torch.equal(tiny, greedy)
+    out = generate(small("gdn"), prompt, max_new_tokens=3, top_p=1e-300, top_k=2, seed=0)
+    assert out.shape == (2, 6)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(small("gdn"), prompt, max_new_tokens=3, top_k=2.5)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()

@@ -175,3 +175,12 @@ def test_lmu_memory_of_a_sinusoid_reconstructs_the_window():
     truth = u[T - 1 - lags.long()]
     err = (recon - truth).abs()
     assert err[5:-5].max() < 0.05, err.max()
+
+
+@pytest.mark.parametrize("form", ["recurrent", "fft"])
+def test_lmu_memory_order_zero_is_refused_by_both_forms(form):
+    """d = 0 gave an empty result (recurrent) and an MKL error (fft): a ValueError naming d."""
+    fam = family("lmu")
+    x = fam.make_inputs("default", 1, 8, 2, dtype=torch.float64, d=0)
+    with pytest.raises(ValueError, match="memory order d"):
+        fam.forms[form](**x, output_final_state=True)

@@ -168,6 +168,47 @@ def test_extreme_gates_stay_finite_and_match_the_recurrent_form(form):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["recurrent", "chunk", "parallel"])
+@pytest.mark.parametrize(("dtype", "big"), [(torch.float32, 120.0), (torch.float64, 800.0)])
+def test_eps_zero_with_an_underflowing_exp_minus_m_stays_finite(form, dtype, big):
+    """With eps = 0 and m so large that exp(−m) underflows, a zero query row gave 0 / 0 (NaN),
+    and the chunk backward NaN at it and at the last chunk's zero padding (den² = 0): the
+    readout's exp(−m) is floored at about √tiny. The forms agree forward and backward."""
+    x = {n: t.to(dtype) for n, t in inputs(1, 9, 2, 4, 3).items()}
+    x["q"][:, 3] = 0  # an all-zero query row
+    x["i"] = torch.full_like(x["i"], big)
+    x["f"] = torch.full_like(x["f"], 3.0)
+    xa, xb = leaves(x), leaves(x)
+    o, S = mlstm(**xa, eps=0.0, form=form, chunk_size=4, output_final_state=True)
+    r, R = recurrent_mlstm(**xb, eps=0.0, output_final_state=True)
+    assert torch.isfinite(o).all() and (o[:, 3] == 0).all()
+    ga, gb = grads(o, (S,), xa), grads(r, (R,), xb)
+    assert all(torch.isfinite(g).all() for g in ga)
+    tol = TOL if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-3}
+    torch.testing.assert_close(o, r, **tol)
+    torch.testing.assert_close(S, R, **tol)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_the_readout_floor_has_the_same_gradient_in_every_form():
+    """|q·n| below the floor with eps = 0: the floor takes the max's gradient (d lo / dm = −lo
+    in autograd as in the chunk backward); the forms agree to 1e-9 of each tensor's scale."""
+    x = inputs(1, 9, 2, 4, 3)
+    x["q"][:, 3] *= 1e-160  # |q·n| ≈ 1e-160, below the float64 floor √tiny ≈ 1.5e-154
+    x["i"] = torch.full_like(x["i"], 800.0)
+    x["f"] = torch.full_like(x["f"], 3.0)
+    ref = None
+    for form in ("recurrent", "chunk", "parallel"):
+        xa = leaves(x)
+        o, S = mlstm(**xa, eps=0.0, form=form, chunk_size=4, output_final_state=True)
+        got = (o, S, *grads(o, (S,), xa))
+        assert all(torch.isfinite(t).all() for t in got)
+        ref = got if ref is None else ref
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
+
+
 def test_float32_chunk_is_close_to_float64():
     x = inputs(2, 200, 2, 16, 16)
     ref = recurrent_mlstm(**x)[0]
