@@ -27,6 +27,8 @@ def parse_device(name: str, auto: bool = False) -> torch.device:
         raise ValueError(f"bad device {name!r}; use {valid}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes cpu:1 as cpu
+        raise ValueError(f"device {name!r}: there is one cpu device (cpu or cpu:0)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: no CUDA device is visible to torch here")

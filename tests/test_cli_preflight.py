@@ -98,7 +98,7 @@ def test_an_out_that_cannot_be_a_writable_folder(command, where, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "probe", "bench"])
-@pytest.mark.parametrize("device", [NO_DEVICE, "tpu", "cuda:x"])
+@pytest.mark.parametrize("device", [NO_DEVICE, "tpu", "cuda:x", "cpu:1"])
 def test_a_device_that_does_not_exist(command, device, tmp_path):
     args = {"train": TRAIN, "probe": PROBE, "bench": BENCH}[command]
     out = ["--out", str(tmp_path / "out"), *results_db(command, tmp_path)]
