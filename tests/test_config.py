@@ -49,6 +49,12 @@ def test_no_float_option_takes_nan_or_inf(value):
         build_mixer("gdn", 32, norm_eps=value)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**62, 2**70])
+def test_a_seed_torch_cannot_take_is_refused_naming_it(seed):
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig.make(seed=seed)
+
+
 def test_mixer_and_task_options_are_strict_too():
     with pytest.raises(ValueError, match="num_heads"):
         build_mixer("attn", 32, num_heads=True)

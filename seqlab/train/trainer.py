@@ -116,7 +116,8 @@ class TrainConfig(Config):
     eval_batch_size: int = Field(256, ge=1)
     eval_batches: int | None = Field(50, ge=1)  # cap for streamed held-out splits (text)
     target_accuracy: float | None = Field(None, gt=0, le=1)  # stop once "all" reaches it
-    seed: int = 0
+    # below 2^62: torch's generators take 64-bit seeds, and the data streams add offsets to it
+    seed: int = Field(0, ge=0, lt=2**62)
     device: str = "auto"  # "auto": cuda if available, else cpu
     # checkpoints; None: keep nothing on disk ("" is refused: it would mean the current folder)
     out_dir: str | None = Field(None, min_length=1)
