@@ -284,12 +284,9 @@ def _file_to_write(path: Path, flag: str) -> None:
     try:
         if path.is_dir():
             raise ValueError(f"{str(path)!r} is a folder, not a file")
-        try:
-            writable_dir(path.parent)
-        except ValueError as e:
-            raise ValueError(f"{str(path)!r} cannot be written: {e}") from None
+        writable_dir(path.parent)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=flag) from None
+        raise typer.BadParameter(f"{str(path)!r} cannot be written: {e}", param_hint=flag) from None
 
 
 def _store(path: Path | None, flag: str, read_only: bool = False):

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from seqlab.mixers.base import LayerFlops, OpCall, State
@@ -33,7 +33,7 @@ class MLSTMConfig(RecurrentConfig):
     block size of the block-diagonal q, k, v projections."""
 
     num_heads: PositiveInt = 4
-    proj_factor: PositiveFloat = Field(2.0, allow_inf_nan=False)
+    proj_factor: PositiveFloat = 2.0
     d_conv: PositiveInt = 4
     qkv_blocksize: PositiveInt = 4
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from seqlab.mixers.base import LayerFlops, OpCall, State
@@ -48,7 +48,7 @@ class MoMConfig(RecurrentConfig):
     shared_memory: bool = True
     num_heads: PositiveInt = 4
     head_dim: PositiveInt | None = None
-    expand_v: PositiveFloat = Field(1.0, allow_inf_nan=False)
+    expand_v: PositiveFloat = 1.0
     conv_size: PositiveInt = 4
     use_output_gate: bool = True
 

@@ -261,22 +261,17 @@ def verify_checkpoint(folder: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest}: missing or damaged ({type(e).__name__} {e})") from None
-
-    def well_formed(entry) -> bool:
-        return (
-            isinstance(entry, dict)
-            and type(entry.get("bytes")) is int
-            and isinstance(entry.get("sha256"), str)
-        )
-
     if not isinstance(files, dict) or set(files) != {MODEL, TRAINER}:
         raise CheckpointError(f"{manifest}: damaged (files {files!r})")
     for name, want in files.items():
-        if not well_formed(want):
+        if not (
+            isinstance(want, dict)
+            and type(want.get("bytes")) is int
+            and isinstance(want.get("sha256"), str)
+        ):
             raise CheckpointError(
                 f"{manifest}: damaged (the entry of {name} is {want!r}, expected bytes and sha256)"
             )
-    for name, want in files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
