@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from seqlab.config import Config
-from seqlab.model.lm import CausalLM, ModelConfig
+from seqlab.model.lm import ModelConfig
 from seqlab.model.pattern import layers_for
+from seqlab.profile.cost import meta_model
 from seqlab.tasks import TASKS, Task, build_task, task_config
 from seqlab.train.results import ResultsStore, run_record
 from seqlab.train.trainer import TrainConfig, Trainer, TrainResult
@@ -85,8 +85,7 @@ class ModelSpec(Config):
     @model_validator(mode="after")
     def _builds(self) -> ModelSpec:
         # On the meta device: every pattern and mixer option is checked, no memory is used.
-        with torch.device("meta"):
-            CausalLM(self.config(vocab_size=1))
+        meta_model(self.config(vocab_size=1))
         return self
 
     def config(self, vocab_size: int) -> ModelConfig:

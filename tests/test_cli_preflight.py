@@ -167,3 +167,59 @@ def test_an_empty_out_dir_is_refused(tmp_path):
     result, text = run([*TRAIN, "--set", "train.out_dir=''", "--no-record"])
     assert result.exit_code == 2, result.output
     assert "out_dir" in text
+
+
+@pytest.mark.parametrize("command", ["train", "probe", "bench"])
+def test_a_model_whose_size_overflows_is_named(command, tmp_path):
+    """A width whose weights overflow 64-bit sizes: torch's 'Storage size calculation
+    overflowed' traceback before; now an error naming the sizes, exit 2."""
+    base = {"train": TRAIN, "probe": PROBE, "bench": BENCH}[command]
+    args = [a if a != "16" else str(2**63 - 1) for a in base]  # --d-model
+    out = ["--out", str(tmp_path / "o")] + results_db(command, tmp_path)
+    result, text = run([*args, *out])
+    assert result.exit_code == 2, text
+    assert "too large to build" in text and str(2**63 - 1) in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("command", ["train", "probe"])
+def test_a_model_larger_than_free_memory_is_refused_before_it_is_built(
+    command, tmp_path, monkeypatch
+):
+    """Weights, gradients and AdamW state beyond the memory free: torch's allocator traceback
+    ('can't allocate memory') after building; now refused first, naming the sizes."""
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", lambda device: 1000)
+    built = []
+    real = __import__("seqlab.model.lm", fromlist=["CausalLM"]).CausalLM.__init__
+
+    def spy(self, config):
+        if torch.get_default_device().type != "meta":
+            built.append(config)
+        real(self, config)
+
+    monkeypatch.setattr("seqlab.model.lm.CausalLM.__init__", spy)
+    base = {"train": TRAIN, "probe": PROBE}[command]
+    out = ["--out", str(tmp_path / "o")] + results_db(command, tmp_path)
+    result, text = run([*base, *out])
+    assert result.exit_code != 0, repr(result.exception)
+    assert "more than the 0.0 GiB this machine has free" in text, text
+    assert "parameters" in text and "choose a smaller model" in text
+    assert built == []
+
+
+def test_check_model_fits_counts_four_float32_copies_and_fsdp_shards(monkeypatch):
+    from seqlab.model.lm import ModelConfig
+    from seqlab.profile.cost import meta_model, weight_bytes
+    from seqlab.train.trainer import check_model_fits
+
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, pattern="gla")
+    need = 4 * weight_bytes(meta_model(config))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", lambda device: need)
+    check_model_fits(config, cpu)  # exactly enough
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match="more than the"):
+        check_model_fits(config, cpu)
+    check_model_fits(config, cpu, shards=2)  # FSDP: half on each rank
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", lambda device: None)
+    check_model_fits(config, cpu)  # unknown free memory: no refusal

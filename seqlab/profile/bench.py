@@ -48,8 +48,15 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from seqlab.config import Config, parse_device
 from seqlab.model.lm import CausalLM, ModelConfig
-from seqlab.profile.cost import memory_bytes, meta_model, model_cost
-from seqlab.profile.measure import is_out_of_memory, memory_method, peak_memory, time_call
+from seqlab.profile.cost import memory_bytes, meta_model, model_cost, weight_bytes
+from seqlab.profile.measure import (
+    free_memory,
+    is_out_of_memory,
+    meminfo,
+    memory_method,
+    peak_memory,
+    time_call,
+)
 from seqlab.profile.peers import OpSpec, implementations, op_spec, peers_available
 
 SCHEMA = "seqlab.bench/1"
@@ -352,9 +359,12 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
     The costs and memory predictions come from the model built on the meta device; the real one
     is built only at the first length with a pass that fits, its weights (`weight_bytes`) counted
     in every pass's predicted peak, so an architecture whose weights alone are over the limit is
-    skipped with nothing allocated."""
+    skipped with nothing allocated. It is built on the device in float32, then cast: that build
+    (float32 weights, and the cast copy for another dtype) must fit the limit too."""
     meta = meta_model(config.arch_config(arch), dtype)
-    weights = _weight_bytes(meta)
+    weights = weight_bytes(meta)
+    # the build: float32 weights on the device, then (another dtype) their cast copy beside them
+    build = weight_bytes(meta_model(meta.config)) + (weights if dtype != torch.float32 else 0)
     model: CausalLM | None = None
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)
@@ -369,6 +379,10 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
         skips = {
             name: budget.check_memory((arch, name), T, memory[name], weights) for name in memory
         }
+        if model is None and not all(skips.values()):
+            reason = budget.check_memory((arch, "build"), T, None, build)
+            if reason is not None:  # every pass of every length: the model is never built
+                skips = {name: f"building the model: {reason}" for name in memory}
         if all(skips.values()):  # none fits: make no inputs (nor, before now, the model)
             for name in MODEL_PASSES:
                 point[name] = {"skipped": skips[name]}
@@ -378,7 +392,9 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
             continue
         if model is None:
             torch.manual_seed(config.seed)
-            model = CausalLM(config.arch_config(arch)).to(device=device, dtype=dtype).eval()
+            with torch.device(device):  # on the device: a GPU bench's weights never on the host
+                model = CausalLM(config.arch_config(arch))
+            model = model.to(device=device, dtype=dtype).eval()
         ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=gen).to(device)
         calls = _model_calls(model, ids)
         work = {
@@ -409,13 +425,6 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
             point["forward_flops_per_s"] = work["forward"] / fwd["median_s"]
         _add_model_point(entry, point)
         save()
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (tied ones once), e.g. of one on the meta
-    device: what building it for real allocates."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _add_model_point(entry: dict[str, Any], point: dict[str, Any]) -> None:
@@ -527,17 +536,6 @@ def _brief(m: dict[str, Any]) -> str:
     return m["skipped"] if "skipped" in m else f"{1e3 * m['median_s']:.2f} ms"
 
 
-def _meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
@@ -560,7 +558,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _meminfo("MemTotal"),
+        "memory_bytes": meminfo("MemTotal"),
         "load_average_start": os.getloadavg(),
         "device": str(device),
     }
@@ -584,10 +582,7 @@ def memory_limit(max_memory_gb: float | None, device: torch.device) -> int | Non
     machine's MemAvailable); None where neither is known."""
     if max_memory_gb is not None:
         return int(max_memory_gb * 2**30)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.6 * free)
-    available = _meminfo("MemAvailable")
+    available = free_memory(device)
     return None if available is None else int(0.6 * available)
 
 

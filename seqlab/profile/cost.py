@@ -125,9 +125,26 @@ def block_cost(block: Block, seq_len: int) -> Cost:
 
 
 def meta_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """The model of `config` on the meta device: shapes and dtypes without memory."""
-    with torch.device("meta"):
-        return CausalLM(config).to(dtype)
+    """The model of `config` on the meta device: shapes and dtypes without memory. A ValueError
+    naming the sizes where a weight's element count overflows int64 (torch's RuntimeError)."""
+    try:
+        with torch.device("meta"):
+            return CausalLM(config).to(dtype)
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        sizes = f"d_model {config.d_model}, n_layers {config.n_layers}, vocab_size "
+        raise ValueError(
+            f"the model is too large to build: a weight's size overflows 64-bit indexing "
+            f"({sizes}{config.vocab_size}, pattern {config.pattern!r}): {e}"
+        ) from None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (tied ones once), e.g. of one on the meta
+    device: what building it for real allocates."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def model_cost(

@@ -37,6 +37,28 @@ import torch
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
+def meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (MemTotal, MemAvailable); None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now on `device`: the GPU's free memory, or the machine's MemAvailable; None
+    where that is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return meminfo("MemAvailable")
+    return None
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds of the first call and of the steady-state samples after the warm-up."""

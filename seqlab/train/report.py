@@ -13,7 +13,7 @@ from rich.table import Table
 
 from seqlab.files import write_atomic
 from seqlab.train.probe import ProbeRow, human_bytes
-from seqlab.train.results import _KEY, COLUMNS, lookup
+from seqlab.train.results import COLUMNS, RECORD_KEY, lookup
 from seqlab.train.trainer import TrainResult
 
 _JSON_WORDS = {"true": True, "false": False, "null": None}
@@ -29,7 +29,7 @@ def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         last_key, _, last_text = item.rpartition("=")
-        if last_key != key and _KEY.match(last_key):
+        if last_key != key and RECORD_KEY.match(last_key):
             key, text = last_key, last_text
         if not sep or not key:
             raise ValueError(f"{what} {item!r} must read key=value")

@@ -86,7 +86,8 @@ COLUMNS = (
     ("wall s", "cost.wall_time_s"),
 )
 _SQLITE_INT = range(-(2**63), 2**63)
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_=,]+)*$")
+# A record key for --where and the report: dotted names, slice keys may hold = and ,
+RECORD_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_=,]+)*$")
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
 
@@ -472,7 +473,7 @@ class ResultsStore:
         where = {k: json.loads(json.dumps(v, default=str)) for k, v in (where or {}).items()}
         objects = {}  # dict values: their keys may be in any order, so compared in Python
         for key, value in where.items():
-            if not _KEY.match(key):
+            if not RECORD_KEY.match(key):
                 raise ValueError(f"where: {key!r} is not a dotted key like train.lr")
             path = "$" + "".join(f'."{part}"' for part in key.split("."))
             if isinstance(value, bool):

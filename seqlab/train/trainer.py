@@ -57,6 +57,8 @@ from seqlab.mixers import MIXERS
 from seqlab.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seqlab.model.lm import CausalLM, ModelConfig
 from seqlab.parallel.model import local_slice, refuse_unsplittable, split_sequence, whole_sequence
+from seqlab.profile.cost import meta_model, weight_bytes
+from seqlab.profile.measure import free_memory
 from seqlab.tasks import IGNORE, SyntheticTask, Task, bits_per_byte, evaluate_slices
 from seqlab.train.distributed import Distributed, World, full, local_tensors
 from seqlab.train.tracking import check_tracking, open_run_log
@@ -417,6 +419,9 @@ class Trainer:
 
     def build(self) -> None:
         model_config, config = self.model_config, self.config
+        check_model_fits(
+            model_config, self.device, self.world.size if config.distributed == "fsdp" else 1
+        )
         seed_everything(config.seed)  # the same initial weights on every rank
         self.model = CausalLM(model_config).to(self.device)
         if self.world.sequence_group is not None:
@@ -955,6 +960,30 @@ class Trainer:
     def reached_target(self, metrics: dict[str, float]) -> bool:
         target = self.config.target_accuracy
         return target is not None and metrics.get("all", 0.0) >= target
+
+
+# Float32 copies of the weights training holds: the weights, their gradients and AdamW's two
+# moments.
+TRAINING_COPIES = 4
+
+
+def check_model_fits(model_config: ModelConfig, device: torch.device, shards: int = 1) -> None:
+    """A ValueError, before the model is built, when its weights, gradients and AdamW state
+    (`TRAINING_COPIES` float32 copies, counted on the meta device; split over `shards` FSDP
+    ranks) exceed the memory free on `device`; also when a weight's size overflows (meta_model).
+    Activations come on top: passing this is necessary, not sufficient."""
+    meta = meta_model(model_config)
+    params = sum(p.numel() for p in meta.parameters())
+    need = TRAINING_COPIES * weight_bytes(meta) // max(1, shards)
+    free = free_memory(device)
+    if free is not None and need > free:
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        raise ValueError(
+            f"the model has {params:,} parameters: its weights, gradients and AdamW state take "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB {where} has free "
+            f"(d_model {model_config.d_model}, n_layers {model_config.n_layers}, vocab_size "
+            f"{model_config.vocab_size}); choose a smaller model"
+        )
 
 
 def check_sequence_split(model_config: ModelConfig, n: int) -> None:

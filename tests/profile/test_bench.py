@@ -355,6 +355,31 @@ def test_an_architecture_whose_weights_are_over_the_limit_is_skipped_unbuilt(mon
         assert point["predicted_peak_bytes"]["forward"] > 0, T
 
 
+def test_the_float32_build_of_a_bfloat16_model_counts_before_it_is_built(monkeypatch):
+    """A bfloat16 bench builds the model in float32 and casts it: for a moment 3x the bf16
+    weights. Where the bf16 weights and the passes fit but that build does not, every pass is
+    skipped naming the build, and nothing is allocated (the build once took 2x the counted
+    weights on the host)."""
+    import seqlab.profile.bench as bench
+
+    def never_built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(bench, "CausalLM", never_built)
+    config = BenchConfig.make(
+        archs=("attn",), seq_lens=(8, 16), d_model=4096, n_layers=1, level="model", repeats=1,
+        warmup=0, decode_repeats=1, max_memory_gb=1, dtype="bfloat16",
+    )  # fmt: skip
+    (model,) = run_bench(config)["models"]
+    weights = model["weight_bytes"]
+    assert 0.34 * 2**30 < weights < 0.5 * 2**30  # bf16 weights alone fit, 3x do not
+    for point in model["points"]:
+        for name in MODEL_PASSES:
+            reason = point[name]["skipped"]
+            assert reason.startswith("building the model: predicted "), reason
+            assert "GiB > max 1.0 GiB (at T = 8)" in reason
+
+
 def test_the_weights_count_in_the_predicted_and_the_extrapolated_peak():
     budget = _Budget(max_seconds=30, max_bytes=100)
     assert budget.check_memory("a", 8, 60, held_bytes=40) is None
