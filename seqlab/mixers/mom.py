@@ -21,6 +21,8 @@ The router has no load-balancing loss: a token mixer returns (y, state), no auxi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -41,7 +43,8 @@ class MoMConfig(RecurrentConfig):
     """num_memories M routed memories, top_k of them per token, plus a shared one when
     `shared_memory`; heads of head_dim keys (d_model / num_heads unset) and head_dim · expand_v
     values per memory; conv_size: the short causal conv on q and every memory's k, v;
-    use_output_gate: o ⊙ swish(W_g x) after the per-head norm."""
+    use_output_gate: o ⊙ swish(W_g x) after the per-head norm. top_k unset: 2, or num_memories
+    where that is 1 (so that "mom(num_memories=1)" builds)."""
 
     num_memories: PositiveInt = 4
     top_k: PositiveInt = 2
@@ -51,6 +54,14 @@ class MoMConfig(RecurrentConfig):
     expand_v: PositiveFloat = 1.0
     conv_size: PositiveInt = 4
     use_output_gate: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_top_k(cls, data: Any) -> Any:
+        """One memory and no top_k: top_k = 1 (the default 2 would exceed it)."""
+        if isinstance(data, dict) and "top_k" not in data and data.get("num_memories") == 1:
+            return {**data, "top_k": 1}
+        return data
 
     @model_validator(mode="after")
     def _top_k_fits(self):
@@ -108,14 +119,25 @@ class MoM(RecurrentMixer):
         """Weights [B, T, G] of each memory for each token: the router's softmax probabilities at
         the top-k memories, renormalised to sum to 1 when k > 1 (with k = 1 the probability
         itself, so that the router learns), 0 elsewhere, and 1 for the shared memory (last)."""
-        probs = self.router(x).softmax(-1)
-        top, idx = probs.topk(self.config.top_k, dim=-1)
+        return self._route(x)[0]
+
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(`route`'s weights, the chosen memories [B, T, G] as a bool mask). The mask is the
+        top-k choice of the logits itself, not `weights > 0`: a chosen memory whose probability
+        underflows to 0 (router logits far apart) still takes the token."""
+        logits = self.router(x)
+        probs = logits.softmax(-1)
+        # chosen by the logits: probabilities that underflow to 0 tie, their logits do not
+        idx = logits.topk(self.config.top_k, dim=-1).indices
+        top = probs.gather(-1, idx)
         if self.config.top_k > 1:  # renormalised over the chosen (one would be 1: no gradient)
             top = top / top.sum(-1, keepdim=True)
         w = torch.zeros_like(probs).scatter(-1, idx, top)
+        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, True)
         if self.config.shared_memory:
             w = torch.cat([w, w.new_ones(*w.shape[:-1], 1)], -1)
-        return w
+            chosen = torch.cat([chosen, chosen.new_ones(*chosen.shape[:-1], 1)], -1)
+        return w, chosen
 
     def op_call(self) -> OpCall:
         dims = {"K": self.head_k, "V": self.head_v}
@@ -144,8 +166,8 @@ class MoM(RecurrentMixer):
         q, k, v = qkv.split(self.widths, dim=-1)
         q = rearrange(q, "b t (h d) -> b t h d", h=H).repeat(1, 1, G, 1)  # one query, G groups
         k, v = (rearrange(t, "b t (gh d) -> b t gh d", gh=G * H) for t in (k, v))
-        w = self.route(x)  # [B, T, G]
-        routed = (w > 0).repeat_interleave(H, dim=-1)  # [B, T, G·H]: memory-major heads
+        w, chosen = self._route(x)  # [B, T, G]
+        routed = chosen.repeat_interleave(H, dim=-1)  # [B, T, G·H]: memory-major heads
         beta = self.b_proj(x).sigmoid() * routed  # β = 0 and decay 1: an untouched memory
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias) * routed
         o, S = delta_rule(

@@ -202,6 +202,11 @@ class RWKV7(RecurrentMixer):
         the first rwkv7 layer stores its v [B, T, D] there as "v_first", later ones read it."""
         B, T, D = x.shape
         H, K = self.num_heads, self.head_dim
+        if state is not None and tuple(state["shift"].shape) != (B, D):
+            raise ValueError(
+                f"the shift state has shape {tuple(state['shift'].shape)}, expected [B, D] = "
+                f"{[B, D]}"
+            )
         prev = x.new_zeros(B, 1, D) if state is None else state["shift"][:, None].to(x.dtype)
         delta = torch.cat([prev, x[:, :-1]], 1) - x
         xr, xw, xk, xv, xa, xg = (x.addcmul(delta, m) for m in self.mix.unbind(0))
@@ -239,7 +244,8 @@ class RWKV7(RecurrentMixer):
         o = self.g_norm(o.reshape(B * T, D)).view(B, T, D)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * vh  # the current token's own v
         y = self.o_proj((o + bonus.view(B, T, D)) * g)
-        return y, {"S": S, "shift": x[:, -1]}
+        # a copy: a view of x would keep the whole input alive as long as the state is held
+        return y, {"S": S, "shift": x[:, -1].clone()}
 
     def flops(self, T: int) -> LayerFlops:
         """Per token: the r, k, v, o projections and the decay, ICLR and gate LoRAs, and a later

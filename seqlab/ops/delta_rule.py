@@ -258,7 +258,8 @@ def _chunk_core(q, k, v, beta, g, S0, scale, chunk_size, parallel=False):
             else:
                 torch.mul(states[n], dec[n], out=S_next)
                 torch.baddbmm(S_next, kdt_n[n], U, out=S_next)
-        U, S, starts = U_pre, states[N], states[:N].view(-1, K, V)
+        # S_N copied out of the buffer: a view would keep every chunk's state alive
+        U, S, starts = U_pre, states[N].clone(), states[:N].view(-1, K, V)
     else:  # the affine map of each chunk batched: one [K, K] @ [K, V] product per step
         P = (kdt @ W).neg_()  # γ_{C-1} I − K̃ᵀ W once the diagonal is added
         P.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay is None else decay)
