@@ -114,7 +114,11 @@ class CausalLM(nn.Module):
                     else build_channel_mixer(c.name, D, **config.layer_options(c, norm=False))
                 )
             except (ValueError, TypeError) as e:
-                raise ValueError(f"layer {i} ({m}): {e}") from None
+                # torch's own errors carry a C++ location after the message: the message only
+                text = str(e).split("\nException raised from")[0].strip()
+                if "overflow" in text.lower():
+                    text = f"a size overflows 64-bit indexing (an option too large): {text}"
+                raise ValueError(f"layer {i} ({m}): {text}") from None
             self.blocks.append(Block(D, mixer, channel, config.norm_eps))
         self.norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.head = nn.Linear(D, config.vocab_size, bias=False)

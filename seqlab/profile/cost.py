@@ -131,7 +131,7 @@ def meta_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Causa
         with torch.device("meta"):
             return CausalLM(config).to(dtype)
     except RuntimeError as e:
-        if "overflow" not in str(e):
+        if "overflow" not in str(e).lower():
             raise
         sizes = f"d_model {config.d_model}, n_layers {config.n_layers}, vocab_size "
         raise ValueError(

@@ -228,6 +228,25 @@ def test_bad_config_and_input():
         model(torch.zeros(1, 3))
 
 
+@pytest.mark.parametrize("pattern", ["mlstm(proj_factor=1e30)", "gdn(expand_v=1e30)"])
+def test_a_layer_option_too_large_names_the_layer_and_the_overflow(pattern):
+    """Options whose sizes overflow int64: the error names the layer and the overflow, with no
+    C++ location from torch after it (it carried 'Exception raised from THPUtils_unpackLong')."""
+    config = ModelConfig(vocab_size=10, d_model=16, n_layers=1, pattern=pattern)
+    with pytest.raises(ValueError, match=r"layer 0 .*overflows 64-bit indexing") as e:
+        with torch.device("meta"):
+            CausalLM(config)
+    assert "Exception raised from" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sizes_that_overflow_are_a_value_error_naming_them():
+    from seqlab.profile.cost import meta_model
+
+    config = ModelConfig(vocab_size=10, d_model=2**63 - 1, n_layers=1, pattern="gla")
+    with pytest.raises(ValueError, match=r"too large to build.*d_model 9223372036854775807"):
+        meta_model(config)
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = small("gdn*3,attn", channel="moe(num_experts=4, top_k=2)")
     path = save_checkpoint(model, tmp_path / "m.safetensors")
