@@ -268,6 +268,15 @@ def _device(name: str, auto: bool = True) -> None:
         raise typer.BadParameter(str(e), param_hint="--device") from None
 
 
+def _threads(threads: int | None) -> None:
+    """Use `threads` torch CPU threads (None: torch's default); fewer than 1 is an error."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise typer.BadParameter(f"must be ≥ 1, got {threads}", param_hint="--threads")
+    torch.set_num_threads(threads)
+
+
 def _out_dir(path: Path) -> None:
     from seqlab.files import writable_dir
 
@@ -378,6 +387,8 @@ def plot(
         raise _fail(ValueError(f"--label given {len(label)} times for {len(runs)} runs"))
     if not out.parent.exists():
         raise _fail(ValueError(f"--out {out}: folder {out.parent} does not exist"))
+    if out.is_dir():
+        raise _fail(ValueError(f"--out {out} is a folder; give the PNG file to write"))
     names = label or [f"{d['label']} ({Path(r).name})" for d, r in zip(data, runs, strict=True)]
     path = plot_curves(data, out, names)
     console.print(f"wrote {path}")
@@ -533,6 +544,7 @@ def train(
         typer.echo(experiment_to_toml(cfg), nl=False)
         return
     # everything the run will need, checked before it starts
+    _threads(threads)
     _device(cfg.train.device)
     try:
         check_tracking(cfg.train)
@@ -541,8 +553,6 @@ def train(
     if cfg.train.out_dir is not None and main:
         _out_dir(Path(cfg.train.out_dir))
     store = _store(results, "--results") if record and main else None
-    if threads:
-        torch.set_num_threads(threads)
 
     def show(result) -> None:
         if not main:
@@ -700,11 +710,10 @@ def probe(
         if "pattern" in data.get("model", {})
         else ["attn", "gdn", "gdn*3,attn"]
     )
+    _threads(threads)
     _device(base.train.device)
     _out_dir(out)
     store = _store(results, "--results") if record else None
-    if threads:
-        torch.set_num_threads(threads)
     try:
         rows = probe_experiments(
             base,

@@ -67,19 +67,25 @@ def generate(
     seed: int | None = None,
 ) -> torch.Tensor:
     """prompt [B, T] → [B, T + max_new_tokens]; seeded sampling is reproducible."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise ValueError(f"max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
+    if seed is not None and (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not -(2**63) <= seed < 2**64  # what torch.Generator.manual_seed takes
+    ):
+        raise ValueError(f"seed must be an int in [-2^63, 2^64) or None, got {seed!r}")
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [B, T] with T ≥ 1, got shape {tuple(prompt.shape)}")
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=prompt.device).manual_seed(seed)
+        generator = torch.Generator(device=prompt.device).manual_seed(int(seed))
     out = model(prompt)
     tokens = [prompt]
-    for _ in range(max_new_tokens):
+    for _ in range(int(max_new_tokens)):
         nxt = sample(out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]
         tokens.append(nxt)
         out = model(nxt, state=out.state, check_ids=False)  # sampled: in range, no host read

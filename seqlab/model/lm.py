@@ -31,9 +31,10 @@ from seqlab.model.pattern import LayerSpec, expand_pattern
 
 
 class ModelConfig(Config):
-    vocab_size: int = Field(gt=0)
-    d_model: int = Field(default=128, gt=0)
-    n_layers: int = Field(default=2, gt=0)
+    # Below 2^63: torch takes sizes as 64-bit ints (a larger one failed inside torch.empty).
+    vocab_size: int = Field(gt=0, lt=2**63)
+    d_model: int = Field(default=128, gt=0, lt=2**63)
+    n_layers: int = Field(default=2, gt=0, lt=2**63)
     # Token mixers, e.g. "gdn*3,attn" or "gla(expand_k=0.5)*2,attn(window=256)".
     pattern: str = "attn"
     # Channel mixers in the same syntax, e.g. "moe(num_experts=8)"; None: no channel mixer.
@@ -48,6 +49,11 @@ class ModelConfig(Config):
     def channel_specs(self) -> list[LayerSpec | None]:
         if self.channel is None:
             return [None] * self.n_layers
+        if not self.channel.strip():  # parse_pattern's error would name the token mixers' pattern
+            raise ValueError(
+                "channel must be a channel mixer pattern like 'swiglu', or None (\"none\" in "
+                f"TOML) for no channel mixer, got {self.channel!r}"
+            )
         return expand_pattern(self.channel, self.n_layers)
 
     def layer_options(self, spec: LayerSpec, norm: bool) -> dict:

@@ -34,9 +34,12 @@ def parse_options(items: Sequence[str], what: str = "option") -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"{what} {item!r} must read key=value")
         try:
-            options[key] = ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            options[key] = _JSON_WORDS.get(text, text)
+            value = _JSON_WORDS.get(text, text)
+        if key in options and options[key] != value:  # which one was meant is not ours to guess
+            raise ValueError(f"{what} {key} given twice: {options[key]!r} and {value!r}")
+        options[key] = value
     return options
 
 

@@ -253,7 +253,10 @@ def parse_since(since: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     if m := _AGE.match(since.strip()):
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m[2]]
-        return now - timedelta(**{unit: float(m[1])})
+        try:
+            return now - timedelta(**{unit: float(m[1])})
+        except OverflowError:  # an age before year 1: every run is that recent
+            return datetime.min.replace(tzinfo=UTC)
     try:
         when = datetime.fromisoformat(since.strip())
     except ValueError:
@@ -458,6 +461,10 @@ class ResultsStore:
     ) -> list[dict[str, Any]]:
         """Records, oldest first. `arch` matches the pattern exactly; `where` maps dotted paths
         into the record (e.g. "train.lr", "model.d_model", "tags.probe") to required values."""
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ValueError(f"limit: expected a whole number ≥ 0, got {limit!r}")
         clauses, params = [], []
         if task is not None:
             clauses.append("task = ?")

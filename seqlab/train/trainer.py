@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -107,16 +107,22 @@ class TrainConfig(Config):
     model_config = ConfigDict(allow_inf_nan=False)  # an Inf lr or NaN decay fails here, not later
 
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    # Sizes below 2^63: torch takes them as 64-bit ints (larger ones failed at the first batch,
+    # or at the first evaluation, after the training before it).
+    batch_size: int = Field(64, ge=1, lt=2**63)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the lr decays to lr · min_lr_ratio at `steps`
     weight_decay: float = Field(0.1, ge=0)  # on matrices only, not on gains, biases or gates
-    betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW's moment decays, each in [0, 1) (torch refused others only when the optimizer was made)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
     eval_every: int = Field(100, ge=1)  # also the checkpoint interval
-    eval_batch_size: int = Field(256, ge=1)
-    eval_batches: int | None = Field(50, ge=1)  # cap for streamed held-out splits (text)
+    eval_batch_size: int = Field(256, ge=1, lt=2**63)
+    eval_batches: int | None = Field(50, ge=1, lt=2**63)  # cap for streamed held-out splits (text)
     target_accuracy: float | None = Field(None, gt=0, le=1)  # stop once "all" reaches it
     # below 2^62: torch's generators take 64-bit seeds, and the data streams add offsets to it
     seed: int = Field(0, ge=0, lt=2**62)
@@ -328,6 +334,29 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def task_signature(task: Task) -> dict[str, Any]:
     return {"class": type(task).__name__, "config": task.config.model_dump(mode="json")}
+
+
+def differences(prefix: str, theirs: Any, ours: Any) -> list[str]:
+    """ "prefix.key: checkpoint X, now Y" for each dotted key where two settings differ (a key
+    one side lacks differs, whatever the other holds)."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [
+            d
+            for k in dict.fromkeys([*ours, *theirs])
+            for d in differences(
+                f"{prefix}.{k}",
+                theirs[k] if k in theirs else _Absent(),
+                ours[k] if k in ours else _Absent(),
+            )
+        ]
+    if type(theirs) is _Absent or type(ours) is _Absent or theirs != ours:
+        return [f"{prefix}: checkpoint {theirs!r}, now {ours!r}"]
+    return []
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
 
 
 def progress_bar(show: bool) -> Progress:
@@ -745,10 +774,10 @@ class Trainer:
             for k, v in ours.items()
             if k not in RESUMABLE_CHANGES and theirs.get(k) != v
         ]
-        if state["model_config"] != self.model_config.model_dump(mode="json"):
-            diffs.append(f"model: checkpoint {state['model_config']}, now {self.model_config}")
-        if state["task"] != task_signature(self.task):
-            diffs.append(f"task: checkpoint {state['task']}, now {task_signature(self.task)}")
+        diffs += differences(
+            "model", state["model_config"], self.model_config.model_dump(mode="json")
+        )
+        diffs += differences("task", state["task"], task_signature(self.task))
         if diffs:
             raise ValueError(
                 f"{self.config.out_dir} holds a checkpoint of a different run; use another "

@@ -74,7 +74,9 @@ class EventLog:
     def __init__(self, folder: Path, resumed_at: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at else None)
+        # Purged from resumed_at + 1 on, also for a run that starts at step 0: events that a
+        # process killed before its first checkpoint logged are not this run's (steps from 1).
+        self.writer = SummaryWriter(str(folder), purge_step=resumed_at + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -117,12 +119,35 @@ def read_curves(run: str | Path) -> dict[str, Any]:
         )
     try:
         data = json.loads(path.read_text())
-        evaluations = data["evaluations"]
-        for e in evaluations:
-            e["step"], e["metrics"]  # noqa: B018 (the keys a plot needs)
+        check_curves(data)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: damaged curves file ({type(e).__name__}: {e})") from None
     return data
+
+
+def _number(x: Any) -> bool:
+    return x is None or (isinstance(x, int | float) and not isinstance(x, bool))
+
+
+def check_curves(data: Any) -> None:
+    """A ValueError naming the first thing a plot cannot use: curves as `write_curves` writes
+    them (a label, at least one evaluation, integer steps, numbers or null as values)."""
+    if not isinstance(data, dict) or not isinstance(data.get("label"), str):
+        raise ValueError("expected an object with a text label and a list of evaluations")
+    evaluations = data.get("evaluations")
+    if not isinstance(evaluations, list) or not evaluations:
+        raise ValueError(f"evaluations is {evaluations!r}, expected a non-empty list")
+    for i, e in enumerate(evaluations):
+        if not isinstance(e, dict):
+            raise ValueError(f"evaluation {i} is {e!r}, not an object")
+        if isinstance(e.get("step"), bool) or not isinstance(e.get("step"), int):
+            raise ValueError(f"evaluation {i}: step is {e.get('step')!r}, not an integer")
+        if not isinstance(e.get("metrics"), dict):
+            raise ValueError(f"evaluation {i}: metrics is {e.get('metrics')!r}, not an object")
+        values = {**{k: e.get(k) for k in ("wall_time_s", "train_loss")}, **e["metrics"]}
+        for k, v in values.items():
+            if not _number(v):
+                raise ValueError(f"evaluation {i}: {k} is {v!r}, not a number")
 
 
 def held_out_metric(runs: list[dict[str, Any]]) -> str:
