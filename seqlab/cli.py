@@ -568,8 +568,10 @@ def train(
         result, run = run_experiment(cfg, store=store, on_result=show)
     except ValueError as e:
         raise _fail(e) from None
-    if run is not None:
+    if run is not None and run["new"]:
         console.print(f"recorded run {run['id']} in {store.path}")
+    elif run is not None:
+        console.print(f"not recorded again: {store.path} holds this run as {run['id']}")
     if result.stop_reason == "non_finite":
         raise typer.Exit(1)
 
@@ -713,6 +715,8 @@ def probe(
     _threads(threads)
     _device(base.train.device)
     _out_dir(out)
+    for suffix in ("png", "csv"):  # written after every arch has trained
+        _file_to_write(out / f"probe-{base.task.name}.{suffix}", "--out")
     store = _store(results, "--results") if record else None
     try:
         rows = probe_experiments(

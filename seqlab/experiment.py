@@ -275,7 +275,10 @@ def run_experiment(
     """Train `cfg` (resuming from cfg.train.out_dir when it holds a checkpoint), call
     `on_result(result)`, then record the run in `store` with the config under "experiment" and
     `extra` merged in (e.g. {"tags": {...}}). Returns the result and the record with its id (None
-    without a store). `task`: cfg.task already built, to share one among runs."""
+    without a store), and "new": False where nothing was recorded because the run had already
+    finished in its out_dir (nothing trained now) and `store` holds its record (a repeated
+    command would count the run twice). `task`: cfg.task already built, to share one among
+    runs."""
     task = task if task is not None else cfg.task.build()
     model_config = cfg.model_config_for(task.vocab_size)
     result = Trainer(model_config, task, cfg.train).run()
@@ -283,9 +286,14 @@ def run_experiment(
         on_result(result)
     if store is None:
         return result, None
+    if cfg.train.out_dir is not None and result.resumed_from == result.step:
+        where = {"train.out_dir": cfg.train.out_dir, "metrics.steps": result.step}
+        where |= {"model.pattern": model_config.pattern, "task.name": cfg.task.name}
+        if earlier := store.runs(where=where):
+            return result, {**earlier[-1], "new": False}
     record = run_record(cfg.task.name, task, model_config, cfg.train, result, cfg.task.preset)
     record = merge(merge(record, {"experiment": cfg.model_dump(mode="json")}), extra or {})
-    return result, {"id": store.add(record), **record}
+    return result, {"id": store.add(record), **record, "new": True}
 
 
 def accepts_none(annotation: Any) -> bool:

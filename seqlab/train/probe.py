@@ -20,7 +20,7 @@ from seqlab.experiment import ExperimentConfig, experiment_from_dict, run_experi
 from seqlab.files import write_atomic
 from seqlab.model.pattern import layers_for  # noqa: F401 (re-exported: it lived here)
 from seqlab.train.results import ResultsStore
-from seqlab.train.trainer import TrainConfig, TrainResult
+from seqlab.train.trainer import TrainConfig, TrainResult, check_model_fits, resolve_device
 
 
 @dataclass
@@ -88,6 +88,12 @@ def probe_experiments(
         except ValueError as e:
             raise ValueError(f"arch {arch!r}: {e}") from None
     task = base.task.build()
+    device = resolve_device(base.train.device)
+    for arch, config in zip(archs, configs, strict=True):  # every model fits, before any trains
+        try:
+            check_model_fits(config.model_config_for(task.vocab_size), device)
+        except ValueError as e:
+            raise ValueError(f"arch {arch!r}: {e}") from None
     extra = {"tags": {"probe": base.task.name, "archs": list(archs)}}
     rows = []
     for config in configs:

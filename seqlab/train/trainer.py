@@ -834,6 +834,8 @@ class Trainer:
             self.restore(folder)
             log.info("resumed from %s at step %d", folder, self.step)
         stop_reason, message = "steps", f"trained {c.steps} steps"
+        if folder is not None and self.step >= c.steps:
+            message = f"{c.out_dir} had already trained {self.step} steps; nothing trained now"
         if self.history and self.reached_target(self.history[-1]["metrics"]):
             stop_reason, message = "target_accuracy", "the checkpoint had reached the target"
         if self.world.is_main:

@@ -196,3 +196,62 @@ def test_an_empty_channel_pattern_is_named_as_the_channel():
     # 'gdn*3,attn'", with model.pattern set and model.channel the one at fault
     with pytest.raises(ExperimentError, match="channel must be a channel mixer pattern"):
         load_experiment(overrides=['model.channel=""'])
+
+
+def test_a_finished_run_repeated_is_not_recorded_twice(tmp_path):
+    """The same `train` command twice in one --out: the second resumed at the last step and
+    trained nothing, yet said 'trained 4 steps' and added a second record of the same run
+    (counted twice by any aggregation). Now it says nothing was trained and records nothing."""
+    from typer.testing import CliRunner
+
+    from seqlab.cli import app
+    from seqlab.train.results import ResultsStore
+    from tests.train.conftest import TINY_MQAR_ARGS
+
+    args = ["train", "--task", "mqar", *(a for o in TINY_MQAR_ARGS for a in ("--task-option", o))]
+    args += ["--arch", "gla", "--d-model", "16", "--n-layers", "1", "--steps", "4"]
+    args += ["--eval-every", "2", "--batch-size", "4", "--no-progress"]
+    args += ["--out", str(tmp_path / "run"), "--results", str(tmp_path / "r.db")]
+    texts = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, args, terminal_width=200)
+        assert result.exit_code == 0, result.output
+        texts.append(" ".join(result.output.split()))
+    (run,) = ResultsStore(tmp_path / "r.db", read_only=True).runs()
+    assert f"recorded run {run['id']}" in texts[0]
+    assert "had already trained 4 steps; nothing trained now" in texts[1]
+    assert f"not recorded again: {tmp_path / 'r.db'} holds this run as {run['id']}" in texts[1]
+
+
+def test_probe_refuses_a_model_too_large_and_an_unwritable_table_before_training(
+    tmp_path, monkeypatch
+):
+    """probe trained every earlier arch before a later one failed to fit in memory, and wrote
+    its PNG and CSV only after all of them (a folder in their place failed at the end)."""
+    from typer.testing import CliRunner
+
+    from seqlab.cli import app
+    from tests.train.conftest import TINY_MQAR_ARGS
+
+    def work(*args, **kwargs):
+        raise AssertionError("training started before the checks")
+
+    monkeypatch.setattr("seqlab.train.trainer.Trainer.run", work)
+    args = ["probe", "--task", "mqar", *(a for o in TINY_MQAR_ARGS for a in ("--task-option", o))]
+    args += ["--steps", "2", "--batch-size", "4", "--d-model", "16", "--no-progress"]
+    args += ["--arch", "gla", "--arch", "attn", "--no-record", "--out", str(tmp_path / "p")]
+    calls = []
+
+    def free_memory(device):  # unknown for the first arch, 1000 bytes for the second
+        calls.append(device)
+        return None if len(calls) == 1 else 1000
+
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", free_memory)
+    result = CliRunner().invoke(app, args, terminal_width=250)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "arch 'attn'" in text and "more than the" in text, text
+    (tmp_path / "p" / "probe-mqar.png").mkdir(parents=True)
+    monkeypatch.setattr("seqlab.train.trainer.free_memory", lambda device: None)
+    result = CliRunner().invoke(app, args, terminal_width=250)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "probe-mqar.png" in text and "is a folder" in text, text
