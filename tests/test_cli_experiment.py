@@ -113,11 +113,11 @@ def test_flags_override_the_file_and_set_overrides_the_flags(tmp_path):
 
 def test_set_reaches_fields_no_flag_has(tmp_path):
     sets = ["train.eval_batches=7", "train.min_lr_ratio=0.5", "train.grad_clip=none"]
-    sets += ["train.betas=[0.9,0.99]", "model.norm_eps=1e-6", "task.options.num_kv_pairs=2"]
+    sets += ["train.betas=[0.9,0.99]", "model.norm_eps=1e-6", "task.options.power_a=0.5"]
     data = dumped(["train", *(a for s in sets for a in ("--set", s))])
     assert data["train"]["eval_batches"] == 7 and data["train"]["min_lr_ratio"] == 0.5
     assert data["train"]["grad_clip"] == "none" and data["train"]["betas"] == [0.9, 0.99]
-    assert data["model"]["norm_eps"] == 1e-6 and data["task"]["options"]["num_kv_pairs"] == 2
+    assert data["model"]["norm_eps"] == 1e-6 and data["task"]["options"]["power_a"] == 0.5
 
 
 @pytest.mark.parametrize("command", ["train", "probe"])

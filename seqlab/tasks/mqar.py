@@ -9,7 +9,7 @@ key and its target is the paired value; every other target is IGNORE. Query gaps
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from seqlab.config import Config
@@ -32,6 +32,28 @@ class MQARConfig(Config):
     power_a: float = Field(0.01, gt=0, le=1)
     random_non_queries: bool = True  # fill the non-query gaps with random tokens (zoology default)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _no_unused_setting(self) -> MQARConfig:
+        """A setting the mixes replace, given explicitly, is an error: `seq_len = 256` under the
+        cpu preset (whose mixes are all at 64) trained at 64 with no word."""
+        unused = [
+            name
+            for name, used in (
+                ("seq_len", not (self.train_mix and self.test_mix)),
+                ("num_kv_pairs", not (self.train_mix and self.test_mix)),
+                ("num_train", not self.train_mix),
+                ("num_test", not self.test_mix),
+            )
+            if name in self.model_fields_set and not used
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} would be unused: train_mix and test_mix (set here or by the "
+                "preset) list every (seq_len, num_kv_pairs, num_examples); set the mixes instead, "
+                "or use no preset and no mixes"
+            )
+        return self
 
 
 def distinct(gen: torch.Generator, n: int, k: int, low: int, high: int) -> Tensor:

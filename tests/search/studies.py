@@ -22,7 +22,7 @@ DISTRIBUTIONS = {
 
 def config_for(pattern: str, lr: float) -> dict[str, Any]:
     return {
-        "task": {"name": "mqar", "preset": "cpu", "options": {"num_kv_pairs": 8}},
+        "task": {"name": "mqar", "preset": "cpu", "options": {"power_a": 0.02}},
         "model": {"pattern": pattern, "d_model": 64, "n_layers": 4},
         "train": {"lr": lr, "steps": 300, "betas": [0.9, 0.95]},
     }

@@ -101,3 +101,23 @@ def test_the_defaults_and_presets_are_zoology_settings():
 def test_impossible_settings_fail_clearly(options, message):
     with pytest.raises(ValueError, match=message):
         build_task("mqar", **options)
+
+
+@pytest.mark.parametrize(
+    "preset, options, unused",
+    [
+        ("cpu", {"seq_len": 256}, "seq_len"),  # trained at the preset's 64 with no word
+        ("cpu", {"num_kv_pairs": 32, "num_test": 10}, "num_kv_pairs, num_test"),
+        ("paper", {"num_train": 5}, "num_train"),
+        (None, {"train_mix": ((64, 4, 10),), "num_train": 5}, "num_train"),
+    ],
+)
+def test_a_setting_the_mixes_replace_is_an_error(preset, options, unused):
+    with pytest.raises(ValueError, match=f"{unused} would be unused: train_mix and test_mix"):
+        build_task("mqar", preset=preset, **options)
+
+
+def test_settings_the_mixes_leave_in_use_are_taken():
+    task = build_task("mqar", train_mix=((64, 4, 10),), seq_len=32, num_kv_pairs=2, num_test=7)
+    assert task.mix("test") == ((32, 2, 7),)  # one mix set: the other split's single setting
+    assert build_task("mqar", preset="cpu", vocab_size=512).vocab_size == 512
