@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from seqlab.config import Config
 from seqlab.model.lm import ModelConfig
-from seqlab.model.pattern import layers_for
+from seqlab.model.pattern import MAX_LAYERS, layers_for
 from seqlab.profile.cost import meta_model
 from seqlab.tasks import TASKS, Task, build_task, task_config
 from seqlab.train.results import ResultsStore, run_record
@@ -75,7 +75,9 @@ class ModelSpec(Config):
     model_config = ConfigDict(allow_inf_nan=False)
 
     d_model: int = Field(64, gt=0)
-    n_layers: int | None = Field(None, gt=0)  # None: 2, or the pattern's length rounded up to it
+    n_layers: int | None = Field(
+        None, gt=0, le=MAX_LAYERS
+    )  # None: 2, or the pattern's length rounded up to it
     pattern: str = "attn"
     channel: str | None = "swiglu"
     norm_eps: float = Field(1e-5, gt=0)

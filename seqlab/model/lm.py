@@ -27,14 +27,14 @@ from seqlab.config import Config
 from seqlab.init_policy import INIT_STD, NORM_EPS, depth_scaled_std
 from seqlab.mixers import MIXERS, build_mixer
 from seqlab.mixers.base import State, TokenMixer, copy_state
-from seqlab.model.pattern import LayerSpec, expand_pattern
+from seqlab.model.pattern import MAX_LAYERS, LayerSpec, expand_pattern
 
 
 class ModelConfig(Config):
     # Below 2^63: torch takes sizes as 64-bit ints (a larger one failed inside torch.empty).
     vocab_size: int = Field(gt=0, lt=2**63)
     d_model: int = Field(default=128, gt=0, lt=2**63)
-    n_layers: int = Field(default=2, gt=0, lt=2**63)
+    n_layers: int = Field(default=2, gt=0, le=MAX_LAYERS)
     # Token mixers, e.g. "gdn*3,attn" or "gla(expand_k=0.5)*2,attn(window=256)".
     pattern: str = "attn"
     # Channel mixers in the same syntax, e.g. "moe(num_experts=8)"; None: no channel mixer.

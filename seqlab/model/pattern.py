@@ -70,6 +70,12 @@ def _parse_options(item: str, text: str) -> dict[str, Any]:
     return options
 
 
+# The most layers a model may have: far above any model trained (~10² layers), low enough that
+# checking a config stays quick (building 200,000 layers on the meta device took over a minute,
+# and "gdn*99999999999" ran out of memory listing its layers).
+MAX_LAYERS = 10_000
+
+
 def parse_pattern(pattern: str) -> list[LayerSpec]:
     """Expand a pattern string into one LayerSpec per layer (before filling n_layers)."""
     if not isinstance(pattern, str) or not pattern.strip():
@@ -86,6 +92,8 @@ def parse_pattern(pattern: str) -> list[LayerSpec]:
         n = 1 if times is None else int(times)
         if n < 1:
             raise ValueError(f"pattern item {item.strip()!r}: the repeat count must be ≥ 1")
+        if len(layers) + n > MAX_LAYERS:
+            raise ValueError(f"pattern {pattern!r} has over {MAX_LAYERS:,} layers (MAX_LAYERS)")
         layers += [LayerSpec(name, _parse_options(item.strip(), opts or ""))] * n
     return layers
 
@@ -97,6 +105,8 @@ def expand_pattern(pattern: str, n_layers: int | None = None) -> list[LayerSpec]
         return layers
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    if n_layers > MAX_LAYERS:
+        raise ValueError(f"n_layers = {n_layers:,} is over {MAX_LAYERS:,} (MAX_LAYERS)")
     if n_layers % len(layers):
         raise ValueError(
             f"n_layers = {n_layers} is not a multiple of the {len(layers)} layers of "

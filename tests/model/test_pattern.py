@@ -63,3 +63,20 @@ def test_n_layers_must_be_a_multiple():
         expand_pattern("gdn*3,attn", 6)
     with pytest.raises(ValueError, match="positive int"):
         expand_pattern("gdn", 0)
+
+
+@pytest.mark.parametrize(
+    "pattern, n_layers", [("gdn*99999999999", None), ("gdn*6000,attn*6000", None), ("gdn", 200_000)]
+)
+def test_more_layers_than_max_layers_is_a_clear_error(pattern, n_layers):
+    """'gdn*99999999999' ran out of memory listing its layers (a MemoryError traceback), and
+    200,000 layers took over a minute to check on the meta device."""
+    with pytest.raises(ValueError, match="10,000"):
+        expand_pattern(pattern, n_layers)
+
+
+def test_an_experiment_with_too_many_layers_names_n_layers():
+    from seqlab.experiment import experiment_from_dict
+
+    with pytest.raises(ValueError, match=r"n_layers"):
+        experiment_from_dict({"task": {"name": "mqar"}, "model": {"n_layers": 20_000}})
