@@ -87,12 +87,12 @@ def check(
     """Run every form of every registered op family in float64 on random inputs, from a random
     initial state, and print its largest gap to the family's reference form."""
     from seqlab.ops.registry import families
-    from seqlab.profile.bench import memory_limit
+    from seqlab.profile.bench import memory_limit, readable_amount
 
     if seq_len < 1 or chunk_size < 1:
         raise typer.BadParameter("seq-len and chunk-size must be positive")
-    if max_memory_gb is not None and not max_memory_gb > 0:
-        raise typer.BadParameter("must be positive", param_hint="--max-memory-gb")
+    if max_memory_gb is not None and not 0 < max_memory_gb < float("inf"):
+        raise typer.BadParameter("must be a positive finite number", param_hint="--max-memory-gb")
     B, T, H, K, V = 2, seq_len, 2, 16, 24
     limit = memory_limit(max_memory_gb, torch.device("cpu"))
     need = _check_bytes(B, T, H, K, V, chunk_size)
@@ -100,13 +100,14 @@ def check(
     def too_big(what: str) -> str | None:
         if limit is None or need[what] <= limit:
             return None
-        return f"skipped: predicted {need[what] / 2**30:.1f} GiB > max {limit / 2**30:.1f} GiB"
+        gb, max_gb = readable_amount(need[what] / 2**30, 1), readable_amount(limit / 2**30, 1)
+        return f"skipped: predicted {gb} GiB > max {max_gb} GiB"
 
     if too_big("recurrent"):
         raise typer.BadParameter(
             f"{seq_len} is too long: the inputs and the reference form alone are predicted to "
-            f"need {need['recurrent'] / 2**30:.1f} GiB, more than the "
-            f"{limit / 2**30:.1f} GiB allowed (--max-memory-gb)",
+            f"need {readable_amount(need['recurrent'] / 2**30, 1)} GiB, more than the "
+            f"{readable_amount(limit / 2**30, 1)} GiB allowed (--max-memory-gb)",
             param_hint="--seq-len",
         )
     gen = torch.Generator().manual_seed(seed)
@@ -217,7 +218,8 @@ def bench(
             f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param_hint="--preset"
         )
     size = dict(PRESETS[preset])
-    size.update({k: v for k, v in (("d_model", d_model), ("n_layers", n_layers)) if v})
+    # `is not None`: a 0 (or negative) given is an error from BenchConfig, not the preset's size
+    size.update({k: v for k, v in (("d_model", d_model), ("n_layers", n_layers)) if v is not None})
     options = dict(
         seq_lens=lens,
         channel=channel or None,
@@ -242,9 +244,18 @@ def bench(
         config = BenchConfig.make(**options)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    from seqlab.profile.report import rich_tables, write_results  # loads matplotlib
+    from seqlab.profile.report import (  # loads matplotlib
+        OUTPUT_FILES,
+        rich_tables,
+        write_results,
+    )
 
     _out_dir(out)
+    for name in OUTPUT_FILES:  # a folder in a file's place would fail only after measuring
+        if (out / name).is_dir():
+            raise typer.BadParameter(
+                f"{str(out / name)!r} is a folder; bench writes a file there", param_hint="--out"
+            )
     command = command_line(config, out)
     result = run_bench(
         config,

@@ -40,11 +40,18 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from seqlab.config import Config, parse_device
 from seqlab.model.lm import CausalLM, ModelConfig
@@ -72,6 +79,7 @@ DTYPES = {
     "fp16": torch.float16,
 }
 _UNITS = {"": 1, "k": 1024, "m": 1024**2}
+MAX_SEQ_LEN = 2**63 - 1  # torch's sizes are 64-bit ints
 
 
 def parse_seq_lens(text: str) -> tuple[int, ...]:
@@ -84,7 +92,13 @@ def parse_seq_lens(text: str) -> tuple[int, ...]:
                 f"bad sequence length {item.strip()!r} in {text!r}: give positive integers, "
                 f"optionally with k (×1024) or m (×1024²), e.g. 512,2k,32k"
             )
-        lens.append(int(m[1]) * _UNITS[m[2].lower()])
+        T = int(m[1]) * _UNITS[m[2].lower()]
+        if T > MAX_SEQ_LEN:
+            raise ValueError(
+                f"sequence length {item.strip()!r} in {text!r} is {T:.3g}, above the largest "
+                f"torch can index (2^63 - 1)"
+            )
+        lens.append(T)
     return tuple(sorted(set(lens)))
 
 
@@ -100,7 +114,7 @@ class BenchConfig(Config):
     available when the run starts), time_limit the whole run's (None: no limit)."""
 
     archs: tuple[str, ...] = ("attn", "gdn", "gdn*3,attn")
-    seq_lens: tuple[PositiveInt, ...] = (512, 2048, 8192, 32768)
+    seq_lens: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] = (512, 2048, 8192, 32768)
     d_model: PositiveInt = 256
     n_layers: PositiveInt = 4
     batch_size: PositiveInt = 1
@@ -185,6 +199,12 @@ def fit_slope(xs: list[float], ys: list[float | None]) -> dict[str, float] | Non
     }
 
 
+def readable_amount(x: float, decimals: int) -> str:
+    """x with `decimals` decimals, or two significant digits where that would read as 0: a skip's
+    reason must not say "predicted 0 s > max 1e-06 s"."""
+    return f"{x:.{decimals}f}" if x == 0 or abs(x) >= 0.5 * 10**-decimals else f"{x:.2g}"
+
+
 class _Budget:
     """Predicts a measurement's wall time and memory from the same measurement at the previous
     length; remembers skips so longer lengths are skipped too. With a time limit, nothing starts
@@ -226,7 +246,9 @@ class _Budget:
         if self.max_bytes is None or predicted <= self.max_bytes:
             return None
         gb, limit = predicted / 2**30, self.max_bytes / 2**30
-        return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
+        return self.fail(
+            key, T, f"predicted {readable_amount(gb, 1)} GiB > max {readable_amount(limit, 1)} GiB"
+        )
 
     def check(
         self,
@@ -254,16 +276,21 @@ class _Budget:
         T0, _, _, bytes0 = self.last[key]
         seconds = self.seconds(key, work) * calls + extra_s
         if seconds > self.max_seconds:
-            return self.fail(key, T, f"predicted {seconds:.0f} s > max {self.max_seconds:g} s")
-        if left is not None and seconds > left:
             return self.fail(
-                key, T, f"predicted {seconds:.0f} s > {left:.0f} s left of the time limit"
+                key, T, f"predicted {readable_amount(seconds, 0)} s > max {self.max_seconds:g} s"
             )
+        if left is not None and seconds > left:
+            need, have = readable_amount(seconds, 0), readable_amount(left, 0)
+            return self.fail(key, T, f"predicted {need} s > {have} s left of the time limit")
         grown = None if bytes0 is None else held_bytes + bytes0 * T / T0
         if grown is not None and self.max_bytes is not None and grown > self.max_bytes:
             gb = grown / 2**30
             limit = self.max_bytes / 2**30
-            return self.fail(key, T, f"predicted {gb:.1f} GiB > max {limit:.1f} GiB")
+            return self.fail(
+                key,
+                T,
+                f"predicted {readable_amount(gb, 1)} GiB > max {readable_amount(limit, 1)} GiB",
+            )
         return None
 
     def fail(self, key: Any, T: int, reason: str) -> str:
@@ -581,6 +608,8 @@ def memory_limit(max_memory_gb: float | None, device: torch.device) -> int | Non
     """Bytes a run may use: `max_memory_gb`, else 60 % of what is free now (on the GPU, or the
     machine's MemAvailable); None where neither is known."""
     if max_memory_gb is not None:
+        if not 0 < max_memory_gb < math.inf:
+            raise ValueError(f"max_memory_gb must be a positive finite number, got {max_memory_gb}")
         return int(max_memory_gb * 2**30)
     available = free_memory(device)
     return None if available is None else int(0.6 * available)

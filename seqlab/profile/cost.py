@@ -185,6 +185,8 @@ def memory_bytes(model: CausalLM | ModelConfig, seq_len: int, batch_size: int = 
     if isinstance(model, ModelConfig):
         model = meta_model(model)
     _check_seq_len(seq_len)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     T, B, c = seq_len, batch_size, model.config
     e = next(model.parameters()).element_size()
     params = sum(p.numel() for p in model.parameters())

@@ -18,6 +18,7 @@ from seqlab.profile.bench import MODEL_PASSES, OP_PASSES, titles
 from seqlab.profile.plot import PLOT_FILES, plot_results
 
 Rows = tuple[list[str], list[list[str]], list[str]]  # headers, rows, notes
+OUTPUT_FILES = ("bench.json", "results.md", *PLOT_FILES)  # what write_results writes
 
 
 def _num(x: float) -> str:
