@@ -87,7 +87,7 @@ def check(
     """Run every form of every registered op family in float64 on random inputs, from a random
     initial state, and print its largest gap to the family's reference form."""
     from seqlab.ops.registry import families
-    from seqlab.profile.bench import memory_limit, readable_amount
+    from seqlab.profile.bench import memory_limit, over_memory, readable_amount
 
     if seq_len < 1 or chunk_size < 1:
         raise typer.BadParameter("seq-len and chunk-size must be positive")
@@ -100,8 +100,7 @@ def check(
     def too_big(what: str) -> str | None:
         if limit is None or need[what] <= limit:
             return None
-        gb, max_gb = readable_amount(need[what] / 2**30, 1), readable_amount(limit / 2**30, 1)
-        return f"skipped: predicted {gb} GiB > max {max_gb} GiB"
+        return f"skipped: {over_memory(need[what], limit)}"
 
     if too_big("recurrent"):
         raise typer.BadParameter(
@@ -252,10 +251,7 @@ def bench(
 
     _out_dir(out)
     for name in OUTPUT_FILES:  # a folder in a file's place would fail only after measuring
-        if (out / name).is_dir():
-            raise typer.BadParameter(
-                f"{str(out / name)!r} is a folder; bench writes a file there", param_hint="--out"
-            )
+        _file_to_write(out / name, "--out")
     command = command_line(config, out)
     result = run_bench(
         config,

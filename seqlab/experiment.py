@@ -75,9 +75,8 @@ class ModelSpec(Config):
     model_config = ConfigDict(allow_inf_nan=False)
 
     d_model: int = Field(64, gt=0)
-    n_layers: int | None = Field(
-        None, gt=0, le=MAX_LAYERS
-    )  # None: 2, or the pattern's length rounded up to it
+    # None: 2, or the pattern's length rounded up to it
+    n_layers: int | None = Field(None, gt=0, le=MAX_LAYERS)
     pattern: str = "attn"
     channel: str | None = "swiglu"
     norm_eps: float = Field(1e-5, gt=0)

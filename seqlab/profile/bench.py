@@ -205,6 +205,12 @@ def readable_amount(x: float, decimals: int) -> str:
     return f"{x:.{decimals}f}" if x == 0 or abs(x) >= 0.5 * 10**-decimals else f"{x:.2g}"
 
 
+def over_memory(need_bytes: float, max_bytes: float) -> str:
+    """ "predicted X GiB > max Y GiB", the reason a measurement over the memory limit is skipped."""
+    need, limit = readable_amount(need_bytes / 2**30, 1), readable_amount(max_bytes / 2**30, 1)
+    return f"predicted {need} GiB > max {limit} GiB"
+
+
 class _Budget:
     """Predicts a measurement's wall time and memory from the same measurement at the previous
     length; remembers skips so longer lengths are skipped too. With a time limit, nothing starts
@@ -245,10 +251,7 @@ class _Budget:
         predicted = held_bytes + (predicted or 0)
         if self.max_bytes is None or predicted <= self.max_bytes:
             return None
-        gb, limit = predicted / 2**30, self.max_bytes / 2**30
-        return self.fail(
-            key, T, f"predicted {readable_amount(gb, 1)} GiB > max {readable_amount(limit, 1)} GiB"
-        )
+        return self.fail(key, T, over_memory(predicted, self.max_bytes))
 
     def check(
         self,
@@ -284,13 +287,7 @@ class _Budget:
             return self.fail(key, T, f"predicted {need} s > {have} s left of the time limit")
         grown = None if bytes0 is None else held_bytes + bytes0 * T / T0
         if grown is not None and self.max_bytes is not None and grown > self.max_bytes:
-            gb = grown / 2**30
-            limit = self.max_bytes / 2**30
-            return self.fail(
-                key,
-                T,
-                f"predicted {readable_amount(gb, 1)} GiB > max {readable_amount(limit, 1)} GiB",
-            )
+            return self.fail(key, T, over_memory(grown, self.max_bytes))
         return None
 
     def fail(self, key: Any, T: int, reason: str) -> str:
@@ -391,7 +388,7 @@ def _bench_model(config: BenchConfig, arch: str, device, dtype, budget, log, ent
     meta = meta_model(config.arch_config(arch), dtype)
     weights = weight_bytes(meta)
     # the build: float32 weights on the device, then (another dtype) their cast copy beside them
-    build = weight_bytes(meta_model(meta.config)) + (weights if dtype != torch.float32 else 0)
+    build = weights if dtype == torch.float32 else weight_bytes(meta_model(meta.config)) + weights
     model: CausalLM | None = None
     B = config.batch_size
     gen = torch.Generator().manual_seed(config.seed)

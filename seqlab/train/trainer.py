@@ -448,9 +448,8 @@ class Trainer:
 
     def build(self) -> None:
         model_config, config = self.model_config, self.config
-        check_model_fits(
-            model_config, self.device, self.world.size if config.distributed == "fsdp" else 1
-        )
+        shards = self.world.size if self.world.kind == "fsdp" else 1
+        check_model_fits(model_config, self.device, shards)
         seed_everything(config.seed)  # the same initial weights on every rank
         self.model = CausalLM(model_config).to(self.device)
         if self.world.sequence_group is not None:
